@@ -1,0 +1,152 @@
+"""Frozen values describing a validated promgate configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import attrs
+
+from promgate.config.units import parse_duration, parse_size
+
+#: Hard defaults, the safe values DESIGN.md lists.
+DEFAULT_TIMEOUT = parse_duration("30s")
+DEFAULT_MAX_RESPONSE = parse_size("64MiB")
+
+
+@attrs.frozen
+class TLSFiles:
+    """Server certificate, its key, and the CA that client certificates must chain to."""
+
+    certificate: Path
+    key: Path
+    client_ca: Path
+
+
+@attrs.frozen
+class Deadlines:
+    """Deadlines (not idle timers) applied to every downstream connection."""
+
+    tls_handshake: float = 10.0
+    request_head: float = 10.0
+    keepalive_idle: float = 120.0
+    upstream_connect: float = 5.0
+
+
+@attrs.frozen
+class Listener:
+    """One listening endpoint and the protocol spoken on it."""
+
+    name: str
+    protocol: str
+    endpoint: str
+    tls: TLSFiles | None
+    advertise: str | None = None
+    deadlines: Deadlines = Deadlines()
+
+
+@attrs.frozen
+class CertMatch:
+    """One way a client certificate can name an identity; exactly one field is set."""
+
+    cn: str | None = None
+    dns: str | None = None
+    uri: str | None = None
+
+
+@attrs.frozen
+class Identity:
+    """A named caller, how to recognise it, and the roles it carries."""
+
+    name: str
+    cert: tuple[CertMatch, ...] = ()
+    roles: frozenset[str] = frozenset()
+
+
+@attrs.frozen
+class Limits:
+    """Per-route admission limits. ``rate`` is tokens per second; None means unlimited."""
+
+    rate: float | None = None
+    burst: int = 1
+    per: str = "identity_target"
+    max_concurrent: int | None = None
+
+
+@attrs.frozen
+class UpstreamTLS:
+    """How the gateway verifies an ``https`` upstream."""
+
+    ca: Path | None = None
+    server_name: str | None = None
+
+
+@attrs.frozen
+class Target:
+    """A scrape target: ``host:port`` plus the labels it carries into ``/sd``."""
+
+    address: str
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+
+    @property
+    def host(self) -> str:
+        host, _, _ = self.address.rpartition(":")
+        return host.strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+
+@attrs.frozen
+class Route:
+    """A named set of targets and the rules for reaching them."""
+
+    name: str
+    targets: tuple[Target, ...]
+    scheme: str = "http"
+    metrics_path: str = "/metrics"
+    paths: tuple[str, ...] = ("/metrics",)
+    params: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()
+    limits: Limits = Limits()
+    timeout: float = DEFAULT_TIMEOUT
+    max_response_size: int = DEFAULT_MAX_RESPONSE
+    upstream_tls: UpstreamTLS = UpstreamTLS()
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+
+    def has_target(self, address: str) -> bool:
+        return any(t.address == address for t in self.targets)
+
+
+@attrs.frozen
+class Admin:
+    """The admin listener: metrics, health and readiness."""
+
+    endpoint: str = "tcp:9099:interface=127.0.0.1"
+
+
+@attrs.frozen
+class Audit:
+    """Where and how audit records are written."""
+
+    path: Path
+    key_file: Path
+    fsync: str = "interval"
+    fsync_interval: float = 1.0
+    on_failure: str = "deny"
+    max_field_length: int = 1024
+
+
+@attrs.frozen
+class Config:
+    """A whole, validated configuration."""
+
+    source: Path
+    listeners: tuple[Listener, ...]
+    identities: Mapping[str, Identity]
+    routes: Mapping[str, Route]
+    admin: Admin
+    audit: Audit
+    files: tuple[Path, ...] = ()
+    warnings: tuple[str, ...] = ()
