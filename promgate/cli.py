@@ -1,0 +1,122 @@
+"""The ``promgate`` command: check-config, audit verify, pki init."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from promgate import __version__
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from promgate.config.loader import check_config
+
+    config, errors, warnings = check_config(Path(args.file))
+    for warning in warnings:
+        print(f"{warning} (warning)", file=sys.stderr)
+    if config is None:
+        for error in errors:
+            print(error, file=sys.stderr)
+        print(f"{args.file}: {len(errors)} error(s); configuration is NOT valid", file=sys.stderr)
+        return 1
+    targets = sum(len(r.targets) for r in config.routes.values())
+    print(
+        f"{args.file}: OK: {len(config.files)} file(s), {len(config.listeners)} listener(s), "
+        f"{len(config.identities)} identit{'y' if len(config.identities) == 1 else 'ies'}, "
+        f"{len(config.routes)} route(s), {targets} target(s), {len(warnings)} warning(s)"
+    )
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from promgate.audit import load_key, verify_files
+
+    files = [Path(f) for f in args.files]
+    if args.config:
+        from promgate.config.errors import ConfigError
+        from promgate.config.loader import load_config
+
+        try:
+            config = load_config(Path(args.config))
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            return 2
+        key_file = config.audit.key_file
+        if not files:
+            files = [config.audit.path]
+    elif args.key_file:
+        key_file = Path(args.key_file)
+    else:
+        print("promgate audit verify: give --key-file KEY or --config FILE", file=sys.stderr)
+        return 2
+    if not files:
+        print("promgate audit verify: no audit files given", file=sys.stderr)
+        return 2
+    try:
+        key = load_key(key_file)
+    except (OSError, ValueError) as e:
+        print(f"{key_file}: cannot use key: {e}", file=sys.stderr)
+        return 2
+    result = verify_files(key, files)
+    if not result.ok:
+        print(f"FAIL: {result.message}", file=sys.stderr)
+        return 1
+    ending = (
+        "ends with a clean stop" if result.ended_cleanly else "no stop record yet (still running?)"
+    )
+    print(f"OK: {result.count} record(s) verified; {ending}")
+    return 0
+
+
+def _pki_init(args: argparse.Namespace) -> int:
+    from promgate.pki import init_dev_pki
+
+    try:
+        created = init_dev_pki(Path(args.directory), args.identity)
+    except ValueError as e:
+        print(f"promgate pki init: {e}", file=sys.stderr)
+        return 2
+    print("DEVELOPMENT PKI: for trying promgate out and for tests, never for production.")
+    for path in created:
+        print(f"  wrote {path}")
+    if not created:
+        print(f"  {args.directory}: everything already present, nothing written")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="promgate", description=__doc__)
+    top.add_argument("--version", action="version", version=f"promgate {__version__}")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check-config", help="validate a configuration and its drop-ins")
+    check.add_argument("file")
+    check.set_defaults(run=_check_config)
+
+    audit = sub.add_parser("audit", help="audit log tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="verify the HMAC chain of audit log files")
+    verify.add_argument("--key-file", help="the audit HMAC key file")
+    verify.add_argument("--config", help="take the key (and default log) from this configuration")
+    verify.add_argument("files", nargs="*", help="audit log files, oldest first")
+    verify.set_defaults(run=_audit_verify)
+
+    pki = sub.add_parser("pki", help="development PKI")
+    pki_sub = pki.add_subparsers(dest="pki_command", required=True)
+    init = pki_sub.add_parser("init", help="write a development CA, gate and client certificates")
+    init.add_argument("directory")
+    init.add_argument("--identity", action="append", default=[], help="a client identity (repeat)")
+    init.set_defaults(run=_pki_init)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

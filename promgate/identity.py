@@ -1,0 +1,63 @@
+"""Recognise callers: map a verified client certificate to a configured identity."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import attrs
+
+from promgate.config.model import CertMatch, Identity
+from promgate.tls import PeerCertificate
+
+
+def uri_matches(pattern: str, uri: str) -> bool:
+    """Match a URI SAN: exact, or ``*`` standing for exactly one non-empty path segment."""
+    if "*" not in pattern:
+        return pattern == uri
+    want = pattern.split("/")
+    have = uri.split("/")
+    if len(want) != len(have):
+        return False
+    return all(w == h or (w == "*" and h != "") for w, h in zip(want, have, strict=True))
+
+
+def cert_matches(match: CertMatch, peer: PeerCertificate) -> bool:
+    """Does one configured certificate rule accept this peer?"""
+    if match.cn is not None:
+        return match.cn in peer.cn
+    if match.dns is not None:
+        wanted = match.dns.lower().rstrip(".")
+        return any(d.lower().rstrip(".") == wanted for d in peer.dns)
+    if match.uri is not None:
+        return any(uri_matches(match.uri, u) for u in peer.uris)
+    return False
+
+
+@attrs.frozen
+class Recognition:
+    """The outcome of recognising a caller: an identity, or why there is none."""
+
+    identity: Identity | None
+    reason: str  # "ok", "unknown_identity", "identity_ambiguous", "no_credentials"
+
+
+class IdentityResolver:
+    """Finds the one identity a certificate names; two or more matches is a refusal."""
+
+    def __init__(self, identities: Mapping[str, Identity]) -> None:
+        self._identities: tuple[Identity, ...] = tuple(identities.values())
+
+    def for_certificate(self, peer: PeerCertificate | None) -> Recognition:
+        if peer is None:
+            return Recognition(None, "no_credentials")
+        found = list(self._matching(peer))
+        if not found:
+            return Recognition(None, "unknown_identity")
+        if len(found) > 1:
+            return Recognition(None, "identity_ambiguous")
+        return Recognition(found[0], "ok")
+
+    def _matching(self, peer: PeerCertificate) -> Iterable[Identity]:
+        for identity in self._identities:
+            if any(cert_matches(m, peer) for m in identity.cert):
+                yield identity

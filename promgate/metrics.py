@@ -1,0 +1,121 @@
+"""promgate's own metrics, on a registry it owns (never the process-global one).
+
+Labels stay bounded: listener, route, code, reason and direction only. Request parameters
+that name no configured route are counted under route="" rather than their raw value.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+import promgate
+import twisted
+
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """Every metric promgate exports, created once per process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter(
+            "promgate_requests",
+            "HTTP requests answered, by listener, route and status code.",
+            ["listener", "route", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "promgate_request_duration_seconds",
+            "Time from a complete request head to the last response byte.",
+            ["listener", "route"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "promgate_upstream_duration_seconds",
+            "Time from sending a request upstream to the end of its response.",
+            ["route"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.bytes = Counter(
+            "promgate_bytes",
+            "Bytes relayed per route: direction in = from clients, out = to clients.",
+            ["route", "direction"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "promgate_rate_limited",
+            "Requests refused by a route's limits, by reason.",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.denied = Counter(
+            "promgate_denied",
+            "Requests refused before reaching an upstream, by reason.",
+            ["listener", "route", "reason"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "promgate_upstream_errors",
+            "Upstream failures, by route and reason.",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.tls_handshake_failures = Counter(
+            "promgate_tls_handshake_failures",
+            "Refused or failed TLS handshakes, by listener and reason.",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.connections = Counter(
+            "promgate_connections",
+            "Connections accepted, by listener.",
+            ["listener"],
+            registry=r,
+        )
+        self.open_connections = Gauge(
+            "promgate_open_connections",
+            "Connections currently open, by listener.",
+            ["listener"],
+            registry=r,
+        )
+        self.upstream_connections = Counter(
+            "promgate_upstream_connections",
+            "Upstream connections opened (a low rate against requests means pooling works).",
+            ["route"],
+            registry=r,
+        )
+        self.audit_records = Counter("promgate_audit_records", "Audit records written.", registry=r)
+        self.audit_write_errors = Counter(
+            "promgate_audit_write_errors", "Audit records that could not be written.", registry=r
+        )
+        self.config_last_reload_successful = Gauge(
+            "promgate_config_last_reload_successful",
+            "Whether the last configuration load succeeded.",
+            registry=r,
+        )
+        self.config_last_reload_success_timestamp = Gauge(
+            "promgate_config_last_reload_success_timestamp_seconds",
+            "Time of the last successful configuration load.",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "promgate_build_info",
+            "promgate build information (always 1).",
+            ["version", "pythonversion", "twistedversion"],
+            registry=r,
+        )
+        self.build_info.labels(
+            promgate.__version__, platform.python_version(), twisted.__version__
+        ).set(1)
+
+    def audit_result(self, ok: bool) -> None:
+        """Count one audit write attempt (passed to the audit log as on_result)."""
+        if ok:
+            self.audit_records.inc()
+        else:
+            self.audit_write_errors.inc()

@@ -1,0 +1,1 @@
+"""The protocol factories: one module per way into the gateway."""

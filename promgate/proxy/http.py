@@ -1,0 +1,924 @@
+"""The reverse gateway (``protocol: http``): ``GET /scrape?route=R&target=T`` and ``GET /sd``.
+
+``DownstreamProtocol`` only translates Twisted callbacks (bytes, handshakes, pauses,
+losses) into calls on ``ReverseGateway``, a plain object that routes, authorises, limits
+and audits; ``Exchange`` relays one scrape between a downstream connection and a pooled
+upstream connection with back-pressure both ways.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+import attrs
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from promgate.audit import AuditEvent, IAuditSink
+from promgate.config.model import Config, Identity, Listener, Route, Target
+from promgate.identity import IdentityResolver, Recognition
+from promgate.metrics import Metrics
+from promgate.policy import authorize
+from promgate.proxy.http1 import (
+    MAX_HEAD,
+    MAX_REQUEST_LINE,
+    HTTPError,
+    RequestHead,
+    parse_request_head,
+    simple_response,
+)
+from promgate.proxy.upstream import CHUNKED, CLOSE, LENGTH, UpstreamPool, UpstreamProtocol
+from promgate.ratelimit import Admission, RateLimiter
+from promgate.sd import render_http_sd
+from promgate.tls import PeerCertificate, handshake_reason, verify_reason
+
+_PASS_HEADERS = (
+    (b"accept", b"Accept"),
+    (b"accept-encoding", b"Accept-Encoding"),
+    (b"user-agent", b"User-Agent"),
+    (b"x-prometheus-scrape-timeout-seconds", b"X-Prometheus-Scrape-Timeout-Seconds"),
+)
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?$")
+_NOT_FOUND = b"unknown route or target\n"
+_MAX_TIMEOUT = 600.0
+#: The gateway answers a little before Prometheus gives up, so its 504 is what gets seen.
+_TIMEOUT_MARGIN = 0.25
+
+
+@attrs.frozen
+class TLSInfo:
+    """What the TLS layer told us about a downstream connection."""
+
+    version: str | None = None
+    cipher: str | None = None
+    peer: PeerCertificate | None = None
+
+
+NO_TLS = TLSInfo()
+
+
+class ReverseGateway:
+    """Routing, authorisation, limits and audit for one ``http`` listener."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        listener: Listener,
+        config: Config,
+        *,
+        clock: IReactorTime,
+        limiter: RateLimiter,
+        audit: IAuditSink,
+        metrics: Metrics,
+        pool: UpstreamPool,
+    ) -> None:
+        self.listener = listener
+        self.name = listener.name
+        self.tls = listener.tls is not None
+        self.deadlines = listener.deadlines
+        self.clock = clock
+        self.limiter = limiter
+        self.audit = audit
+        self.deny_unaudited = config.audit.on_failure == "deny"
+        self.metrics = metrics
+        self.pool = pool
+        self.routes: Mapping[str, Route] = config.routes
+        self.targets = {
+            name: {t.address: t for t in r.targets} for name, r in config.routes.items()
+        }
+        self.resolver = IdentityResolver(config.identities)
+        self.open_connections = metrics.open_connections.labels(listener.name)
+        self.connections = metrics.connections.labels(listener.name)
+
+    # -- entry points from DownstreamProtocol -------------------------------------------
+
+    def handle(self, conn: DownstreamProtocol, req: RequestHead) -> None:
+        """Answer one complete request head."""
+        start = self.clock.seconds()
+        path, _, query = req.target.partition(b"?")
+        method = req.method
+        if method != b"GET" and method != b"HEAD":
+            self.refuse(
+                conn,
+                req,
+                start,
+                405,
+                "method_not_allowed",
+                b"only GET and HEAD\n",
+                extra=((b"Allow", b"GET, HEAD"),),
+            )
+        elif path == b"/scrape":
+            self.scrape(conn, req, query, start)
+        elif path == b"/sd":
+            self.service_discovery(conn, req, start)
+        else:
+            self.refuse(conn, req, start, 404, "not_found", b"not found\n")
+
+    def scrape(
+        self, conn: DownstreamProtocol, req: RequestHead, query: bytes, start: float
+    ) -> None:
+        try:
+            pairs = parse_qsl(
+                query.decode("ascii"),
+                keep_blank_values=True,
+                strict_parsing=False,
+                max_num_fields=32,
+                errors="strict",
+            )
+        except (UnicodeDecodeError, ValueError):
+            self.refuse(conn, req, start, 400, "bad_request", b"malformed query string\n")
+            return
+        params: dict[str, str] = {}
+        for key, value in pairs:
+            if key in params:
+                self.refuse(conn, req, start, 400, "bad_request", b"parameter given twice\n")
+                return
+            params[key] = value
+        route_name = params.pop("route", None)
+        address = params.pop("target", None)
+        if not route_name or not address:
+            self.refuse(conn, req, start, 400, "bad_request", b"route and target are required\n")
+            return
+        route = self.routes.get(route_name)
+        if route is None:
+            self.refuse(conn, req, start, 404, "not_found", _NOT_FOUND, target=address)
+            return
+        recognition = conn.recognition
+        identity = recognition.identity
+        if identity is None:
+            self.refuse(
+                conn,
+                req,
+                start,
+                403,
+                recognition.reason,
+                b"forbidden\n",
+                route=route,
+                target=address,
+            )
+            return
+        verdict = authorize(identity, route)
+        if not verdict.allowed:
+            self.refuse(
+                conn, req, start, 403, verdict.reason, b"forbidden\n", route=route, target=address
+            )
+            return
+        target = self.targets[route.name].get(address)
+        if target is None:
+            self.refuse(conn, req, start, 404, "not_found", _NOT_FOUND, route=route, target=address)
+            return
+        upstream_path = params.pop("path", route.metrics_path)
+        if upstream_path not in route.paths:
+            self.refuse(
+                conn,
+                req,
+                start,
+                403,
+                "path_refused",
+                b"path not allowed on this route\n",
+                route=route,
+                target=address,
+            )
+            return
+        for key in params:
+            if key not in route.params:
+                self.refuse(
+                    conn,
+                    req,
+                    start,
+                    400,
+                    "param_refused",
+                    b"query parameter not allowed on this route\n",
+                    route=route,
+                    target=address,
+                )
+                return
+        admission = self.limiter.admit(route.name, route.limits, identity.name, target.address)
+        if not admission.allowed:
+            self.metrics.rate_limited.labels(route.name, admission.reason).inc()
+            self.refuse(
+                conn,
+                req,
+                start,
+                429,
+                admission.reason,
+                b"rate limited\n",
+                route=route,
+                target=address,
+                extra=((b"Retry-After", RateLimiter.retry_after_header(admission).encode()),),
+            )
+            return
+        if self.deny_unaudited and not self.audit.healthy:
+            self.limiter.release(route.name)
+            self.refuse(
+                conn,
+                req,
+                start,
+                503,
+                "audit_unavailable",
+                b"audit log unavailable\n",
+                route=route,
+                target=address,
+            )
+            return
+        Exchange(self, conn, req, route, target, identity, upstream_path, params, start).start()
+
+    def service_discovery(self, conn: DownstreamProtocol, req: RequestHead, start: float) -> None:
+        identity = conn.recognition.identity
+        if identity is None:
+            self.refuse(conn, req, start, 403, conn.recognition.reason, b"forbidden\n")
+            return
+        if self.deny_unaudited and not self.audit.healthy:
+            self.refuse(conn, req, start, 503, "audit_unavailable", b"audit log unavailable\n")
+            return
+        routes = [r for r in self.routes.values() if authorize(identity, r).allowed]
+        body = render_http_sd(routes, self.advertise(conn, req), "https" if self.tls else "http")
+        self.answer(
+            conn, req, start, 200, "ok", body, decision="allow", content_type=b"application/json"
+        )
+
+    def advertise(self, conn: DownstreamProtocol, req: RequestHead) -> str:
+        """The address Prometheus should scrape this listener at."""
+        if self.listener.advertise:
+            return self.listener.advertise
+        host = req.headers.get(b"host", b"").decode("ascii", "replace")
+        if _HOST.match(host):
+            return host
+        return conn.local_address
+
+    # -- answers made by the gateway itself ------------------------------------------------
+
+    def refuse(
+        self,
+        conn: DownstreamProtocol,
+        req: RequestHead | None,
+        start: float,
+        status: int,
+        reason: str,
+        body: bytes,
+        *,
+        route: Route | None = None,
+        target: str | None = None,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        route_label = route.name if route is not None else ""
+        self.metrics.denied.labels(self.name, route_label, reason).inc()
+        self.answer(
+            conn,
+            req,
+            start,
+            status,
+            reason,
+            body,
+            decision="deny",
+            route=route,
+            target=target,
+            extra=extra,
+        )
+
+    def answer(
+        self,
+        conn: DownstreamProtocol,
+        req: RequestHead | None,
+        start: float,
+        status: int,
+        reason: str,
+        body: bytes,
+        *,
+        decision: str,
+        route: Route | None = None,
+        target: str | None = None,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+        content_type: bytes = b"text/plain; charset=utf-8",
+    ) -> None:
+        keep_alive = (
+            req is not None and req.keep_alive and status < 500 and status not in (400, 408)
+        )
+        head_only = req is not None and req.method == b"HEAD"
+        data = simple_response(
+            status,
+            body,
+            keep_alive=keep_alive,
+            head_only=head_only,
+            extra=extra,
+            content_type=content_type,
+        )
+        conn.send(data)
+        self.record(
+            conn,
+            req,
+            start,
+            status,
+            reason,
+            decision,
+            route=route,
+            target=target,
+            bytes_out=len(data),
+        )
+        conn.request_done(keep_alive)
+
+    def record(
+        self,
+        conn: DownstreamProtocol,
+        req: RequestHead | None,
+        start: float,
+        status: int | None,
+        reason: str,
+        decision: str,
+        *,
+        route: Route | None = None,
+        target: str | None = None,
+        path: str | None = None,
+        bytes_out: int = 0,
+    ) -> None:
+        """Audit and count one answered (or abandoned) request."""
+        now = self.clock.seconds()
+        route_label = route.name if route is not None else ""
+        if status is not None:
+            self.metrics.requests.labels(self.name, route_label, str(status)).inc()
+        self.metrics.request_duration.labels(self.name, route_label).observe(now - start)
+        bytes_in = req.size if req is not None else 0
+        self.metrics.bytes.labels(route_label, "in").inc(bytes_in)
+        self.metrics.bytes.labels(route_label, "out").inc(bytes_out)
+        if path is None and req is not None:
+            path = req.target.decode("latin-1")
+        tls = conn.tls_info
+        peer = tls.peer
+        identity = conn.recognition.identity
+        self.audit.record(
+            AuditEvent(
+                event="request",
+                listener=self.name,
+                peer=conn.peer,
+                tls_version=tls.version,
+                tls_cipher=tls.cipher,
+                cert_sha256=peer.sha256 if peer is not None else None,
+                cert_subject=peer.subject if peer is not None else None,
+                identity=identity.name if identity is not None else None,
+                route=route.name if route is not None else None,
+                target=target,
+                method=req.method.decode("latin-1") if req is not None else None,
+                path=path,
+                decision=decision,
+                reason=reason,
+                status=status,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                duration=now - start,
+            )
+        )
+
+    def handshake_failed(
+        self, conn: DownstreamProtocol, reason: str, detail: str, cert: PeerCertificate | None
+    ) -> None:
+        self.metrics.tls_handshake_failures.labels(self.name, reason).inc()
+        self.audit.record(
+            AuditEvent(
+                event="tls_handshake_failed",
+                listener=self.name,
+                peer=conn.peer,
+                cert_sha256=cert.sha256 if cert is not None else None,
+                cert_subject=cert.subject if cert is not None else None,
+                decision="deny",
+                reason=reason,
+                detail=detail,
+            )
+        )
+
+
+class Exchange:
+    """One scrape relayed from a pooled upstream connection to a downstream client."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        gw: ReverseGateway,
+        conn: DownstreamProtocol,
+        req: RequestHead,
+        route: Route,
+        target: Target,
+        identity: Identity,
+        upstream_path: str,
+        params: dict[str, str],
+        start: float,
+    ) -> None:
+        self.gw = gw
+        self.conn = conn
+        self.req = req
+        self.route = route
+        self.target = target
+        self.identity = identity
+        self.path = upstream_path
+        self.params = params
+        self.start_time = start
+        self.upstream: UpstreamProtocol | None = None
+        self.connecting: Deferred[UpstreamProtocol] | None = None
+        self.deadline: IDelayedCall | None = None
+        self.head_sent = False
+        self.wrap_chunks = False
+        self.keep_alive = req.keep_alive
+        self.bytes_out = 0
+        self.status: int | None = None
+        self.retried = False
+        self.done = False
+        self.upstream_start = 0.0
+        self.client11 = req.version == b"HTTP/1.1"
+
+    def start(self) -> None:
+        self.conn.begin_exchange(self)
+        self.deadline = self.gw.clock.callLater(self._timeout_seconds(), self._timed_out)
+        upstream = self.gw.pool.checkout(self.route, self.target)
+        if upstream is not None:
+            self._use(upstream)
+        else:
+            self._connect()
+
+    def _timeout_seconds(self) -> float:
+        header = self.req.headers.get(b"x-prometheus-scrape-timeout-seconds")
+        if header is not None:
+            try:
+                value = float(header)
+            except ValueError:
+                value = 0.0
+            if 0 < value < float("inf"):
+                return min(max(value - _TIMEOUT_MARGIN, value / 2), _MAX_TIMEOUT)
+        return self.route.timeout
+
+    def _connect(self) -> None:
+        d = self.gw.pool.connect(self.route, self.target)
+        self.connecting = d
+        d.addCallbacks(self._use, self._connect_failed)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self.connecting = None
+        if self.done:
+            return
+        if failure.check(ConnectingCancelledError):
+            return
+        if failure.check(TimeoutError):
+            self._fail(504, "upstream_timeout", "upstream connect timed out")
+        elif failure.check(SSL.Error):
+            self._fail(502, "upstream_tls_failed", f"upstream TLS: {failure.getErrorMessage()}")
+        elif failure.check(ConnectError):
+            self._fail(502, "upstream_refused", failure.getErrorMessage())
+        else:
+            self._fail(502, "upstream_refused", failure.getErrorMessage())
+
+    def _use(self, upstream: UpstreamProtocol) -> None:
+        self.connecting = None
+        if self.done:
+            upstream.release()
+            return
+        self.upstream = upstream
+        self.conn.attach_upstream(upstream)
+        req = self.req
+        target = self.path
+        if self.params:
+            from urllib.parse import urlencode
+
+            target = f"{target}?{urlencode(self.params)}"
+        lines = [
+            b"%s %s HTTP/1.1\r\nHost: %s\r\n"
+            % (req.method, target.encode("ascii"), self.target.address.encode("ascii"))
+        ]
+        headers = req.headers
+        for lname, name in _PASS_HEADERS:
+            value = headers.get(lname)
+            if value is not None:
+                lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"\r\n")
+        self.upstream_start = self.gw.clock.seconds()
+        upstream.send(
+            self,
+            b"".join(lines),
+            head_only=req.method == b"HEAD",
+            max_body=self.route.max_response_size,
+            raw_chunks=self.client11,
+        )
+
+    # -- UpstreamHandler -------------------------------------------------------------------
+
+    def upstream_head(
+        self, status: int, reason: bytes, headers: bytes, framing: int, length: int
+    ) -> None:
+        self.status = status
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason), headers]
+        if framing == LENGTH:
+            parts.append(b"Content-Length: %d\r\n" % length)
+        elif framing == CHUNKED or framing == CLOSE:
+            if self.client11:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+                self.wrap_chunks = framing == CLOSE
+            else:
+                self.keep_alive = False
+        parts.append(
+            b"Connection: keep-alive\r\n\r\n" if self.keep_alive else b"Connection: close\r\n\r\n"
+        )
+        data = b"".join(parts)
+        self.head_sent = True
+        self.bytes_out += len(data)
+        self.conn.send(data)
+
+    def upstream_data(self, data: bytes) -> None:
+        if self.wrap_chunks:
+            if data:
+                self.bytes_out += len(data) + 7
+                self.conn.send_sequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.bytes_out += len(data)
+            self.conn.send(data)
+
+    def upstream_done(self) -> None:
+        if self.wrap_chunks:
+            self.conn.send(b"0\r\n\r\n")
+            self.bytes_out += 5
+        self._finish(self.status, "ok", "allow", upstream_ok=True)
+
+    def upstream_failed(self, reason: str, detail: str, retryable: bool) -> None:
+        if self.done:
+            return
+        if retryable and not self.retried and not self.head_sent:
+            self.retried = True
+            self.conn.detach_upstream()
+            self.upstream = None
+            self._connect()
+            return
+        self._fail(504 if reason == "upstream_timeout" else 502, reason, detail)
+
+    # -- endings ---------------------------------------------------------------------------
+
+    def _timed_out(self) -> None:
+        self.deadline = None
+        if self.connecting is not None:
+            self.connecting.cancel()
+        self._fail(504, "upstream_timeout", "no complete response within the scrape timeout")
+
+    def _fail(self, status: int, reason: str, detail: str) -> None:
+        if self.done:
+            return
+        self.gw.metrics.upstream_errors.labels(self.route.name, reason).inc()
+        self.gw.log.info(
+            "route {route} target {target}: {reason} ({detail})",
+            route=self.route.name,
+            target=self.target.address,
+            reason=reason,
+            detail=detail,
+        )
+        if self.head_sent:
+            # The client already has a status line: it must see an incomplete response,
+            # never a clean end.
+            self.keep_alive = False
+            self._finish(self.status, reason, "allow", abort_client=True)
+        else:
+            self.status = status
+            data = simple_response(
+                status,
+                detail.encode("utf-8", "replace") + b"\n",
+                keep_alive=self.keep_alive,
+                head_only=self.req.method == b"HEAD",
+            )
+            self.bytes_out += len(data)
+            self.conn.send(data)
+            self._finish(status, reason, "allow")
+
+    def client_lost(self) -> None:
+        """The downstream connection went away mid-exchange."""
+        if self.connecting is not None:
+            self.connecting.cancel()
+        self.keep_alive = False
+        self._finish(self.status, "client_aborted", "allow", client_gone=True)
+
+    def _finish(
+        self,
+        status: int | None,
+        reason: str,
+        decision: str,
+        *,
+        upstream_ok: bool = False,
+        abort_client: bool = False,
+        client_gone: bool = False,
+    ) -> None:
+        if self.done:
+            return
+        self.done = True
+        gw = self.gw
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
+        gw.limiter.release(self.route.name)
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            self.conn.detach_upstream()
+            if upstream_ok:
+                gw.metrics.upstream_duration.labels(self.route.name).observe(
+                    gw.clock.seconds() - self.upstream_start
+                )
+                upstream.release()
+            else:
+                upstream.abort()
+        gw.record(
+            self.conn,
+            self.req,
+            self.start_time,
+            status,
+            reason,
+            decision,
+            route=self.route,
+            target=self.target.address,
+            path=self.path,
+            bytes_out=self.bytes_out,
+        )
+        if client_gone:
+            return
+        if abort_client:
+            self.conn.abort()
+            return
+        self.conn.request_done(self.keep_alive)
+
+
+@implementer(IHandshakeListener, IPushProducer)
+class DownstreamProtocol(Protocol):
+    """One client connection to an ``http`` listener; a thin shell over ReverseGateway."""
+
+    log = Logger()
+
+    def __init__(self, gw: ReverseGateway) -> None:
+        self.gw = gw
+        self.peer = ""
+        self.local_address = ""
+        self.tls_info = NO_TLS
+        self.recognition = Recognition(None, "no_credentials")
+        self._buf = b""
+        self._exchange: Exchange | None = None
+        self._upstream: UpstreamProtocol | None = None
+        self._timer: IDelayedCall | None = None
+        self._timer_kind = ""
+        self._ready = False
+        self._closing = False
+        self._lost = False
+        self._output_paused = False
+        self._verify_error: tuple[str, PeerCertificate | None] | None = None
+        self._tls_failure: str | None = None
+
+    # -- Twisted callbacks ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.peer = _address(self.transport.getPeer())
+        self.local_address = _address(self.transport.getHost())
+        self.gw.connections.inc()
+        self.gw.open_connections.inc()
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        if self.gw.tls:
+            self._arm(self.gw.deadlines.tls_handshake, "handshake")
+        else:
+            self._became_ready()
+
+    def handshakeCompleted(self) -> None:
+        assert self.transport is not None
+        handle: SSL.Connection = self.transport.getHandle()  # type: ignore[attr-defined]
+        cert = handle.get_peer_certificate(as_cryptography=True)
+        peer = PeerCertificate.from_x509(cert) if cert is not None else None
+        self.tls_info = TLSInfo(handle.get_protocol_version_name(), handle.get_cipher_name(), peer)
+        self.recognition = self.gw.resolver.for_certificate(peer)
+        self._became_ready()
+
+    def tls_verify_error(self, errno: int, depth: int, cert: x509.Certificate) -> None:
+        """Called by the TLS layer for each certificate that fails verification."""
+        if self._verify_error is None:
+            self._verify_error = (verify_reason(errno), PeerCertificate.from_x509(cert))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._exchange is not None or self._closing:
+            self._buf += data
+            if len(self._buf) > 4 * MAX_HEAD:
+                self.abort()
+            return
+        if not self._buf and self._timer_kind == "idle":
+            self._arm(self.gw.deadlines.request_head, "head")
+        self._buf = self._buf + data if self._buf else data
+        self._process()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self._cancel_timer()
+        self.gw.open_connections.dec()
+        if not self._ready and self.gw.tls:
+            self._report_handshake_failure(reason)
+        elif self._exchange is not None:
+            exchange, self._exchange = self._exchange, None
+            exchange.client_lost()
+        elif self._buf.strip() and not self._closing:
+            self.gw.record(
+                self,
+                None,
+                self.gw.clock.seconds(),
+                None,
+                "client_closed_mid_request",
+                "deny",
+                path=None,
+            )
+
+    # -- IPushProducer: the client's socket tells us to slow down or go on ----------------
+
+    def pauseProducing(self) -> None:
+        self._output_paused = True
+        if self._upstream is not None:
+            self._upstream.pause()
+
+    def resumeProducing(self) -> None:
+        self._output_paused = False
+        if self._upstream is not None:
+            self._upstream.resume()
+
+    def stopProducing(self) -> None:
+        pass  # connectionLost follows and ends any exchange
+
+    # -- used by the gateway and the exchange ---------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if not self._lost:
+            assert self.transport is not None
+            self.transport.write(data)
+
+    def send_sequence(self, data: tuple[bytes, ...]) -> None:
+        if not self._lost:
+            assert self.transport is not None
+            self.transport.writeSequence(data)
+
+    def begin_exchange(self, exchange: Exchange) -> None:
+        self._exchange = exchange
+        assert self.transport is not None
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def attach_upstream(self, upstream: UpstreamProtocol) -> None:
+        self._upstream = upstream
+        if self._output_paused:
+            upstream.pause()
+
+    def detach_upstream(self) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None and self._output_paused:
+            upstream.resume()
+
+    def request_done(self, keep_alive: bool) -> None:
+        """The answer to the current request is written; read the next one or close."""
+        if self._lost:
+            return
+        resume = self._exchange is not None
+        self._exchange = None
+        assert self.transport is not None
+        if not keep_alive:
+            self._closing = True
+            self._cancel_timer()
+            self.transport.loseConnection()
+            return
+        if resume:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self._buf:
+            self._arm(self.gw.deadlines.request_head, "head")
+        else:
+            self._arm(self.gw.deadlines.keepalive_idle, "idle")
+
+    def abort(self) -> None:
+        if not self._lost and self.transport is not None:
+            self._closing = True
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _became_ready(self) -> None:
+        self._ready = True
+        self._arm(self.gw.deadlines.request_head, "head")
+        if self._buf:
+            self._process()
+
+    def _process(self) -> None:
+        while self._exchange is None and not self._closing and not self._lost:
+            buf = self._buf
+            if buf[:2] == b"\r\n":
+                buf = self._buf = buf.lstrip(b"\r\n")
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    self._reject(HTTPError(431, "bad_request", "request head too large"))
+                elif len(buf) > MAX_REQUEST_LINE and buf.find(b"\r\n") < 0:
+                    self._reject(HTTPError(414, "bad_request", "request line too long"))
+                elif b"\n\n" in buf:
+                    self._reject(HTTPError(400, "bad_request", "bare LF line endings"))
+                return
+            head = buf[:end]
+            self._buf = buf[end + 4 :]
+            try:
+                req = parse_request_head(head)
+            except HTTPError as e:
+                self._reject(e)
+                return
+            self._cancel_timer()
+            self.gw.handle(self, req)
+
+    def _reject(self, error: HTTPError) -> None:
+        self._buf = b""
+        self.gw.metrics.denied.labels(self.gw.name, "", error.reason).inc()
+        self.gw.answer(
+            self,
+            None,
+            self.gw.clock.seconds(),
+            error.status,
+            error.reason,
+            error.message.encode() + b"\n",
+            decision="deny",
+        )
+
+    def _arm(self, seconds: float, kind: str) -> None:
+        self._timer_kind = kind
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
+        else:
+            self._timer = self.gw.clock.callLater(seconds, self._expired)
+
+    def _cancel_timer(self) -> None:
+        timer = self._timer
+        self._timer = None
+        self._timer_kind = ""
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _expired(self) -> None:
+        kind = self._timer_kind
+        self._timer = None
+        self._timer_kind = ""
+        if kind == "handshake":
+            self._tls_failure = "handshake_timeout"
+            self.abort()
+        elif kind == "head" and self._buf.strip():
+            self.gw.answer(
+                self,
+                None,
+                self.gw.clock.seconds(),
+                408,
+                "request_timeout",
+                b"request head not received in time\n",
+                decision="deny",
+            )
+        else:
+            self._closing = True
+            assert self.transport is not None
+            self.transport.loseConnection()
+
+    def _report_handshake_failure(self, reason: Failure) -> None:
+        cert = None
+        if self._tls_failure is not None:
+            why, detail = self._tls_failure, "TLS handshake not completed in time"
+        elif self._verify_error is not None:
+            why, cert = self._verify_error
+            detail = reason.getErrorMessage()
+        elif reason.check(SSL.Error):
+            why, detail = handshake_reason(reason.value or Exception()), reason.getErrorMessage()
+        else:
+            why, detail = "closed_before_handshake", reason.getErrorMessage()
+        self.gw.handshake_failed(self, why, detail, cert)
+
+
+class ReverseGatewayFactory(Factory):
+    """Builds a DownstreamProtocol per connection for one ``http`` listener."""
+
+    noisy = False
+
+    def __init__(self, gateway: ReverseGateway) -> None:
+        self.gateway = gateway
+
+    def buildProtocol(self, addr: Any) -> DownstreamProtocol:
+        return DownstreamProtocol(self.gateway)
+
+
+def _address(addr: Any) -> str:
+    host = getattr(addr, "host", None)
+    port = getattr(addr, "port", None)
+    if host is None:
+        return str(getattr(addr, "name", "") or "unix")
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+__all__ = ["Admission", "DownstreamProtocol", "Exchange", "ReverseGateway", "ReverseGatewayFactory"]

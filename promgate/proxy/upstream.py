@@ -1,0 +1,504 @@
+"""Upstream HTTP/1.1 connections: a lean relay that tracks response framing.
+
+The gateway does not run a general-purpose HTTP client between Prometheus and the
+exporter. It sends a request head it built itself, parses the response head strictly,
+and then passes body bytes through untouched while following their framing
+(Content-Length, chunked, or close-delimited) just enough to know where the response
+ends, whether the connection can be reused, and whether the size cap was crossed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from promgate.config.model import Route, Target
+from promgate.tls import client_options
+
+MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_HEADERS = 100
+MAX_CHUNK_LINE = 4096
+
+# Framing of a response body.
+LENGTH = 0
+CHUNKED = 1
+CLOSE = 2
+NONE = 3
+
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"set-cookie",
+    }
+)
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+# Chunked parser states.
+_C_SIZE = 0
+_C_DATA = 1
+_C_CRLF = 2
+_C_TRAILER = 3
+
+# Connection states.
+_IDLE = 0
+_HEAD = 1
+_BODY = 2
+
+
+class UpstreamHandler(TypingProtocol):
+    """What an upstream connection reports to the exchange using it."""
+
+    def upstream_head(
+        self, status: int, reason: bytes, headers: bytes, framing: int, length: int
+    ) -> None: ...
+
+    def upstream_data(self, data: bytes) -> None: ...
+
+    def upstream_done(self) -> None: ...
+
+    def upstream_failed(self, reason: str, detail: str, retryable: bool) -> None: ...
+
+
+class UpstreamProtocol(Protocol):
+    """One connection to an upstream, used for one exchange at a time."""
+
+    log = Logger()
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, str]) -> None:
+        self.pool = pool
+        self.key = key
+        self.reused = False
+        self.idle_since = 0.0
+        self.connected = False
+        self._handler: UpstreamHandler | None = None
+        self._state = _IDLE
+        self._buf = b""
+        self._framing = NONE
+        self._remaining = 0
+        self._payload = 0
+        self._max = 0
+        self._raw_chunks = True
+        self._cstate = _C_SIZE
+        self._line = b""
+        self._trailers = 0
+        self._reusable = False
+        self._head_only = False
+        self._aborted = False
+
+    # -- used by the exchange -------------------------------------------------------------
+
+    def send(
+        self,
+        handler: UpstreamHandler,
+        request: bytes,
+        *,
+        head_only: bool,
+        max_body: int,
+        raw_chunks: bool,
+    ) -> None:
+        """Send ``request`` and report the response to ``handler``."""
+        self._handler = handler
+        self._state = _HEAD
+        self._buf = b""
+        self._payload = 0
+        self._max = max_body
+        self._head_only = head_only
+        self._raw_chunks = raw_chunks
+        self._reusable = False
+        assert self.transport is not None
+        self.transport.write(request)
+
+    def release(self) -> None:
+        """The exchange is over; pool the connection if it is clean, else close it."""
+        self._handler = None
+        if self._state == _IDLE and self._reusable and self.connected:
+            self.pool.checkin(self)
+        else:
+            self._state = _IDLE
+            self.abort()
+
+    def abort(self) -> None:
+        self._handler = None
+        if self.transport is not None and self.connected and not self._aborted:
+            self._aborted = True
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resume(self) -> None:
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    # -- Twisted callbacks ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected = True
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self._state
+        if state == _BODY:
+            self._body(data)
+        elif state == _HEAD:
+            self._head(data)
+        else:
+            # Bytes nobody asked for: this connection can no longer be trusted.
+            self._reusable = False
+            self.pool.discard(self)
+            self.abort()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        self.connected = False
+        handler = self._handler
+        self._handler = None
+        self.pool.discard(self)
+        if handler is None:
+            return
+        clean = reason.check(ConnectionDone) is not None
+        if self._state == _BODY and self._framing == CLOSE and clean:
+            self._state = _IDLE
+            self._reusable = False
+            handler.upstream_done()
+            return
+        if self._state == _HEAD and not self._buf and self.reused:
+            handler.upstream_failed("upstream_reset", "pooled connection closed", True)
+            return
+        what = "closed" if clean else "reset"
+        where = "before the response head" if self._state == _HEAD else "mid-body"
+        handler.upstream_failed("upstream_reset", f"upstream {what} the connection {where}", False)
+
+    # -- parsing ----------------------------------------------------------------------------
+
+    def _fail(self, reason: str, detail: str) -> None:
+        handler = self._handler
+        self._handler = None
+        self._state = _IDLE
+        self._reusable = False
+        self.abort()
+        if handler is not None:
+            handler.upstream_failed(reason, detail, False)
+
+    def _head(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_RESPONSE_HEAD:
+                    self._fail("upstream_malformed", "response head too large")
+                else:
+                    self._buf = buf
+                return
+            head, buf = buf[:end], buf[end + 4 :]
+            if not self._parse_head(head, bool(buf)):
+                return
+            if self._state != _HEAD:  # a final (non-1xx) response
+                self._buf = b""
+                if self._state == _BODY and buf:
+                    self._body(buf)
+                return
+
+    def _parse_head(self, head: bytes, more: bool) -> bool:
+        lines = head.split(b"\r\n")
+        match = _STATUS_LINE.fullmatch(lines[0])
+        if match is None:
+            self._fail("upstream_malformed", "malformed status line")
+            return False
+        minor, code, reason = match.group(1), int(match.group(2)), match.group(3) or b""
+        if code < 200:
+            if code == 101:
+                self._fail("upstream_malformed", "upstream tried to switch protocols")
+                return False
+            return True  # an interim response: wait for the final one
+        if len(lines) - 1 > MAX_RESPONSE_HEADERS:
+            self._fail("upstream_malformed", "too many response header fields")
+            return False
+        keep: list[bytes] = []
+        length: int | None = None
+        chunked = False
+        close = minor == b"0"
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+                self._fail("upstream_malformed", "malformed response header field")
+                return False
+            lname = name.lower()
+            if lname in _HOP_BY_HOP:
+                value = value.strip(b" \t")
+                if lname == b"content-length":
+                    if not value.isdigit() or (length is not None and int(value) != length):
+                        self._fail("upstream_malformed", "invalid Content-Length")
+                        return False
+                    length = int(value)
+                elif lname == b"transfer-encoding":
+                    if value.lower() != b"chunked" or chunked:
+                        self._fail("upstream_malformed", "unsupported Transfer-Encoding")
+                        return False
+                    chunked = True
+                elif lname == b"connection":
+                    tokens = value.lower()
+                    if b"close" in tokens:
+                        close = True
+                    elif minor == b"0" and b"keep-alive" in tokens:
+                        close = False
+                continue
+            keep.append(line)
+        if chunked and length is not None:
+            self._fail("upstream_malformed", "both Content-Length and chunked")
+            return False
+        if self._head_only or code in (204, 304):
+            framing, self._remaining = NONE, 0
+            if self._head_only and length is not None:
+                keep.append(b"Content-Length: %d" % length)
+        elif chunked:
+            framing = CHUNKED
+            self._cstate, self._line, self._trailers = _C_SIZE, b"", 0
+        elif length is not None:
+            if length > self._max:
+                self._fail("response_too_large", f"Content-Length {length} over the route's cap")
+                return False
+            framing, self._remaining = LENGTH, length
+        else:
+            framing, close = CLOSE, True
+        self._framing = framing
+        headers = b"\r\n".join(keep) + b"\r\n" if keep else b""
+        handler = self._handler
+        if handler is None:
+            return False
+        if framing == NONE or (framing == LENGTH and length == 0):
+            self._state = _IDLE
+            self._reusable = not close and not more
+            handler.upstream_head(code, reason, headers, framing, length or 0)
+            if self._handler is handler:
+                handler.upstream_done()
+            return True
+        self._state = _BODY
+        self._reusable = not close
+        handler.upstream_head(code, reason, headers, framing, length or 0)
+        return True
+
+    def _body(self, data: bytes) -> None:
+        framing = self._framing
+        handler = self._handler
+        if handler is None:
+            return
+        if framing == LENGTH:
+            remaining = self._remaining
+            if len(data) >= remaining:
+                if len(data) > remaining:
+                    self._reusable = False
+                    data = data[:remaining]
+                self._remaining = 0
+                self._state = _IDLE
+                handler.upstream_data(data)
+                if self._handler is handler:
+                    handler.upstream_done()
+            else:
+                self._remaining = remaining - len(data)
+                handler.upstream_data(data)
+        elif framing == CHUNKED:
+            self._chunked(data, handler)
+        else:
+            self._payload += len(data)
+            if self._payload > self._max:
+                self._fail("response_too_large", "body over the route's size cap")
+                return
+            handler.upstream_data(data)
+
+    def _chunked(self, data: bytes, handler: UpstreamHandler) -> None:
+        raw = self._raw_chunks
+        n = len(data)
+        pos = 0
+        while pos < n:
+            if self._cstate == _C_DATA:
+                take = min(self._remaining, n - pos)
+                if not raw:
+                    handler.upstream_data(data[pos : pos + take])
+                pos += take
+                self._remaining -= take
+                self._payload += take
+                if self._payload > self._max:
+                    self._fail("response_too_large", "body over the route's size cap")
+                    return
+                if self._remaining == 0:
+                    self._cstate = _C_CRLF
+                continue
+            idx = data.find(b"\n", pos)
+            if idx < 0:
+                self._line += data[pos:]
+                if len(self._line) > MAX_CHUNK_LINE:
+                    self._fail("upstream_malformed", "chunk line too long")
+                    return
+                break
+            line = self._line + data[pos:idx] if self._line else data[pos:idx]
+            self._line = b""
+            pos = idx + 1
+            if not line.endswith(b"\r") or len(line) > MAX_CHUNK_LINE:
+                self._fail("upstream_malformed", "malformed chunked framing")
+                return
+            line = line[:-1]
+            state = self._cstate
+            if state == _C_CRLF:
+                if line:
+                    self._fail("upstream_malformed", "chunk data longer than its size")
+                    return
+                self._cstate = _C_SIZE
+            elif state == _C_SIZE:
+                size_text = line.split(b";", 1)[0].rstrip(b" \t")
+                if not _HEX.fullmatch(size_text):
+                    self._fail("upstream_malformed", "malformed chunk size")
+                    return
+                size = int(size_text, 16)
+                if size:
+                    self._remaining = size
+                    self._cstate = _C_DATA
+                else:
+                    self._cstate = _C_TRAILER
+            elif line:
+                self._trailers += 1
+                if self._trailers > MAX_RESPONSE_HEADERS:
+                    self._fail("upstream_malformed", "too many trailer fields")
+                    return
+            else:
+                # The end of the message.
+                if raw:
+                    handler.upstream_data(data[:pos] if pos < n else data)
+                if pos < n:
+                    self._reusable = False
+                self._state = _IDLE
+                if self._handler is handler:
+                    handler.upstream_done()
+                return
+        if raw:
+            handler.upstream_data(data)
+
+
+class UpstreamPool:
+    """Keep-alive connections to upstreams, per route and target, reused most-recent first."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        connect_timeout: float = 5.0,
+        idle_timeout: float = 60.0,
+        max_idle_per_key: int = 16,
+        on_connect: Callable[[str], None] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._clock: IReactorTime = reactor
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._max_idle = max_idle_per_key
+        self._idle: dict[tuple[str, str], list[UpstreamProtocol]] = {}
+        self._on_connect = on_connect
+        self._sweeper: LoopingCall | None = None
+
+    def start(self) -> None:
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = self._clock
+        self._sweeper.start(max(1.0, self._idle_timeout / 4), now=False)
+
+    def stop(self) -> None:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        for conns in list(self._idle.values()):
+            for conn in list(conns):
+                conn.abort()
+        self._idle.clear()
+
+    def checkout(self, route: Route, target: Target) -> UpstreamProtocol | None:
+        """An idle pooled connection for this route and target, if there is one."""
+        conns = self._idle.get((route.name, target.address))
+        while conns:
+            conn = conns.pop()
+            if conn.connected:
+                conn.reused = True
+                return conn
+        return None
+
+    def connect(self, route: Route, target: Target) -> Deferred[UpstreamProtocol]:
+        """Open a new connection to ``target`` for ``route``."""
+        key = (route.name, target.address)
+        endpoint: Any = HostnameEndpoint(
+            self._reactor, target.host, target.port, timeout=self._connect_timeout
+        )
+        if route.scheme == "https":
+            endpoint = wrapClientTLS(client_options(target.host, route.upstream_tls), endpoint)
+        if self._on_connect is not None:
+            self._on_connect(route.name)
+        d: Deferred[UpstreamProtocol] = endpoint.connect(_UpstreamFactory(self, key))
+        return d
+
+    def checkin(self, conn: UpstreamProtocol) -> None:
+        conns = self._idle.setdefault(conn.key, [])
+        if len(conns) >= self._max_idle:
+            conn.abort()
+            return
+        conn.idle_since = self._clock.seconds()
+        conns.append(conn)
+
+    def discard(self, conn: UpstreamProtocol) -> None:
+        conns = self._idle.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+    def idle_count(self) -> int:
+        return sum(len(c) for c in self._idle.values())
+
+    def _sweep(self) -> None:
+        cutoff = self._clock.seconds() - self._idle_timeout
+        for key, conns in list(self._idle.items()):
+            for conn in [c for c in conns if c.idle_since < cutoff]:
+                conns.remove(conn)
+                conn.abort()
+            if not conns:
+                del self._idle[key]
+
+
+class _UpstreamFactory(Factory):
+    noisy = False
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, str]) -> None:
+        self._pool = pool
+        self._key = key
+
+    def buildProtocol(self, addr: object) -> UpstreamProtocol:
+        return UpstreamProtocol(self._pool, self._key)
+
+
+__all__ = [
+    "CHUNKED",
+    "CLOSE",
+    "LENGTH",
+    "NONE",
+    "ITransport",
+    "UpstreamHandler",
+    "UpstreamPool",
+    "UpstreamProtocol",
+]

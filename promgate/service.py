@@ -1,0 +1,126 @@
+"""Assemble a running gateway from a validated configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from promgate.admin import Readiness, admin_site
+from promgate.audit import AuditLog, load_key
+from promgate.config.model import Config
+from promgate.metrics import Metrics
+from promgate.proxy.http import ReverseGateway, ReverseGatewayFactory
+from promgate.proxy.upstream import UpstreamPool
+from promgate.ratelimit import RateLimiter
+from promgate.tls import server_tls
+
+
+class GatewayService(MultiService):
+    """The whole gateway: audit log, listeners, upstream pool and admin listener.
+
+    The audit log starts first and stops last, so the ``start`` and ``stop`` records
+    bracket every request record.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any, *, ready_file: Path | None = None) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.config = config
+        self.reactor = reactor
+        self.ready_file = ready_file
+        self.metrics = Metrics()
+        self.readiness = Readiness()
+        audit_cfg = config.audit
+        self.audit = AuditLog(
+            audit_cfg.path,
+            load_key(audit_cfg.key_file),
+            reactor,
+            fsync=audit_cfg.fsync,
+            fsync_interval=audit_cfg.fsync_interval,
+            max_field_length=audit_cfg.max_field_length,
+            on_result=self.metrics.audit_result,
+        )
+        self.audit.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.limiter = RateLimiter(reactor)
+        self.pool = UpstreamPool(
+            reactor,
+            on_connect=lambda route: self.metrics.upstream_connections.labels(route).inc(),
+        )
+        self._factories: list[tuple[str, str, Any]] = []
+        for listener in config.listeners:
+            gateway = ReverseGateway(
+                listener,
+                config,
+                clock=reactor,
+                limiter=self.limiter,
+                audit=self.audit,
+                metrics=self.metrics,
+                pool=self.pool,
+            )
+            factory: Any = ReverseGatewayFactory(gateway)
+            if listener.tls is not None:
+                factory = TLSMemoryBIOFactory(server_tls(listener.tls), False, factory)
+            factory.noisy = False
+            self._factories.append((listener.name, listener.endpoint, factory))
+        self._factories.append(
+            ("admin", config.admin.endpoint, admin_site(self.metrics.registry, self.readiness))
+        )
+        self.ports: dict[str, IListeningPort] = {}
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.pool.start()
+        for name, description, factory in self._factories:
+            endpoint = serverFromString(self.reactor, description)
+            result: list[Any] = []
+            endpoint.listen(factory).addBoth(result.append)
+            if not result:
+                raise RuntimeError(f"listener {name}: {description} did not start synchronously")
+            if isinstance(result[0], Failure):
+                result[0].raiseException()
+            self.ports[name] = result[0]
+            self.log.info("listener {name} on {address}", name=name, address=_where(result[0]))
+        self.metrics.config_last_reload_successful.set(1)
+        self.metrics.config_last_reload_success_timestamp.set(self.reactor.seconds())
+        self.readiness.ready = True
+        if self.ready_file is not None:
+            self._write_ready_file(self.ready_file)
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self.readiness.ready = False
+        ports = list(self.ports.values())
+        self.ports.clear()
+        for port in ports:
+            await maybeDeferred(port.stopListening)
+        self.pool.stop()
+        await maybeDeferred(super().stopService)
+
+    def addresses(self) -> dict[str, str]:
+        return {name: _where(port) for name, port in self.ports.items()}
+
+    def _write_ready_file(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "listeners": self.addresses()}) + "\n")
+        tmp.replace(path)
+
+
+def _where(port: IListeningPort) -> str:
+    host: Any = port.getHost()
+    h = getattr(host, "host", None)
+    if h is None:
+        return str(getattr(host, "name", ""))
+    return f"[{h}]:{host.port}" if ":" in h else f"{h}:{host.port}"
