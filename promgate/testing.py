@@ -1,0 +1,347 @@
+"""Helpers for testing a promgate setup with trial: a test PKI, fake exporters, an
+in-memory audit sink, and a harness that runs the real ``twistd promgate`` on loopback.
+
+Integrators use these in their own trial suites::
+
+    from promgate.testing import TestPKI, FakeExporter, GatewayProcess
+
+The harness waits on the gateway's own readiness (its ``--ready-file``), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from promgate.audit import MemoryAuditSink
+from promgate.pki import CertificateAuthority, IssuedCert
+
+__all__ = ["FakeExporter", "GatewayProcess", "MemoryAuditSink", "Response", "TestPKI"]
+
+
+class TestPKI:
+    """A throw-away CA with a gateway certificate and client certificates on disk.
+
+    Client ``NAME`` gets CN=NAME and the URI SAN ``spiffe://promgate.local/NAME``.
+    """
+
+    __test__ = False  # not a test case, despite the name
+
+    def __init__(self, directory: Path, trust_domain: str = "promgate.local") -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.trust_domain = trust_domain
+        self.ca = CertificateAuthority.create("promgate test CA")
+        self.ca.write(self.ca_cert, self.directory / "ca-key.pem")
+        self.ca.issue_server(["localhost"], ["127.0.0.1", "::1"]).write(
+            self.gate_cert, self.gate_key
+        )
+        (self.directory / "audit.key").write_text(os.urandom(32).hex() + "\n")
+        os.chmod(self.directory / "audit.key", 0o600)
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def gate_cert(self) -> Path:
+        return self.directory / "gate.pem"
+
+    @property
+    def gate_key(self) -> Path:
+        return self.directory / "gate-key.pem"
+
+    @property
+    def audit_key(self) -> Path:
+        return self.directory / "audit.key"
+
+    def client(
+        self,
+        name: str,
+        *,
+        expired: bool = False,
+        uris: Sequence[str] | None = None,
+        ca: CertificateAuthority | None = None,
+    ) -> tuple[Path, Path]:
+        """Issue (once) a client certificate; returns (cert, key) paths."""
+        suffix = "-expired" if expired else ""
+        if ca is not None and ca is not self.ca:
+            suffix += "-foreign"
+        cert_path = self.directory / f"client-{name}{suffix}.pem"
+        key_path = self.directory / f"client-{name}{suffix}-key.pem"
+        if not cert_path.exists():
+            now = datetime.now(timezone.utc)
+            issued: IssuedCert = (ca or self.ca).issue_client(
+                name,
+                uris=list(uris) if uris is not None else [f"spiffe://{self.trust_domain}/{name}"],
+                not_before=now - timedelta(days=30) if expired else None,
+                not_after=now - timedelta(days=1) if expired else None,
+            )
+            issued.write(cert_path, key_path)
+        return cert_path, key_path
+
+    def foreign_client(self, name: str) -> tuple[Path, Path]:
+        """A client certificate from a CA the gateway does not trust."""
+        return self.client(name, ca=CertificateAuthority.create("some other CA"))
+
+    def client_context(self, name: str | None, **kwargs: Any) -> ssl.SSLContext:
+        """A verifying client TLS context presenting ``name``'s certificate (or none)."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_cert))
+        if name is not None:
+            cert, key = self.client(name, **kwargs)
+            ctx.load_cert_chain(str(cert), str(key))
+        return ctx
+
+
+@attrs.frozen
+class Response:
+    """An HTTP response as a test sees it."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+def https_get(
+    address: str,
+    path: str,
+    context: ssl.SSLContext | None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    method: str = "GET",
+    timeout: float = 30.0,
+) -> Response:
+    """One request over a fresh connection (TLS unless ``context`` is None)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    conn: http.client.HTTPConnection
+    if context is None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    else:
+        conn = http.client.HTTPSConnection(
+            "localhost" if host in ("127.0.0.1", "::1") else host,
+            int(port),
+            context=context,
+            timeout=timeout,
+        )
+        if host in ("127.0.0.1", "::1"):
+            conn.host = host  # connect to the literal address, verify the name "localhost"
+            conn.server_hostname = "localhost"  # type: ignore[attr-defined]
+    try:
+        conn.request(method, path, headers=dict(headers or {}))
+        resp = conn.getresponse()
+        body = resp.read()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
+    finally:
+        conn.close()
+
+
+class GatewayProcess:
+    """The real ``twistd promgate`` in a subprocess, on loopback, for integration tests."""
+
+    def __init__(self, directory: Path, config: str, *, name: str = "promgate.yaml") -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.directory / name
+        self.config_path.write_text(config)
+        self.ready_file = self.directory / "ready.json"
+        self.log_path = self.directory / "twistd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.addresses: dict[str, str] = {}
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        if self.ready_file.exists():
+            self.ready_file.unlink()
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "promgate",
+                "--config",
+                str(self.config_path),
+                "--ready-file",
+                str(self.ready_file),
+            ],
+            cwd=self.directory,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"twistd promgate exited {self.process.returncode}:\n{self.log()}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"twistd promgate not ready after {timeout}s:\n{self.log()}")
+            time.sleep(0.02)
+        self.addresses = json.loads(self.ready_file.read_text())["listeners"]
+        return self
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return proc.returncode if proc else None
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def address(self, listener: str) -> str:
+        return self.addresses[listener]
+
+    def get(self, listener: str, path: str, context: ssl.SSLContext | None, **kw: Any) -> Response:
+        return https_get(self.address(listener), path, context, **kw)
+
+    def audit_records(self, path: Path) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+Handler = Callable[
+    [bytes, Mapping[str, str]], "tuple[int, Mapping[str, str], bytes | Iterable[bytes]]"
+]
+
+
+class FakeExporter:
+    """A small HTTP/1.1 server on 127.0.0.1 serving fixed bodies, or misbehaving on purpose.
+
+    ``routes`` maps a request path to either bytes (served with Content-Length) or a
+    behaviour: ``"hang"`` (never answers), ``"reset"`` (closes at once),
+    ``"chunked:N"`` (the registered body in N-byte chunks), ``"close"`` (no length,
+    close-delimited), ``"garbage"`` (not HTTP). Requests it saw are in ``requests``.
+    """
+
+    def __init__(
+        self, routes: Mapping[str, bytes | str], bodies: Mapping[str, bytes] | None = None
+    ) -> None:
+        self.routes = dict(routes)
+        self.bodies = dict(bodies or {})
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.connections = 0
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._open: list[socket.socket] = []
+        accept = threading.Thread(target=self._accept, daemon=True)
+        accept.start()
+        self._threads.append(accept)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        for s in list(self._open):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._open.append(client)
+            t = threading.Thread(target=self._serve, args=(client,), daemon=True)
+            t.start()
+
+    def _serve(self, client: socket.socket) -> None:
+        client.settimeout(60)
+        buf = b""
+        try:
+            while not self._stopping.is_set():
+                while b"\r\n\r\n" not in buf:
+                    data = client.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    k, _, v = line.partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                self.requests.append((target, headers))
+                path = target.split("?", 1)[0]
+                if not self._answer(client, method, path):
+                    return
+        except OSError:
+            return
+        finally:
+            try:
+                client.close()
+            except OSError:
+                pass
+
+    def _answer(self, client: socket.socket, method: str, path: str) -> bool:
+        spec = self.routes.get(path)
+        ctype = b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+        if spec is None:
+            client.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nnot found\n")
+            return True
+        if isinstance(spec, bytes):
+            body = b"" if method == "HEAD" else spec
+            client.sendall(
+                b"HTTP/1.1 200 OK\r\n" + ctype + b"Content-Length: %d\r\n\r\n" % len(spec) + body
+            )
+            return True
+        if spec == "hang":
+            self._stopping.wait(120)
+            return False
+        if spec == "reset":
+            client.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            return False
+        if spec == "garbage":
+            client.sendall(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+            return False
+        body = self.bodies.get(path, b"")
+        if spec.startswith("chunked:"):
+            size = int(spec.split(":", 1)[1])
+            client.sendall(b"HTTP/1.1 200 OK\r\n" + ctype + b"Transfer-Encoding: chunked\r\n\r\n")
+            for i in range(0, len(body), size):
+                piece = body[i : i + size]
+                client.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            client.sendall(b"0\r\n\r\n")
+            return True
+        if spec == "close":
+            client.sendall(b"HTTP/1.1 200 OK\r\n" + ctype + b"Connection: close\r\n\r\n" + body)
+            return False
+        raise ValueError(f"unknown behaviour {spec!r}")
