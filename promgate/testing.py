@@ -150,6 +150,16 @@ def https_get(
         conn.close()
 
 
+def _subprocess_env() -> dict[str, str]:
+    """The environment for a child ``twistd``: it imports the same promgate as we do."""
+    import promgate
+
+    env = dict(os.environ)
+    root = str(Path(promgate.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 class GatewayProcess:
     """The real ``twistd promgate`` in a subprocess, on loopback, for integration tests."""
 
@@ -181,6 +191,7 @@ class GatewayProcess:
                 str(self.ready_file),
             ],
             cwd=self.directory,
+            env=_subprocess_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -1,0 +1,381 @@
+"""End to end: the real Prometheus server scrapes the real node_exporter through promgate.
+
+Everything runs on 127.0.0.1 with ephemeral ports: node_exporter, ``twistd promgate`` (via
+``GatewayProcess``) and Prometheus, which discovers its target from the gateway's ``/sd``
+(``http_sd_configs`` over mutual TLS) and scrapes ``/scrape`` with the same client certificate.
+Skipped when the Debian packages ``prometheus`` / ``prometheus-node-exporter`` are missing,
+unless ``CI`` is set (CI installs them, so there a missing binary is a failure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from promgate import cli
+from promgate.testing import GatewayProcess, TestPKI
+
+PROMETHEUS = os.environ.get("PROMGATE_E2E_PROMETHEUS", "/usr/bin/prometheus")
+NODE_EXPORTER = os.environ.get(
+    "PROMGATE_E2E_NODE_EXPORTER", "/usr/bin/prometheus-node-exporter"
+)
+JOB = "node-via-gate"
+#: Bounds on every wait; together they keep a healthy run well under the suite's budget.
+EXPORTER_START = 15.0
+PROMETHEUS_START = 30.0
+TARGET_UP = 60.0
+QUERY_WAIT = 20.0
+STOP_GRACE = 10.0
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago (bind to 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """Plain HTTP GET; returns (status, body), or raises OSError when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def tail(path: Path, limit: int = 6000) -> str:
+    """The end of a log file, for failure messages."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        return f"<{path}: {e}>"
+    return text[-limit:]
+
+
+class Daemon:
+    """A subprocess with its output in a log file; ``stop`` terminates, then kills."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, grace: float = STOP_GRACE) -> int:
+        proc = self.process
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(grace)
+        return proc.returncode
+
+    def log(self) -> str:
+        return f"--- {self.name} log ({self.log_path}) ---\n{tail(self.log_path)}"
+
+
+class PrometheusThroughGatewayTests(SynchronousTestCase):
+    """The real Prometheus and node_exporter, with promgate in between."""
+
+    def setUp(self) -> None:
+        missing = [p for p in (PROMETHEUS, NODE_EXPORTER) if not _executable(p)]
+        if missing:
+            message = f"not installed: {', '.join(missing)} (Debian prometheus packages)"
+            if os.environ.get("CI"):
+                self.fail(f"{message}; CI is set, so the e2e prerequisites must be present")
+            raise SkipTest(message)
+        self.dir = Path(self.mktemp()).absolute()
+        self.dir.mkdir(parents=True)
+        self.daemons: list[Daemon] = []
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def logs(self) -> str:
+        parts = [d.log() for d in self.daemons]
+        gate = getattr(self, "gate", None)
+        if gate is not None:
+            parts.append(f"--- promgate log ({gate.log_path}) ---\n{tail(gate.log_path)}")
+        return "\n".join(parts)
+
+    def daemon(self, name: str, argv: list[str]) -> Daemon:
+        d = Daemon(name, argv, self.dir / f"{name}.log", self.dir)
+        self.daemons.append(d)
+        self.addCleanup(d.stop)
+        return d
+
+    def wait_for(
+        self, what: str, probe: Callable[[], T | None], timeout: float, *, every: float = 0.2
+    ) -> T:
+        """Call ``probe`` until it returns something other than None, within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        last_error: BaseException | None = None
+        while True:
+            for d in self.daemons:
+                if not d.running():
+                    self.fail(f"{d.name} exited {d.process.returncode} while waiting for {what}\n{self.logs()}")
+            try:
+                result = probe()
+            except (OSError, ValueError) as e:
+                last_error, result = e, None
+            if result is not None:
+                return result
+            if time.monotonic() > deadline:
+                self.fail(
+                    f"gave up after {timeout}s waiting for {what} (last error: {last_error!r})\n"
+                    f"{self.logs()}"
+                )
+            time.sleep(every)
+
+    def prometheus_api(self, path: str, **params: str) -> Any:
+        url = f"http://{self.prom_address}{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        status, body = http_get(url)
+        if status != 200:
+            raise ValueError(f"{url}: HTTP {status}: {body[:500]!r}")
+        doc = json.loads(body)
+        if doc.get("status") != "success":
+            raise ValueError(f"{url}: {doc}")
+        return doc["data"]
+
+    # -- the pieces --------------------------------------------------------------------
+
+    def start_node_exporter(self) -> str:
+        address = f"127.0.0.1:{free_port()}"
+        self.daemon(
+            "node_exporter",
+            [
+                NODE_EXPORTER,
+                f"--web.listen-address={address}",
+                "--collector.disable-defaults",
+                "--collector.cpu",
+                "--collector.time",
+                "--collector.loadavg",
+                "--log.level=warn",
+            ],
+        )
+
+        def metrics() -> bool | None:
+            status, body = http_get(f"http://{address}/metrics", timeout=2.0)
+            return True if status == 200 and b"node_exporter_build_info" in body else None
+
+        self.wait_for("node_exporter /metrics", metrics, EXPORTER_START, every=0.05)
+        return address
+
+    def start_gateway(self, pki: TestPKI, exporter: str) -> GatewayProcess:
+        config = f"""\
+tls:
+  certificate: {pki.gate_cert}
+  key: {pki.gate_key}
+  client_ca: {pki.ca_cert}
+admin:
+  endpoint: "tcp:0:interface=127.0.0.1"
+listeners:
+  # No 'advertise': /sd answers with the Host header Prometheus sent (the sd URL's host:port),
+  # which is the only way to learn a port the gateway picks itself.
+  - {{name: scrape, protocol: http, endpoint: "tcp:0:interface=127.0.0.1"}}
+identities:
+  prometheus:
+    cert: {{uri: "spiffe://promgate.local/prometheus"}}
+routes:
+  node:
+    scheme: http
+    metrics_path: /metrics
+    allow: [prometheus]
+    targets:
+      static: ["{exporter}"]
+audit:
+  path: audit.jsonl
+  key_file: {pki.audit_key}
+  fsync: always
+  on_failure: deny
+"""
+        gate = GatewayProcess(self.dir / "gate", config)
+        self.gate = gate
+        self.addCleanup(gate.stop)
+        gate.start()
+        return gate
+
+    def start_prometheus(self, pki: TestPKI, gate_address: str) -> str:
+        cert, key = pki.client("prometheus")
+        tls = {
+            "ca_file": str(pki.ca_cert),
+            "cert_file": str(cert),
+            "key_file": str(key),
+            "server_name": "localhost",
+        }
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+            "scrape_configs": [
+                {
+                    "job_name": JOB,
+                    "scheme": "https",
+                    "scrape_interval": "1s",
+                    "scrape_timeout": "1s",
+                    "tls_config": tls,
+                    "http_sd_configs": [
+                        {
+                            "url": f"https://{gate_address}/sd",
+                            "refresh_interval": "1s",
+                            "tls_config": tls,
+                        }
+                    ],
+                }
+            ],
+        }
+        config_path = self.dir / "prometheus.yml"
+        # JSON is YAML: no need for a YAML writer here.
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        self.prom_address = f"127.0.0.1:{free_port()}"
+        storage = self.dir / "tsdb"
+        storage.mkdir()
+        self.daemon(
+            "prometheus",
+            [
+                PROMETHEUS,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={storage}",
+                f"--web.listen-address={self.prom_address}",
+                "--storage.tsdb.retention.time=1h",
+                "--log.level=debug",
+            ],
+        )
+
+        def ready() -> bool | None:
+            status, _ = http_get(f"http://{self.prom_address}/-/ready", timeout=2.0)
+            return True if status == 200 else None
+
+        self.wait_for("Prometheus /-/ready", ready, PROMETHEUS_START, every=0.1)
+        return self.prom_address
+
+    # -- the test ------------------------------------------------------------------------
+
+    def test_prometheus_scrapes_node_exporter_through_gateway(self) -> None:
+        """Prometheus discovers node_exporter via /sd and scrapes it through the gateway."""
+        pki = TestPKI(self.dir / "pki")
+        exporter = self.start_node_exporter()
+        gate = self.start_gateway(pki, exporter)
+        gate_address = gate.address("scrape")
+        self.start_prometheus(pki, gate_address)
+
+        # 1. The target Prometheus discovered through /sd comes up.
+        def target_up() -> dict[str, Any] | None:
+            data = self.prometheus_api("/api/v1/targets", state="active")
+            for t in data["activeTargets"]:
+                if t["scrapePool"] == JOB and t["health"] == "up":
+                    return t  # type: ignore[no-any-return]
+            return None
+
+        target = self.wait_for(f"target of job {JOB} to be up", target_up, TARGET_UP, every=0.25)
+        labels, discovered = target["labels"], target["discoveredLabels"]
+        self.assertEqual(labels["instance"], exporter, self.logs())
+        self.assertEqual(labels["job"], JOB)
+        self.assertEqual(discovered["__address__"], gate_address)
+        self.assertEqual(discovered["__scheme__"], "https")
+        self.assertEqual(discovered["__metrics_path__"], "/scrape")
+        self.assertEqual(discovered["__param_route"], "node")
+        self.assertEqual(discovered["__param_target"], exporter)
+        self.assertEqual(discovered["instance"], exporter)
+        scrape = urllib.parse.urlsplit(target["scrapeUrl"])
+        self.assertEqual((scrape.scheme, scrape.netloc, scrape.path), ("https", gate_address, "/scrape"))
+        self.assertEqual(
+            urllib.parse.parse_qs(scrape.query), {"route": ["node"], "target": [exporter]}
+        )
+        self.assertIn("target=" + urllib.parse.quote(exporter, safe=""), scrape.query)
+        self.assertEqual(target["lastError"], "")
+
+        # 2. The scraped samples are in the TSDB under the job, labelled with the real target.
+        def query(expr: str) -> list[dict[str, Any]] | None:
+            result = self.prometheus_api("/api/v1/query", query=expr)["result"]
+            return result or None  # type: ignore[no-any-return]
+
+        up = self.wait_for("up == 1", lambda: query(f'up{{job="{JOB}"}} == 1'), QUERY_WAIT)
+        self.assertEqual(len(up), 1, up)
+        self.assertEqual(up[0]["metric"]["instance"], exporter)
+        self.assertEqual(up[0]["value"][1], "1")
+        for name in ("node_exporter_build_info", "node_time_seconds"):
+            series = self.wait_for(
+                name, lambda name=name: query(f'{name}{{job="{JOB}"}}'), QUERY_WAIT
+            )
+            self.assertEqual(
+                {s["metric"]["instance"] for s in series}, {exporter}, f"{name}: {series}"
+            )
+
+        # 3. Stop everything (Prometheus first, so no request is cut off mid-flight).
+        for d in reversed(self.daemons):
+            d.stop()
+        self.assertEqual(gate.stop(), 0, gate.log())
+
+        # 4. The audit log recorded both the discovery and the scrapes, and verifies.
+        audit_path = gate.directory / "audit.jsonl"
+        records = gate.audit_records(audit_path)
+        requests = [r for r in records if r["event"] == "request"]
+        scrapes = [
+            r
+            for r in requests
+            if r.get("identity") == "prometheus"
+            and r.get("route") == "node"
+            and r.get("path") == "/metrics"
+            and r.get("status") == 200
+        ]
+        self.assertTrue(scrapes, f"no allowed scrape in the audit log: {requests}")
+        for r in scrapes:
+            self.assertEqual(r["target"], exporter)
+            self.assertEqual(r["method"], "GET")
+            self.assertEqual(r["decision"], "allow")
+            self.assertEqual(r["listener"], "scrape")
+        sd = [
+            r
+            for r in requests
+            if r.get("method") == "GET" and (r.get("path") or "").split("?")[0] == "/sd"
+        ]
+        self.assertTrue(sd, f"no GET /sd in the audit log: {requests}")
+        for r in sd:
+            self.assertEqual((r["identity"], r["status"]), ("prometheus", 200), r)
+        self.assertEqual(
+            [r for r in requests if r.get("status") != 200], [], "unexpected non-200 answers"
+        )
+        self.assertEqual(records[0]["event"], "start")
+        self.assertEqual(records[-1]["event"], "stop")
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(
+                ["audit", "verify", "--key-file", str(pki.audit_key), str(audit_path)]
+            )
+        self.assertEqual(code, 0, f"audit verify failed: {out.getvalue()}{err.getvalue()}")
+        self.assertIn(f"OK: {len(records)} record(s) verified", out.getvalue())
+
+
+def _executable(path: str) -> bool:
+    resolved = shutil.which(path)
+    return resolved is not None and os.access(resolved, os.X_OK)
