@@ -11,6 +11,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -23,6 +24,9 @@ from promgate.proxy.http import ReverseGateway, ReverseGatewayFactory
 from promgate.proxy.upstream import UpstreamPool
 from promgate.ratelimit import RateLimiter
 from promgate.tls import server_tls
+
+#: How long SIGTERM waits for in-flight scrapes before closing upstream connections.
+DRAIN_TIMEOUT = 10.0
 
 
 class GatewayService(MultiService):
@@ -106,8 +110,24 @@ class GatewayService(MultiService):
         self.ports.clear()
         for port in ports:
             await maybeDeferred(port.stopListening)
+        await self._drain()
         self.pool.stop()
         await maybeDeferred(super().stopService)
+
+    async def _drain(self) -> None:
+        """Let in-flight scrapes finish, up to DRAIN_TIMEOUT, before the pool closes."""
+        deadline = self.reactor.seconds() + DRAIN_TIMEOUT
+        pending = self._in_flight()
+        if pending:
+            self.log.info("draining {count} in-flight request(s)", count=pending)
+        while pending and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.05)
+            pending = self._in_flight()
+        if pending:
+            self.log.warning("{count} request(s) still in flight at shutdown", count=pending)
+
+    def _in_flight(self) -> int:
+        return sum(self.limiter.in_flight(name) for name in self.config.routes)
 
     def addresses(self) -> dict[str, str]:
         return {name: _where(port) for name, port in self.ports.items()}
