@@ -124,7 +124,7 @@ class GatewayService(MultiService):
             await deferLater(self.reactor, 0.05)
             pending = self._in_flight()
         if pending:
-            self.log.warning("{count} request(s) still in flight at shutdown", count=pending)
+            self.log.warn("{count} request(s) still in flight at shutdown", count=pending)
 
     def _in_flight(self) -> int:
         return sum(self.limiter.in_flight(name) for name in self.config.routes)
