@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
@@ -9,10 +11,15 @@ from twisted.web.server import Request, Site
 
 
 class Readiness:
-    """Whether every listener is accepting connections."""
+    """Ready to serve: every listener is accepting, and (when refusing unaudited traffic)
+    the audit log is writable."""
 
-    def __init__(self) -> None:
+    def __init__(self, audit_ok: Callable[[], bool] = lambda: True) -> None:
         self.ready = False
+        self._audit_ok = audit_ok
+
+    def is_ready(self) -> bool:
+        return self.ready and self._audit_ok()
 
 
 class _Health(Resource):
@@ -27,7 +34,7 @@ class _Health(Resource):
         request.setHeader(b"cache-control", b"no-store")
         if self._readiness is None:
             return b"promgate is Healthy.\n"
-        if self._readiness.ready:
+        if self._readiness.is_ready():
             return b"promgate is Ready.\n"
         request.setResponseCode(503)
         return b"promgate is not ready.\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from promgate.admin import Readiness, admin_site
-from promgate.audit import AuditLog, load_key
+from promgate.audit import AuditEvent, AuditLog, load_key
 from promgate.config.model import Config
 from promgate.metrics import Metrics
 from promgate.proxy.http import ReverseGateway, ReverseGatewayFactory
@@ -44,7 +45,6 @@ class GatewayService(MultiService):
         self.reactor = reactor
         self.ready_file = ready_file
         self.metrics = Metrics()
-        self.readiness = Readiness()
         audit_cfg = config.audit
         self.audit = AuditLog(
             audit_cfg.path,
@@ -56,6 +56,8 @@ class GatewayService(MultiService):
             on_result=self.metrics.audit_result,
         )
         self.audit.setServiceParent(self)  # type: ignore[no-untyped-call]
+        deny = audit_cfg.on_failure == "deny"
+        self.readiness = Readiness(lambda: self.audit.healthy or not deny)
         self.limiter = RateLimiter(reactor)
         self.pool = UpstreamPool(
             reactor,
@@ -81,9 +83,13 @@ class GatewayService(MultiService):
             ("admin", config.admin.endpoint, admin_site(self.metrics.registry, self.readiness))
         )
         self.ports: dict[str, IListeningPort] = {}
+        self._previous_sighup: Any = None
 
     def startService(self) -> None:
+        for warning in self.config.warnings:
+            self.log.warn("configuration: {warning}", warning=warning)
         super().startService()  # type: ignore[no-untyped-call]
+        self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         self.pool.start()
         for name, description, factory in self._factories:
             endpoint = serverFromString(self.reactor, description)
@@ -106,6 +112,9 @@ class GatewayService(MultiService):
 
     async def _stop(self) -> None:
         self.readiness.ready = False
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         ports = list(self.ports.values())
         self.ports.clear()
         for port in ports:
@@ -113,6 +122,17 @@ class GatewayService(MultiService):
         await self._drain()
         self.pool.stop()
         await maybeDeferred(super().stopService)
+
+    def _on_sighup(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self._sighup)
+
+    def _sighup(self) -> None:
+        # SIGHUP's default action would kill the gateway without a stop record.
+        self.log.warn(
+            "SIGHUP received: configuration reload is not available in this version; "
+            "the running configuration stays in force"
+        )
+        self.audit.record(AuditEvent(event="reload", decision="deny", reason="reload_unsupported"))
 
     async def _drain(self) -> None:
         """Let in-flight scrapes finish, up to DRAIN_TIMEOUT, before the pool closes."""
