@@ -45,6 +45,7 @@ _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
+_PORT = re.compile(r"[0-9]{1,5}")
 _PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")
 _RESERVED_PARAMS = frozenset({"route", "target", "path"})
 
@@ -82,7 +83,10 @@ class _Source:
         return None
 
     def resolve(self, name: str) -> Path:
-        path = Path(name).expanduser()
+        try:
+            path = Path(name).expanduser()
+        except RuntimeError:  # "~user/..." naming no known user: keep it literal
+            path = Path(name)
         return path if path.is_absolute() else self.file.parent / path
 
 
@@ -172,6 +176,9 @@ def _parse_file(file: Path, problems: list[Problem]) -> tuple[Any, _Source] | No
         return None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        problems.append(Problem(file, None, "", "YAML error: nested too deeply"))
+        return None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -185,6 +192,11 @@ def _parse_file(file: Path, problems: list[Problem]) -> tuple[Any, _Source] | No
         data = conv.convert(node, "") if node is not None else {}
     except yaml.YAMLError as e:
         problems.append(Problem(file, None, "", f"YAML error: {e}"))
+        return None
+    except RecursionError:
+        problems.append(
+            Problem(file, None, "", "YAML error: nested too deeply (or a recursive alias)")
+        )
         return None
     return data, _Source(file, conv.lines)
 
@@ -205,11 +217,16 @@ class _Loader:
 
     def error(self, src: _Source | None, key: str, message: str) -> None:
         file = src.file if src else self.main
-        self.errors.append(Problem(file, src.line(key) if src else None, key, message))
+        problem = Problem(file, src.line(key) if src else None, key, message)
+        # A template is checked once per route using it: report each problem once.
+        if problem not in self.errors:
+            self.errors.append(problem)
 
     def warn(self, src: _Source | None, key: str, message: str) -> None:
         file = src.file if src else self.main
-        self.warnings.append(Problem(file, src.line(key) if src else None, key, message))
+        problem = Problem(file, src.line(key) if src else None, key, message)
+        if problem not in self.warnings:
+            self.warnings.append(problem)
 
     # -- reading files ---------------------------------------------------------------
 
@@ -401,7 +418,7 @@ class _Loader:
 
         try:
             serverFromString(MemoryReactor(), text)
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:  # "tcp:1\\": RuntimeError
             self.error(item.src, item.key, f"invalid endpoint {text!r}: {e}")
             return None
         return text
@@ -487,7 +504,7 @@ class _Loader:
             )
         protocol = "http"
         if "protocol" in f:
-            if f["protocol"].value in _LATER_PROTOCOLS:
+            if isinstance(f["protocol"].value, str) and f["protocol"].value in _LATER_PROTOCOLS:
                 self.error(
                     item.src,
                     f["protocol"].key,
@@ -634,7 +651,7 @@ class _Loader:
                     )
         if "labels" in merged:
             kw["labels"] = self.labels(merged["labels"])
-        targets = self.targets(merged["targets"])
+        targets = self.targets(merged["targets"]) if "targets" in merged else []
         return Route(name=name, targets=tuple(targets), **kw)
 
     def upstream_path(self, item: _Item) -> str | None:
@@ -699,6 +716,8 @@ class _Loader:
                 if g is None or "targets" not in g:
                     continue
                 labels = self.labels(g["labels"]) if "labels" in g else {}
+                if not isinstance(g["targets"].value, list):
+                    self.error(static.src, g["targets"].key, "must be a list of host:port strings")
                 for j, addr in enumerate(
                     g["targets"].value if isinstance(g["targets"].value, list) else []
                 ):
@@ -839,7 +858,7 @@ class _Loader:
 def _split_address(text: str) -> tuple[str, int] | None:
     """Split ``host:port`` (``[v6]:port`` for IPv6) or return None if malformed."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or len(port) > 5:
+    if not sep or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
         return None
     if host.startswith("[") and host.endswith("]"):
         try:

@@ -68,6 +68,6 @@ def parse_rate(value: object) -> float:
         rate = float(match.group(1)) / _RATE_UNITS[match.group(2)]
     else:
         raise ValueError("expected a rate such as 1/s or 30/m")
-    if rate <= 0:
-        raise ValueError("a rate must be positive")
+    if not 0 < rate < float("inf"):  # also refuses NaN (YAML .nan)
+        raise ValueError("a rate must be positive and finite")
     return rate

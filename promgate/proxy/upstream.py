@@ -237,6 +237,7 @@ class UpstreamProtocol(Protocol):
             self._fail("upstream_malformed", "too many response header fields")
             return False
         keep: list[bytes] = []
+        nominated: set[bytes] = set()  # header names the Connection header makes hop-by-hop
         length: int | None = None
         chunked = False
         close = minor == b"0"
@@ -260,12 +261,16 @@ class UpstreamProtocol(Protocol):
                     chunked = True
                 elif lname == b"connection":
                     tokens = value.lower()
+                    nominated.update(t.strip(b" \t") for t in tokens.split(b","))
                     if b"close" in tokens:
                         close = True
                     elif minor == b"0" and b"keep-alive" in tokens:
                         close = False
                 continue
             keep.append(line)
+        nominated -= {b"close", b"keep-alive", b""}
+        if nominated:
+            keep = [line for line in keep if line.partition(b":")[0].lower() not in nominated]
         if chunked and length is not None:
             self._fail("upstream_malformed", "both Content-Length and chunked")
             return False
