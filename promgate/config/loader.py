@@ -374,6 +374,14 @@ class _Loader:
     def duration(self, item: _Item) -> float | None:
         return self.typed(item, parse_duration)
 
+    def positive(self, item: _Item, convert: Callable[[Any], T]) -> T | None:
+        """Convert, then refuse zero: a zero timeout, size or interval is never meant."""
+        value = self.typed(item, convert)
+        if value is not None and not value:
+            self.error(item.src, item.key, "must be greater than zero")
+            return None
+        return value
+
     def existing_file(self, item: _Item) -> Path | None:
         name = self.string(item)
         if name is None:
@@ -630,10 +638,10 @@ class _Loader:
             if lim is not None:
                 kw["limits"] = lim
         if "timeout" in merged:
-            kw["timeout"] = self.duration(merged["timeout"]) or DEFAULT_TIMEOUT
+            kw["timeout"] = self.positive(merged["timeout"], parse_duration) or DEFAULT_TIMEOUT
         if "max_response_size" in merged:
             kw["max_response_size"] = (
-                self.typed(merged["max_response_size"], parse_size) or DEFAULT_MAX_RESPONSE
+                self.positive(merged["max_response_size"], parse_size) or DEFAULT_MAX_RESPONSE
             )
         if "tls" in merged:
             t = self.fields(merged["tls"], ("ca", "server_name"))
@@ -775,7 +783,7 @@ class _Loader:
         if "fsync" in f:
             kw["fsync"] = self.choice(f["fsync"], ("always", "interval", "never")) or "interval"
         if "fsync_interval" in f:
-            kw["fsync_interval"] = self.duration(f["fsync_interval"]) or 1.0
+            kw["fsync_interval"] = self.positive(f["fsync_interval"], parse_duration) or 1.0
         if "on_failure" in f:
             kw["on_failure"] = self.choice(f["on_failure"], ("deny", "allow")) or "deny"
         if "max_field_length" in f:
