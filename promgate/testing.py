@@ -10,12 +10,14 @@ The harness waits on the gateway's own readiness (its ``--ready-file``), never o
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -30,7 +32,16 @@ import attrs
 from promgate.audit import MemoryAuditSink
 from promgate.pki import CertificateAuthority, IssuedCert
 
-__all__ = ["FakeExporter", "GatewayProcess", "MemoryAuditSink", "Response", "TestPKI"]
+__all__ = [
+    "FakeExporter",
+    "GatewayProcess",
+    "MemoryAuditSink",
+    "Response",
+    "TestPKI",
+    "https_connection",
+    "https_get",
+    "request",
+]
 
 
 class TestPKI:
@@ -116,6 +127,21 @@ class Response:
     body: bytes
 
 
+def https_connection(
+    address: str, context: ssl.SSLContext | None, *, timeout: float = 30.0
+) -> http.client.HTTPConnection:
+    """A client connection to ``address`` (TLS unless ``context`` is None), not yet opened.
+
+    Reuse it for several requests to exercise keep-alive. The certificate is checked
+    against the literal address, which TestPKI's gateway certificate carries as an IP SAN.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if context is None:
+        return http.client.HTTPConnection(host, int(port), timeout=timeout)
+    return http.client.HTTPSConnection(host, int(port), context=context, timeout=timeout)
+
+
 def https_get(
     address: str,
     path: str,
@@ -126,28 +152,25 @@ def https_get(
     timeout: float = 30.0,
 ) -> Response:
     """One request over a fresh connection (TLS unless ``context`` is None)."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    conn: http.client.HTTPConnection
-    if context is None:
-        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    else:
-        conn = http.client.HTTPSConnection(
-            "localhost" if host in ("127.0.0.1", "::1") else host,
-            int(port),
-            context=context,
-            timeout=timeout,
-        )
-        if host in ("127.0.0.1", "::1"):
-            conn.host = host  # connect to the literal address, verify the name "localhost"
-            conn.server_hostname = "localhost"  # type: ignore[attr-defined]
+    conn = https_connection(address, context, timeout=timeout)
     try:
-        conn.request(method, path, headers=dict(headers or {}))
-        resp = conn.getresponse()
-        body = resp.read()
-        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
+        return request(conn, path, headers=headers, method=method)
     finally:
         conn.close()
+
+
+def request(
+    conn: http.client.HTTPConnection,
+    path: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    method: str = "GET",
+) -> Response:
+    """One request on ``conn`` (opened if need be), its body read to the end."""
+    conn.request(method, path, headers=dict(headers or {}))
+    resp = conn.getresponse()
+    body = resp.read()
+    return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
 
 
 def _subprocess_env() -> dict[str, str]:
@@ -233,6 +256,35 @@ class GatewayProcess:
     def audit_records(self, path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def wait_for_audit_record(
+        self,
+        path: Path,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
+        """The first record in the audit log ``path`` that ``predicate`` accepts.
+
+        Waits (bounded by ``timeout``) because some records are written when the gateway
+        sees a connection close, which can be just after the client gave up on it: a
+        refused TLS handshake, for instance.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            text = path.read_text() if path.exists() else ""
+            for line in text.splitlines():
+                if line.endswith("}"):  # skip a line still being written
+                    record: dict[str, Any] = json.loads(line)
+                    if predicate(record):
+                        return record
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"no matching record in {path}, and the gateway exited")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no matching record in {path} after {timeout}s")
+            time.sleep(0.02)
+
+
+#: SO_LINGER on with a zero timeout: close() then sends a TCP reset instead of a FIN.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 Handler = Callable[
     [bytes, Mapping[str, str]], "tuple[int, Mapping[str, str], bytes | Iterable[bytes]]"
@@ -245,7 +297,9 @@ class FakeExporter:
     ``routes`` maps a request path to either bytes (served with Content-Length) or a
     behaviour: ``"hang"`` (never answers), ``"reset"`` (closes at once),
     ``"chunked:N"`` (the registered body in N-byte chunks), ``"close"`` (no length,
-    close-delimited), ``"garbage"`` (not HTTP). Requests it saw are in ``requests``.
+    close-delimited), ``"garbage"`` (not HTTP), ``"reset_mid_body"`` (the head and the
+    first half of the registered body, with the full Content-Length, then a TCP reset).
+    Requests it saw are in ``requests``; ``connections`` counts the connections accepted.
     """
 
     def __init__(
@@ -269,16 +323,13 @@ class FakeExporter:
         self._threads.append(accept)
 
     def stop(self) -> None:
+        """Stop accepting and close every connection; the serving threads then end."""
         self._stopping.set()
-        try:
-            self._sock.close()
-        except OSError:
-            pass
-        for s in list(self._open):
-            try:
+        for s in [self._sock, *self._open]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept() or recv()
+            with contextlib.suppress(OSError):
                 s.close()
-            except OSError:
-                pass
 
     def _accept(self) -> None:
         while not self._stopping.is_set():
@@ -316,8 +367,9 @@ class FakeExporter:
             return
         finally:
             try:
+                self._open.remove(client)
                 client.close()
-            except OSError:
+            except (OSError, ValueError):
                 pass
 
     def _answer(self, client: socket.socket, method: str, path: str) -> bool:
@@ -336,9 +388,7 @@ class FakeExporter:
             self._stopping.wait(120)
             return False
         if spec == "reset":
-            client.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-            )
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             return False
         if spec == "garbage":
             client.sendall(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
@@ -354,5 +404,10 @@ class FakeExporter:
             return True
         if spec == "close":
             client.sendall(b"HTTP/1.1 200 OK\r\n" + ctype + b"Connection: close\r\n\r\n" + body)
+            return False
+        if spec == "reset_mid_body":
+            head = b"HTTP/1.1 200 OK\r\n" + ctype + b"Content-Length: %d\r\n\r\n" % len(body)
+            client.sendall(head + body[: len(body) // 2])
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             return False
         raise ValueError(f"unknown behaviour {spec!r}")

@@ -433,6 +433,7 @@ class Exchange:
         self.deadline: IDelayedCall | None = None
         self.head_sent = False
         self.wrap_chunks = False
+        self.close_delimited = False  # the client's body ends only when the connection does
         self.keep_alive = req.keep_alive
         self.bytes_out = 0
         self.status: int | None = None
@@ -528,6 +529,7 @@ class Exchange:
                 self.wrap_chunks = framing == CLOSE
             else:
                 self.keep_alive = False
+                self.close_delimited = True
         parts.append(
             b"Connection: keep-alive\r\n\r\n" if self.keep_alive else b"Connection: close\r\n\r\n"
         )
@@ -539,8 +541,9 @@ class Exchange:
     def upstream_data(self, data: bytes) -> None:
         if self.wrap_chunks:
             if data:
-                self.bytes_out += len(data) + 7
-                self.conn.send_sequence((b"%x\r\n" % len(data), data, b"\r\n"))
+                size = b"%x\r\n" % len(data)
+                self.bytes_out += len(size) + len(data) + 2
+                self.conn.send_sequence((size, data, b"\r\n"))
         else:
             self.bytes_out += len(data)
             self.conn.send(data)
@@ -649,7 +652,13 @@ class Exchange:
         if client_gone:
             return
         if abort_client:
-            self.conn.abort()
+            if self.close_delimited:
+                # Only a reset can tell this client that its body was cut short.
+                self.conn.abort()
+            else:
+                # The framing (a Content-Length not reached, no last chunk) shows the cut:
+                # deliver the status line and the bytes already relayed, then close.
+                self.conn.close_truncated()
             return
         self.conn.request_done(self.keep_alive)
 
@@ -677,6 +686,7 @@ class DownstreamProtocol(Protocol):
         self._output_paused = False
         self._verify_error: tuple[str, PeerCertificate | None] | None = None
         self._tls_failure: str | None = None
+        self._processing = False
 
     # -- Twisted callbacks ---------------------------------------------------------------
 
@@ -787,16 +797,28 @@ class DownstreamProtocol(Protocol):
         self._exchange = None
         assert self.transport is not None
         if not keep_alive:
-            self._closing = True
-            self._cancel_timer()
-            self.transport.loseConnection()
+            self._close()
             return
         if resume:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         if self._buf:
             self._arm(self.gw.deadlines.request_head, "head")
+            # A pipelined request is already here: serve it now, unless _process (further
+            # up the stack, answering synchronously) is about to.
+            if not self._processing:
+                self._process()
         else:
             self._arm(self.gw.deadlines.keepalive_idle, "idle")
+
+    def close_truncated(self) -> None:
+        """End a response that was cut short, once what was written has been sent.
+
+        An abort would throw away the status line and the bytes already relayed (which the
+        audit record counts), leaving the client with no response at all.
+        """
+        if not self._lost and self.transport is not None:
+            self._exchange = None
+            self._close()
 
     def abort(self) -> None:
         if not self._lost and self.transport is not None:
@@ -812,6 +834,13 @@ class DownstreamProtocol(Protocol):
             self._process()
 
     def _process(self) -> None:
+        self._processing = True
+        try:
+            self._process_buffer()
+        finally:
+            self._processing = False
+
+    def _process_buffer(self) -> None:
         while self._exchange is None and not self._closing and not self._lost:
             buf = self._buf
             if buf[:2] == b"\r\n":
@@ -848,6 +877,22 @@ class DownstreamProtocol(Protocol):
             decision="deny",
         )
 
+    def _close(self) -> None:
+        """Close once what was written has been sent (over TLS, with a close_notify).
+
+        The producer registration goes first: TLSMemoryBIOProtocol.loseConnection does
+        not shut down while a producer is registered. Reading resumes (an exchange paused
+        it), because over TLS the close completes only when the client's close_notify or
+        FIN is read; anything else that arrives is dropped. A client that never finishes
+        the close is cut off after the keep-alive idle deadline.
+        """
+        self._closing = True
+        assert self.transport is not None
+        self.transport.unregisterProducer()  # type: ignore[attr-defined]
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.transport.loseConnection()
+        self._arm(self.gw.deadlines.keepalive_idle, "closing")
+
     def _arm(self, seconds: float, kind: str) -> None:
         self._timer_kind = kind
         timer = self._timer
@@ -870,6 +915,8 @@ class DownstreamProtocol(Protocol):
         if kind == "handshake":
             self._tls_failure = "handshake_timeout"
             self.abort()
+        elif kind == "closing":
+            self.abort()
         elif kind == "head" and self._buf.strip():
             self.gw.answer(
                 self,
@@ -881,9 +928,7 @@ class DownstreamProtocol(Protocol):
                 decision="deny",
             )
         else:
-            self._closing = True
-            assert self.transport is not None
-            self.transport.loseConnection()
+            self._close()
 
     def _report_handshake_failure(self, reason: Failure) -> None:
         cert = None
