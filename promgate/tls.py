@@ -103,7 +103,7 @@ class ServerTLS:
             _verify_callback,
         )
 
-    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:  # noqa: N803
         connection: SSL.Connection = self.options.serverConnectionForTLS(tlsProtocol)  # type: ignore[arg-type]
         connection.set_app_data(tlsProtocol)
         return connection

@@ -564,7 +564,10 @@ class ValueErrorTests(_ProblemAssertions):
 
     def test_zero_timeout_and_size(self) -> None:
         """A zero timeout or size cap is refused, never silently replaced by the default."""
-        text = "routes:\n  r: {allow: [ops], timeout: 0s, max_response_size: 0, targets: {static: ['a:1']}}\n"
+        text = (
+            "routes:\n"
+            "  r: {allow: [ops], timeout: 0s, max_response_size: 0, targets: {static: ['a:1']}}\n"
+        )
         errors = self.errors_with("conf.d/zz.yaml", text)
         line = self.tree.line("conf.d/zz.yaml", "timeout")
         self.assertProblem(errors, "conf.d/zz.yaml", line, "routes.r.timeout", "greater than zero")

@@ -418,7 +418,8 @@ class _Loader:
             self.error(
                 item.src,
                 item.key,
-                "endpoint must be tcp:, tcp6: or unix: (TLS is configured with 'tls', not in the endpoint)",
+                "endpoint must be tcp:, tcp6: or unix: "
+                "(TLS is configured with 'tls', not in the endpoint)",
             )
             return None
         from twisted.internet.endpoints import serverFromString
@@ -815,7 +816,8 @@ class _Loader:
                 self.error(
                     item.src,
                     f"{item.key}.name",
-                    f"listener {lst.name!r} defined twice (first at {first.src.file}:{first.src.line(first.key)})",
+                    f"listener {lst.name!r} defined twice "
+                    f"(first at {first.src.file}:{first.src.line(first.key)})",
                 )
                 continue
             names[lst.name] = item
@@ -827,7 +829,7 @@ class _Loader:
             ident = self.identity(name, item)
             if ident is not None:
                 identities[name] = ident
-        for name, item in self.named["templates"].items():
+        for item in self.named["templates"].values():
             self.fields(item, _ROUTE_KEYS)
         routes = {}
         for name, item in self.named["routes"].items():

@@ -523,7 +523,7 @@ class Exchange:
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason), headers]
         if framing == LENGTH:
             parts.append(b"Content-Length: %d\r\n" % length)
-        elif framing == CHUNKED or framing == CLOSE:
+        elif framing in (CHUNKED, CLOSE):
             if self.client11:
                 parts.append(b"Transfer-Encoding: chunked\r\n")
                 self.wrap_chunks = framing == CLOSE

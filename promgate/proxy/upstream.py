@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
@@ -186,6 +188,11 @@ class UpstreamProtocol(Protocol):
             return
         if self._state == _HEAD and not self._buf and self.reused:
             handler.upstream_failed("upstream_reset", "pooled connection closed", True)
+            return
+        if reason.check(SSL.Error, VerificationError) is not None:
+            handler.upstream_failed(
+                "upstream_tls_failed", f"upstream TLS: {reason.getErrorMessage()}", False
+            )
             return
         what = "closed" if clean else "reset"
         where = "before the response head" if self._state == _HEAD else "mid-body"
