@@ -64,6 +64,7 @@ class GatewayService(MultiService):
             on_connect=lambda route: self.metrics.upstream_connections.labels(route).inc(),
         )
         self._factories: list[tuple[str, str, Any]] = []
+        self.gateways: list[ReverseGateway] = []
         for listener in config.listeners:
             gateway = ReverseGateway(
                 listener,
@@ -74,6 +75,7 @@ class GatewayService(MultiService):
                 metrics=self.metrics,
                 pool=self.pool,
             )
+            self.gateways.append(gateway)
             factory: Any = ReverseGatewayFactory(gateway)
             if listener.tls is not None:
                 factory = TLSMemoryBIOFactory(server_tls(listener.tls), False, factory)
@@ -120,6 +122,7 @@ class GatewayService(MultiService):
         for port in ports:
             await maybeDeferred(port.stopListening)
         await self._drain()
+        await self._close_connections()
         self.pool.stop()
         await maybeDeferred(super().stopService)
 
@@ -145,6 +148,14 @@ class GatewayService(MultiService):
             pending = self._in_flight()
         if pending:
             self.log.warn("{count} request(s) still in flight at shutdown", count=pending)
+
+    async def _close_connections(self) -> None:
+        """Close what is left before the audit log stops, so that it is audited too."""
+        left = sum(gw.shut_down_connections() for gw in self.gateways)
+        deadline = self.reactor.seconds() + 2.0
+        while left and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.01)
+            left = sum(len(gw.open) for gw in self.gateways)
 
     def _in_flight(self) -> int:
         return sum(self.limiter.in_flight(name) for name in self.config.routes)

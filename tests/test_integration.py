@@ -904,3 +904,77 @@ class ShippedExampleTests(SynchronousTestCase):
         ((build, _),) = metric_samples(text, "promgate_build_info")
         self.assertEqual(build["version"], promgate.__version__)
         self.assertTrue(metric_samples(text, "promgate_connections_total"))
+
+
+class ShutdownTests(SynchronousTestCase):
+    """SIGTERM stops accepting, lets in-flight scrapes finish, and audits what it cuts."""
+
+    def test_drain_then_audit_cut_connections(self) -> None:
+        """An in-flight scrape still gets its answer after SIGTERM; a half-sent request
+        is cut and audited as gateway_shutdown; the log then verifies and ends in stop."""
+        import signal
+        import threading
+
+        directory = workdir("shutdown")
+        pki = TestPKI(directory / "pki")
+        exporter = FakeExporter({"/hang": "hang"})
+        self.addCleanup(exporter.stop)
+        audit_log = directory / "audit.jsonl"
+        config = (
+            tls_section(pki)
+            + 'admin: {endpoint: "tcp:0:interface=127.0.0.1"}\n'
+            + 'listeners:\n  - {name: scrape, endpoint: "tcp:0:interface=127.0.0.1"}\n'
+            + IDENTITIES
+            + f"""
+routes:
+  node: {{allow: ["role:scraper"], paths: [/hang], targets: {{static: ["{exporter.address}"]}}}}
+audit: {{path: {q(audit_log)}, key_file: {q(pki.audit_key)}}}
+"""
+        )
+        gateway = GatewayProcess(directory / "gateway", config)
+        self.addCleanup(gateway.stop)
+        gateway.start()
+        context = pki.client_context("prometheus")
+        answers: list[Response | BaseException] = []
+
+        def scrape() -> None:
+            try:
+                answers.append(
+                    gateway.get(
+                        "scrape",
+                        scrape_path("node", exporter.address, "/hang"),
+                        context,
+                        headers={"X-Prometheus-Scrape-Timeout-Seconds": "2"},
+                    )
+                )
+            except BaseException as e:  # reported through the assertion below
+                answers.append(e)
+
+        worker = threading.Thread(target=scrape, daemon=True)
+        worker.start()
+        eventually(lambda: exporter.requests or None, "the scrape to reach the upstream")
+
+        host, _, port = gateway.address("scrape").rpartition(":")
+        raw = socket.create_connection((host, int(port)), timeout=10)
+        self.addCleanup(raw.close)
+        half = context.wrap_socket(raw, server_hostname="localhost")
+        half.sendall(b"GET /sd HTTP/1.1\r\nHost: localhost\r\n")  # the head never ends
+        assert gateway.process is not None
+        gateway.process.send_signal(signal.SIGTERM)
+        worker.join(30)
+        self.assertEqual(len(answers), 1)
+        answer = answers[0]
+        assert isinstance(answer, Response), answer
+        self.assertEqual(answer.status, 504)
+        gateway.process.wait(30)
+
+        records = gateway.audit_records(audit_log)
+        self.assertEqual(records[-1]["event"], "stop")
+        reasons = [r.get("reason") for r in records if r["event"] == "request"]
+        self.assertIn("upstream_timeout", reasons)
+        self.assertIn("gateway_shutdown", reasons)
+        code, out, err = run_cli(
+            "audit", "verify", "--key-file", str(pki.audit_key), str(audit_log)
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn("clean stop", out)

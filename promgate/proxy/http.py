@@ -105,6 +105,13 @@ class ReverseGateway:
         self.resolver = IdentityResolver(config.identities)
         self.open_connections = metrics.open_connections.labels(listener.name)
         self.connections = metrics.connections.labels(listener.name)
+        self.open: set[DownstreamProtocol] = set()
+
+    def shut_down_connections(self) -> int:
+        """Close every open client connection (at shutdown, after draining); how many."""
+        for conn in list(self.open):
+            conn.shut_down()
+        return len(self.open)
 
     # -- entry points from DownstreamProtocol -------------------------------------------
 
@@ -601,12 +608,12 @@ class Exchange:
             self.conn.send(data)
             self._finish(status, reason, "allow")
 
-    def client_lost(self) -> None:
+    def client_lost(self, reason: str = "client_aborted") -> None:
         """The downstream connection went away mid-exchange."""
         if self.connecting is not None:
             self.connecting.cancel()
         self.keep_alive = False
-        self._finish(self.status, "client_aborted", "allow", client_gone=True)
+        self._finish(self.status, reason, "allow", client_gone=True)
 
     def _finish(
         self,
@@ -687,6 +694,7 @@ class DownstreamProtocol(Protocol):
         self._verify_error: tuple[str, PeerCertificate | None] | None = None
         self._tls_failure: str | None = None
         self._processing = False
+        self._shutdown = False
 
     # -- Twisted callbacks ---------------------------------------------------------------
 
@@ -696,6 +704,7 @@ class DownstreamProtocol(Protocol):
         self.local_address = _address(self.transport.getHost())
         self.gw.connections.inc()
         self.gw.open_connections.inc()
+        self.gw.open.add(self)
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         if self.gw.tls:
             self._arm(self.gw.deadlines.tls_handshake, "handshake")
@@ -731,18 +740,19 @@ class DownstreamProtocol(Protocol):
         self._lost = True
         self._cancel_timer()
         self.gw.open_connections.dec()
+        self.gw.open.discard(self)
         if not self._ready and self.gw.tls:
             self._report_handshake_failure(reason)
         elif self._exchange is not None:
             exchange, self._exchange = self._exchange, None
-            exchange.client_lost()
-        elif self._buf.strip() and not self._closing:
+            exchange.client_lost("gateway_shutdown" if self._shutdown else "client_aborted")
+        elif self._buf.strip() and (not self._closing or self._shutdown):
             self.gw.record(
                 self,
                 None,
                 self.gw.clock.seconds(),
                 None,
-                "client_closed_mid_request",
+                "gateway_shutdown" if self._shutdown else "client_closed_mid_request",
                 "deny",
                 path=None,
             )
@@ -819,6 +829,11 @@ class DownstreamProtocol(Protocol):
         if not self._lost and self.transport is not None:
             self._exchange = None
             self._close()
+
+    def shut_down(self) -> None:
+        """The gateway is stopping: cut this connection, auditing what it interrupts."""
+        self._shutdown = True
+        self.abort()
 
     def abort(self) -> None:
         if not self._lost and self.transport is not None:
@@ -932,7 +947,9 @@ class DownstreamProtocol(Protocol):
 
     def _report_handshake_failure(self, reason: Failure) -> None:
         cert = None
-        if self._tls_failure is not None:
+        if self._shutdown:
+            why, detail = "gateway_shutdown", "the gateway stopped during the handshake"
+        elif self._tls_failure is not None:
             why, detail = self._tls_failure, "TLS handshake not completed in time"
         elif self._verify_error is not None:
             why, cert = self._verify_error
