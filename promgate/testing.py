@@ -109,6 +109,13 @@ class TestPKI:
         """A client certificate from a CA the gateway does not trust."""
         return self.client(name, ca=CertificateAuthority.create("some other CA"))
 
+    def server_context(self) -> ssl.SSLContext:
+        """A TLS server context with the gate certificate (localhost, 127.0.0.1, ::1), for
+        an ``https`` fake exporter: ``FakeExporter(..., tls=pki.server_context())``."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(self.gate_cert), str(self.gate_key))
+        return ctx
+
     def client_context(self, name: str | None, **kwargs: Any) -> ssl.SSLContext:
         """A verifying client TLS context presenting ``name``'s certificate (or none)."""
         ctx = ssl.create_default_context(cafile=str(self.ca_cert))
@@ -303,8 +310,13 @@ class FakeExporter:
     """
 
     def __init__(
-        self, routes: Mapping[str, bytes | str], bodies: Mapping[str, bytes] | None = None
+        self,
+        routes: Mapping[str, bytes | str],
+        bodies: Mapping[str, bytes] | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.tls = tls
         self.routes = dict(routes)
         self.bodies = dict(bodies or {})
         self.requests: list[tuple[str, dict[str, str]]] = []
@@ -344,6 +356,12 @@ class FakeExporter:
 
     def _serve(self, client: socket.socket) -> None:
         client.settimeout(60)
+        if self.tls is not None:
+            try:
+                client = self.tls.wrap_socket(client, server_side=True)
+            except (ssl.SSLError, OSError):
+                client.close()
+                return
         buf = b""
         try:
             while not self._stopping.is_set():

@@ -978,3 +978,61 @@ audit: {{path: {q(audit_log)}, key_file: {q(pki.audit_key)}}}
         )
         self.assertEqual(code, 0, err)
         self.assertIn("clean stop", out)
+
+
+class HTTPSUpstreamTests(SynchronousTestCase):
+    """``scheme: https`` upstreams are verified with service_identity against the route's CA."""
+
+    def test_verified_wrong_name_and_unknown_ca(self) -> None:
+        """The right CA and name relay the body; a wrong expected name or a CA that did not
+        sign the upstream's certificate is a 502 upstream_tls_failed, and nothing is sent."""
+        directory = workdir("https-upstream")
+        pki = TestPKI(directory / "pki")
+        other = TestPKI(directory / "other-pki")
+        body = os.urandom(16 * KiB)
+        exporter = FakeExporter({"/metrics": body}, tls=pki.server_context())
+        self.addCleanup(exporter.stop)
+        audit_log = directory / "audit.jsonl"
+        target = exporter.address
+        config = (
+            tls_section(pki)
+            + 'admin: {endpoint: "tcp:0:interface=127.0.0.1"}\n'
+            + 'listeners:\n  - {name: scrape, endpoint: "tcp:0:interface=127.0.0.1"}\n'
+            + IDENTITIES
+            + f"""
+templates:
+  secure: {{scheme: https, allow: ["role:scraper"]}}
+routes:
+  good:
+    template: secure
+    tls: {{ca: {q(pki.ca_cert)}}}
+    targets: {{static: ["{target}"]}}
+  wrong-name:
+    template: secure
+    tls: {{ca: {q(pki.ca_cert)}, server_name: metrics.example.org}}
+    targets: {{static: ["{target}"]}}
+  unknown-ca:
+    template: secure
+    tls: {{ca: {q(other.ca_cert)}}}
+    targets: {{static: ["{target}"]}}
+audit: {{path: {q(audit_log)}, key_file: {q(pki.audit_key)}}}
+"""
+        )
+        gateway = GatewayProcess(directory / "gateway", config)
+        self.addCleanup(gateway.stop)
+        gateway.start()
+        context = pki.client_context("prometheus")
+
+        good = gateway.get("scrape", scrape_path("good", target), context)
+        self.assertEqual((good.status, sha256(good.body)), (200, sha256(body)))
+        for route in ("wrong-name", "unknown-ca"):
+            resp = gateway.get("scrape", scrape_path(route, target), context)
+            self.assertEqual(resp.status, 502, route)
+        self.assertEqual(len(exporter.requests), 1)
+        gateway.stop()
+        failed = [
+            r
+            for r in gateway.audit_records(audit_log)
+            if r.get("route") in ("wrong-name", "unknown-ca")
+        ]
+        self.assertEqual([r["reason"] for r in failed], ["upstream_tls_failed"] * 2)
