@@ -7,6 +7,7 @@ that name no configured route are counted under route="" rather than their raw v
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -109,9 +110,18 @@ class Metrics:
             ["version", "pythonversion", "twistedversion"],
             registry=r,
         )
+        self._routes: dict[tuple[str, str], RouteMetrics] = {}
         self.build_info.labels(
             promgate.__version__, platform.python_version(), twisted.__version__
         ).set(1)
+
+    def route(self, listener: str, route: str) -> RouteMetrics:
+        """The per-request metric children of one listener and route, made once."""
+        key = (listener, route)
+        found = self._routes.get(key)
+        if found is None:
+            found = self._routes[key] = RouteMetrics(self, listener, route)
+        return found
 
     def audit_result(self, ok: bool) -> None:
         """Count one audit write attempt (passed to the audit log as on_result)."""
@@ -119,3 +129,36 @@ class Metrics:
             self.audit_records.inc()
         else:
             self.audit_write_errors.inc()
+
+
+class RouteMetrics:
+    """Label children used on every request, looked up once instead of per request."""
+
+    __slots__ = (
+        "_codes",
+        "_listener",
+        "_requests",
+        "_route",
+        "bytes_in",
+        "bytes_out",
+        "duration",
+        "upstream_duration",
+    )
+
+    def __init__(self, metrics: Metrics, listener: str, route: str) -> None:
+        self._requests = metrics.requests
+        self._listener = listener
+        self._route = route
+        self._codes: dict[int, Any] = {}
+        self.duration = metrics.request_duration.labels(listener, route)
+        self.upstream_duration = metrics.upstream_duration.labels(route)
+        self.bytes_in = metrics.bytes.labels(route, "in")
+        self.bytes_out = metrics.bytes.labels(route, "out")
+
+    def answered(self, status: int) -> None:
+        child = self._codes.get(status)
+        if child is None:
+            child = self._codes[status] = self._requests.labels(
+                self._listener, self._route, str(status)
+            )
+        child.inc()

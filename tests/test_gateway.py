@@ -45,6 +45,7 @@ from promgate.config.model import (
 from promgate.identity import Recognition
 from promgate.metrics import Metrics
 from promgate.proxy.http import DownstreamProtocol, ReverseGateway, ReverseGatewayFactory
+from promgate.proxy.http1 import MAX_HEAD
 from promgate.proxy.upstream import UpstreamPool, UpstreamProtocol
 from promgate.ratelimit import RateLimiter
 from promgate.testing import TestPKI
@@ -898,7 +899,8 @@ class ConnectionTests(GatewayTestCase):
         proto, transport = self.client()
         proto.dataReceived(get(SCRAPE) + get(b"/scrape?route=node&target=10.0.0.6%3A9100"))
         self.assertEqual(len(self.pool.pending), 1)
-        self.assertEqual(transport.producerState, "paused")
+        # A little pipelined data is held without pausing the socket (no syscalls spent).
+        self.assertEqual(transport.producerState, "producing")
         first, _ = self.pool.accept()
         self.assertEqual(transport.value(), b"")
         first.dataReceived(OK_RESPONSE)
@@ -908,6 +910,16 @@ class ConnectionTests(GatewayTestCase):
         self.assertEqual(second_transport.value().split(b"\r\n")[1], b"Host: 10.0.0.6:9100")
         second.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
         self.assertEqual([r.body for r in self.responses(transport)], [METRICS, b"two"])
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_pipelined_flood_pauses_reading(self) -> None:
+        """More than a request head's worth of bytes behind an in-flight scrape stops
+        reading from the client until that scrape is answered."""
+        proto, transport = self.scrape()
+        proto.dataReceived(get(b"/sd") * (MAX_HEAD // len(get(b"/sd")) + 1))
+        self.assertEqual(transport.producerState, "paused")
+        upstream, _ = self.pool.accept()
+        upstream.dataReceived(OK_RESPONSE)
         self.assertEqual(transport.producerState, "producing")
 
     def test_pipelined_later_read(self) -> None:

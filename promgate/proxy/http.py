@@ -42,7 +42,14 @@ from promgate.proxy.http1 import (
     parse_request_head,
     simple_response,
 )
-from promgate.proxy.upstream import CHUNKED, CLOSE, LENGTH, UpstreamPool, UpstreamProtocol
+from promgate.proxy.upstream import (
+    CHUNKED,
+    CLOSE,
+    LENGTH,
+    UpstreamPool,
+    UpstreamProtocol,
+    no_delay,
+)
 from promgate.ratelimit import Admission, RateLimiter
 from promgate.sd import render_http_sd
 from promgate.tls import PeerCertificate, handshake_reason, verify_reason
@@ -357,12 +364,13 @@ class ReverseGateway:
         """Audit and count one answered (or abandoned) request."""
         now = self.clock.seconds()
         route_label = route.name if route is not None else ""
+        counters = self.metrics.route(self.name, route_label)
         if status is not None:
-            self.metrics.requests.labels(self.name, route_label, str(status)).inc()
-        self.metrics.request_duration.labels(self.name, route_label).observe(now - start)
+            counters.answered(status)
+        counters.duration.observe(now - start)
         bytes_in = req.size if req is not None else 0
-        self.metrics.bytes.labels(route_label, "in").inc(bytes_in)
-        self.metrics.bytes.labels(route_label, "out").inc(bytes_out)
+        counters.bytes_in.inc(bytes_in)
+        counters.bytes_out.inc(bytes_out)
         if path is None and req is not None:
             path = req.target.decode("latin-1")
         tls = conn.tls_info
@@ -638,7 +646,7 @@ class Exchange:
         if upstream is not None:
             self.conn.detach_upstream()
             if upstream_ok:
-                gw.metrics.upstream_duration.labels(self.route.name).observe(
+                gw.metrics.route(gw.name, self.route.name).upstream_duration.observe(
                     gw.clock.seconds() - self.upstream_start
                 )
                 upstream.release()
@@ -695,6 +703,7 @@ class DownstreamProtocol(Protocol):
         self._tls_failure: str | None = None
         self._processing = False
         self._shutdown = False
+        self._reading_paused = False
 
     # -- Twisted callbacks ---------------------------------------------------------------
 
@@ -705,6 +714,7 @@ class DownstreamProtocol(Protocol):
         self.gw.connections.inc()
         self.gw.open_connections.inc()
         self.gw.open.add(self)
+        no_delay(self.transport)
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         if self.gw.tls:
             self._arm(self.gw.deadlines.tls_handshake, "handshake")
@@ -727,7 +737,13 @@ class DownstreamProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._exchange is not None or self._closing:
+            # Pipelined (or post-close) bytes wait; stop reading only if they pile up, so
+            # the usual one-request-at-a-time client costs no pause/resume syscalls.
             self._buf += data
+            if len(self._buf) > MAX_HEAD and not self._reading_paused and not self._closing:
+                self._reading_paused = True
+                assert self.transport is not None
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
             if len(self._buf) > 4 * MAX_HEAD:
                 self.abort()
             return
@@ -786,8 +802,6 @@ class DownstreamProtocol(Protocol):
 
     def begin_exchange(self, exchange: Exchange) -> None:
         self._exchange = exchange
-        assert self.transport is not None
-        self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def attach_upstream(self, upstream: UpstreamProtocol) -> None:
         self._upstream = upstream
@@ -803,13 +817,13 @@ class DownstreamProtocol(Protocol):
         """The answer to the current request is written; read the next one or close."""
         if self._lost:
             return
-        resume = self._exchange is not None
         self._exchange = None
         assert self.transport is not None
         if not keep_alive:
             self._close()
             return
-        if resume:
+        if self._reading_paused:
+            self._reading_paused = False
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         if self._buf:
             self._arm(self.gw.deadlines.request_head, "head")
@@ -904,6 +918,7 @@ class DownstreamProtocol(Protocol):
         self._closing = True
         assert self.transport is not None
         self.transport.unregisterProducer()  # type: ignore[attr-defined]
+        self._reading_paused = False
         self.transport.resumeProducing()  # type: ignore[attr-defined]
         self.transport.loseConnection()
         self._arm(self.gw.deadlines.keepalive_idle, "closing")

@@ -9,6 +9,8 @@ ends, whether the connection can be reused, and whether the size cap was crossed
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import re
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +19,12 @@ from typing import Protocol as TypingProtocol
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol
@@ -160,6 +167,7 @@ class UpstreamProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state
@@ -419,7 +427,7 @@ class UpstreamPool:
         *,
         connect_timeout: float = 5.0,
         idle_timeout: float = 60.0,
-        max_idle_per_key: int = 16,
+        max_idle_per_key: int = 256,
         on_connect: Callable[[str], None] | None = None,
     ) -> None:
         self._reactor = reactor
@@ -457,9 +465,7 @@ class UpstreamPool:
     def connect(self, route: Route, target: Target) -> Deferred[UpstreamProtocol]:
         """Open a new connection to ``target`` for ``route``."""
         key = (route.name, target.address)
-        endpoint: Any = HostnameEndpoint(
-            self._reactor, target.host, target.port, timeout=self._connect_timeout
-        )
+        endpoint: Any = _endpoint(self._reactor, target, self._connect_timeout)
         if route.scheme == "https":
             endpoint = wrapClientTLS(client_options(target.host, route.upstream_tls), endpoint)
         if self._on_connect is not None:
@@ -491,6 +497,27 @@ class UpstreamPool:
                 conn.abort()
             if not conns:
                 del self._idle[key]
+
+
+def no_delay(transport: Any) -> None:
+    """Turn Nagle's algorithm off: a response head and its body go out at once instead of
+    waiting on the peer's delayed ACK. TLS wrappers pass this on to their TCP transport."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        with contextlib.suppress(OSError):
+            set_no_delay(True)
+
+
+def _endpoint(reactor: Any, target: Target, timeout: float) -> Any:
+    """A client endpoint for ``target``: addresses are connected to directly, names go
+    through HostnameEndpoint (resolution, then happy eyeballs)."""
+    try:
+        address = ipaddress.ip_address(target.host)
+    except ValueError:
+        return HostnameEndpoint(reactor, target.host, target.port, timeout=timeout)
+    if address.version == 6:
+        return TCP6ClientEndpoint(reactor, target.host, target.port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, target.host, target.port, timeout=timeout)
 
 
 class _UpstreamFactory(Factory):
