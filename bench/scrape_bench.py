@@ -3,8 +3,8 @@
 
 One command, bounded in time, everything on 127.0.0.1, every subprocess cleaned up::
 
-    /tmp/venv/bin/python bench/scrape_bench.py            # full matrix, 10 s per run
-    /tmp/venv/bin/python bench/scrape_bench.py --quick    # smoke run, ~1 minute
+    .venv/bin/python bench/scrape_bench.py            # full matrix, 10 s per run
+    .venv/bin/python bench/scrape_bench.py --quick    # smoke run, ~1 minute
 
 Topology (see bench/README.md for how to read the results)::
 
