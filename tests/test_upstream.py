@@ -350,6 +350,8 @@ class MalformedTests(_Base):
             b"ICY 200 OK",
             b"HTTP/1.1  200 OK",
             b"SSH-2.0-OpenSSH_9.2",
+            b"HTTP/1.1 200 O\x00K",
+            b"HTTP/1.1 200 O\x1bK",
         ):
             rec = self.assertMalformed(line + b"\r\nContent-Length: 0\r\n\r\n")
             self.assertEqual([e for e in rec.events if e[0] == "head"], [], line)

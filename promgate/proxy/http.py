@@ -584,9 +584,12 @@ class Exchange:
 
     def _timed_out(self) -> None:
         self.deadline = None
-        if self.connecting is not None:
-            self.connecting.cancel()
+        connecting = self.connecting
+        # Answer first: whatever error cancelling a connect attempt raises, the client
+        # gets its 504 and the cancellation finds the exchange already done.
         self._fail(504, "upstream_timeout", "no complete response within the scrape timeout")
+        if connecting is not None:
+            connecting.cancel()
 
     def _fail(self, status: int, reason: str, detail: str) -> None:
         if self.done:

@@ -243,6 +243,9 @@ class UpstreamProtocol(Protocol):
             self._fail("upstream_malformed", "malformed status line")
             return False
         minor, code, reason = match.group(1), int(match.group(2)), match.group(3) or b""
+        if _BAD_VALUE.search(reason):
+            self._fail("upstream_malformed", "control character in the status line")
+            return False
         if code < 200:
             if code == 101:
                 self._fail("upstream_malformed", "upstream tried to switch protocols")
