@@ -9,9 +9,8 @@ upstream connection with back-pressure both ways.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import urlencode
 
 import attrs
 from cryptography import x509
@@ -33,7 +32,7 @@ from promgate.audit import AuditEvent, IAuditSink
 from promgate.config.model import Config, Identity, Listener, Route, Target
 from promgate.identity import IdentityResolver, Recognition
 from promgate.metrics import Metrics
-from promgate.policy import authorize
+from promgate.policy import Decision, ScrapePolicy, parse_scrape_query
 from promgate.proxy.http1 import (
     MAX_HEAD,
     MAX_REQUEST_LINE,
@@ -61,7 +60,6 @@ _PASS_HEADERS = (
     (b"x-prometheus-scrape-timeout-seconds", b"X-Prometheus-Scrape-Timeout-Seconds"),
 )
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?$")
-_NOT_FOUND = b"unknown route or target\n"
 _MAX_TIMEOUT = 600.0
 #: The gateway answers a little before Prometheus gives up, so its 504 is what gets seen.
 _TIMEOUT_MARGIN = 0.25
@@ -105,10 +103,7 @@ class ReverseGateway:
         self.deny_unaudited = config.audit.on_failure == "deny"
         self.metrics = metrics
         self.pool = pool
-        self.routes: Mapping[str, Route] = config.routes
-        self.targets = {
-            name: {t.address: t for t in r.targets} for name, r in config.routes.items()
-        }
+        self.policy = ScrapePolicy(config.routes)
         self.resolver = IdentityResolver(config.identities)
         self.open_connections = metrics.open_connections.labels(listener.name)
         self.connections = metrics.connections.labels(listener.name)
@@ -147,82 +142,25 @@ class ReverseGateway:
     def scrape(
         self, conn: DownstreamProtocol, req: RequestHead, query: bytes, start: float
     ) -> None:
-        try:
-            pairs = parse_qsl(
-                query.decode("ascii"),
-                keep_blank_values=True,
-                strict_parsing=False,
-                max_num_fields=32,
-                errors="strict",
-            )
-        except (UnicodeDecodeError, ValueError):
-            self.refuse(conn, req, start, 400, "bad_request", b"malformed query string\n")
+        parsed = parse_scrape_query(query)
+        if isinstance(parsed, Decision):
+            self.refuse(conn, req, start, parsed.status, parsed.reason, parsed.body)
             return
-        params: dict[str, str] = {}
-        for key, value in pairs:
-            if key in params:
-                self.refuse(conn, req, start, 400, "bad_request", b"parameter given twice\n")
-                return
-            params[key] = value
-        route_name = params.pop("route", None)
-        address = params.pop("target", None)
-        if not route_name or not address:
-            self.refuse(conn, req, start, 400, "bad_request", b"route and target are required\n")
-            return
-        route = self.routes.get(route_name)
-        if route is None:
-            self.refuse(conn, req, start, 404, "not_found", _NOT_FOUND, target=address)
-            return
-        recognition = conn.recognition
-        identity = recognition.identity
-        if identity is None:
+        decision = self.policy.decide(conn.recognition, parsed)
+        route, target, identity = decision.route, decision.target, conn.recognition.identity
+        if not decision.allowed or route is None or target is None or identity is None:
             self.refuse(
                 conn,
                 req,
                 start,
-                403,
-                recognition.reason,
-                b"forbidden\n",
+                decision.status,
+                decision.reason,
+                decision.body,
                 route=route,
-                target=address,
+                target=parsed.target,
             )
             return
-        verdict = authorize(identity, route)
-        if not verdict.allowed:
-            self.refuse(
-                conn, req, start, 403, verdict.reason, b"forbidden\n", route=route, target=address
-            )
-            return
-        target = self.targets[route.name].get(address)
-        if target is None:
-            self.refuse(conn, req, start, 404, "not_found", _NOT_FOUND, route=route, target=address)
-            return
-        upstream_path = params.pop("path", route.metrics_path)
-        if upstream_path not in route.paths:
-            self.refuse(
-                conn,
-                req,
-                start,
-                403,
-                "path_refused",
-                b"path not allowed on this route\n",
-                route=route,
-                target=address,
-            )
-            return
-        for key in params:
-            if key not in route.params:
-                self.refuse(
-                    conn,
-                    req,
-                    start,
-                    400,
-                    "param_refused",
-                    b"query parameter not allowed on this route\n",
-                    route=route,
-                    target=address,
-                )
-                return
+        address = target.address
         admission = self.limiter.admit(route.name, route.limits, identity.name, target.address)
         if not admission.allowed:
             self.metrics.rate_limited.labels(route.name, admission.reason).inc()
@@ -251,7 +189,9 @@ class ReverseGateway:
                 target=address,
             )
             return
-        Exchange(self, conn, req, route, target, identity, upstream_path, params, start).start()
+        Exchange(
+            self, conn, req, route, target, identity, decision.path or "", decision.params, start
+        ).start()
 
     def service_discovery(self, conn: DownstreamProtocol, req: RequestHead, start: float) -> None:
         identity = conn.recognition.identity
@@ -261,7 +201,7 @@ class ReverseGateway:
         if self.deny_unaudited and not self.audit.healthy:
             self.refuse(conn, req, start, 503, "audit_unavailable", b"audit log unavailable\n")
             return
-        routes = [r for r in self.routes.values() if authorize(identity, r).allowed]
+        routes = self.policy.visible_routes(identity)
         body = render_http_sd(routes, self.advertise(conn, req), "https" if self.tls else "http")
         self.answer(
             conn, req, start, 200, "ok", body, decision="allow", content_type=b"application/json"
@@ -431,7 +371,7 @@ class Exchange:
         target: Target,
         identity: Identity,
         upstream_path: str,
-        params: dict[str, str],
+        params: tuple[tuple[str, str], ...],
         start: float,
     ) -> None:
         self.gw = gw
@@ -507,8 +447,6 @@ class Exchange:
         req = self.req
         target = self.path
         if self.params:
-            from urllib.parse import urlencode
-
             target = f"{target}?{urlencode(self.params)}"
         lines = [
             b"%s %s HTTP/1.1\r\nHost: %s\r\n"
