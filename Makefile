@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv install pki run test lint format typecheck bench clean
+.PHONY: venv install pki run test policy-test lint format typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ pki: install
 run: pki
 	$(BIN)/promgate check-config etc/promgate.yaml
 	$(BIN)/twistd -n --pidfile= promgate --config etc/promgate.yaml
+
+## policy-test: check the shipped example's policy against etc/policy-tests.yaml
+policy-test: pki
+	$(BIN)/promgate test-policy etc/policy-tests.yaml
 
 ## test: the whole trial suite (unit, integration, end to end)
 test: install

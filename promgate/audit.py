@@ -87,6 +87,7 @@ class AuditEvent:
     bytes_out: int | None = None
     duration: float | None = None  # seconds
     detail: str | None = None
+    server_name: str | None = None  # TLS SNI, on ``connection`` records of tcp listeners
 
 
 #: Record fields after seq, time and event, in the order they are written.

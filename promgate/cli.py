@@ -1,4 +1,4 @@
-"""The ``promgate`` command: check-config, audit verify, pki init."""
+"""The ``promgate`` command: check-config, explain, test-policy, audit verify, pki init."""
 
 from __future__ import annotations
 
@@ -86,6 +86,18 @@ def _pki_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from promgate.policy_cli import explain
+
+    return explain(args.config, args.identity, args.url, sys.stdout, sys.stderr)
+
+
+def _test_policy(args: argparse.Namespace) -> int:
+    from promgate.policy_cli import run_policy_tests
+
+    return run_policy_tests(args.files, sys.stdout, sys.stderr)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="promgate", description=__doc__)
     top.add_argument("--version", action="version", version=f"promgate {__version__}")
@@ -109,6 +121,27 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("directory")
     init.add_argument("--identity", action="append", default=[], help="a client identity (repeat)")
     init.set_defaults(run=_pki_init)
+
+    explain = sub.add_parser(
+        "explain",
+        help="what the gateway would answer a request, and the rule that decides it",
+        description="Exit status: 0 allow, 1 deny, 2 unusable input. See docs/policy.md.",
+    )
+    explain.add_argument("--config", required=True, help="the configuration file")
+    explain.add_argument(
+        "--as", dest="identity", required=True, help="the identity asking (its name)"
+    )
+    explain.add_argument("url", help="https://HOST/scrape?route=R&target=T[&path=P] or /sd")
+    explain.set_defaults(run=_explain)
+
+    test_policy = sub.add_parser(
+        "test-policy",
+        help="check policy test cases against a configuration",
+        description="Exit status: 0 all cases pass, 1 a case failed, 2 unusable input. "
+        "See docs/policy.md.",
+    )
+    test_policy.add_argument("files", nargs="+", help="policy test files (YAML)")
+    test_policy.set_defaults(run=_test_policy)
     return top
 
 

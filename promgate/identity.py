@@ -1,4 +1,8 @@
-"""Recognise callers: map a verified client certificate to a configured identity."""
+"""Recognise callers: map a verified client certificate to a configured identity.
+
+Header credentials (bearer tokens, basic auth) are checked in ``promgate.authn``, which
+combines them with what the certificate said.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ def cert_matches(match: CertMatch, peer: PeerCertificate) -> bool:
         return any(d.lower().rstrip(".") == wanted for d in peer.dns)
     if match.uri is not None:
         return any(uri_matches(match.uri, u) for u in peer.uris)
+    if match.spki_sha256 is not None:
+        return match.spki_sha256 == peer.spki_sha256
     return False
 
 
@@ -38,7 +44,11 @@ class Recognition:
     """The outcome of recognising a caller: an identity, or why there is none."""
 
     identity: Identity | None
-    reason: str  # "ok", "unknown_identity", "identity_ambiguous", "no_credentials"
+    #: "ok", "unknown_identity", "identity_ambiguous", "no_credentials", or from
+    #: promgate.authn: "authn_missing", "authn_failed", "authn_conflict".
+    reason: str
+    #: Why, for the audit record's ``detail`` (never a secret).
+    detail: str | None = None
 
 
 class IdentityResolver:

@@ -15,6 +15,9 @@ import promgate
 import twisted
 
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+#: tcp connections live from milliseconds (a refusal) to hours (a long-lived tunnel).
+_TCP_DURATION_BUCKETS = (0.01, 0.1, 1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+_TUNNEL_BUCKETS = (0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 class Metrics:
@@ -66,6 +69,14 @@ class Metrics:
             ["route", "reason"],
             registry=r,
         )
+        self.authn_failures = Counter(
+            "promgate_authn_failures",
+            "Requests refused because the caller was not authenticated, by listener and "
+            "reason (authn_missing, authn_failed, authn_conflict, identity_ambiguous, "
+            "unknown_identity, no_credentials).",
+            ["listener", "reason"],
+            registry=r,
+        )
         self.tls_handshake_failures = Counter(
             "promgate_tls_handshake_failures",
             "Refused or failed TLS handshakes, by listener and reason.",
@@ -84,10 +95,43 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self.open_tunnels = Gauge(
+            "promgate_open_tunnels",
+            "CONNECT tunnels currently open on forward listeners, by listener.",
+            ["listener"],
+            registry=r,
+        )
+        self.tunnel_duration = Histogram(
+            "promgate_tunnel_duration_seconds",
+            "Lifetime of CONNECT tunnels, from the request head to the tunnel's end.",
+            ["listener", "route"],
+            buckets=_TUNNEL_BUCKETS,
+            registry=r,
+        )
         self.upstream_connections = Counter(
             "promgate_upstream_connections",
             "Upstream connections opened (a low rate against requests means pooling works).",
             ["route"],
+            registry=r,
+        )
+        self.tcp_connections = Counter(
+            "promgate_tcp_connections",
+            "Connections on tcp listeners, counted when they end, by listener, route and "
+            "reason (how they ended, or why they were refused).",
+            ["listener", "route", "reason"],
+            registry=r,
+        )
+        self.tcp_tunnels_open = Gauge(
+            "promgate_tcp_tunnels_open",
+            "Connections on tcp listeners currently relayed to an upstream, by listener and route.",
+            ["listener", "route"],
+            registry=r,
+        )
+        self.tcp_duration = Histogram(
+            "promgate_tcp_connection_duration_seconds",
+            "Lifetime of relayed tcp connections, from accept to the end of both sides.",
+            ["listener", "route"],
+            buckets=_TCP_DURATION_BUCKETS,
             registry=r,
         )
         self.audit_records = Counter("promgate_audit_records", "Audit records written.", registry=r)

@@ -215,16 +215,21 @@ class CertificateAuthority:
         hostnames: Sequence[str],
         ips: Sequence[str] = (),
         *,
+        uris: Sequence[str] = (),
         not_before: datetime | None = None,
         not_after: datetime | None = None,
     ) -> IssuedCert:
-        """Issue a TLS server certificate for ``hostnames`` and ``ips``; CN = first hostname."""
-        if isinstance(hostnames, str) or isinstance(ips, str):
-            raise TypeError("hostnames and ips are sequences of strings, not a string")
+        """Issue a TLS server certificate for ``hostnames`` and ``ips``; CN = first hostname.
+
+        ``uris`` adds URI SANs, such as the SPIFFE ID of a workload that serves metrics.
+        """
+        if isinstance(hostnames, str) or isinstance(ips, str) or isinstance(uris, str):
+            raise TypeError("hostnames, ips and uris are sequences of strings, not a string")
         if not hostnames:
             raise ValueError("a server certificate needs at least one hostname")
         names: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
         names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        names += [x509.UniformResourceIdentifier(u) for u in uris]
         return self._issue(
             hostnames[0],
             names,

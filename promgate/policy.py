@@ -4,6 +4,10 @@
 function of the configuration, the recognised caller and the query. The gateway, and the
 ``promgate explain`` and ``promgate test-policy`` commands, all ask it, so what they print
 is what the gateway does.
+
+The reasons it gives are one small vocabulary, shared by audit records and metric labels:
+``bad_request``, ``not_found``, ``authz_denied``, ``path_refused``, ``param_refused`` (plus
+the caller-recognition reasons, such as ``unknown_identity``, passed through unchanged).
 """
 
 from __future__ import annotations
@@ -15,6 +19,16 @@ import attrs
 
 from promgate.config.model import Identity, Route, Target
 from promgate.identity import Recognition
+from promgate.paths import PathRefused, normalize_path
+
+OK = "ok"
+BAD_REQUEST = "bad_request"
+NOT_FOUND = "not_found"
+AUTHZ_DENIED = "authz_denied"
+PATH_REFUSED = "path_refused"
+PARAM_REFUSED = "param_refused"
+#: Every reason ScrapePolicy gives of its own (recognition reasons come from identity.py).
+POLICY_REASONS = frozenset({BAD_REQUEST, NOT_FOUND, AUTHZ_DENIED, PATH_REFUSED, PARAM_REFUSED})
 
 _NOT_FOUND = b"unknown route or target\n"
 
@@ -24,7 +38,7 @@ class Verdict:
     """An authorisation decision and the rule that made it."""
 
     allowed: bool
-    reason: str  # "ok" or "authz_denied"
+    reason: str  # OK or AUTHZ_DENIED
     rule: str  # the allow entry that matched, or "default deny"
 
 
@@ -32,10 +46,10 @@ def authorize(identity: Identity, route: Route) -> Verdict:
     """Allow if the route's ``allow`` names the identity or one of its roles."""
     for entry in route.allow:
         if entry == identity.name:
-            return Verdict(True, "ok", f"routes.{route.name}.allow: {entry}")
+            return Verdict(True, OK, f"routes.{route.name}.allow: {entry}")
         if entry.startswith("role:") and entry[5:] in identity.roles:
-            return Verdict(True, "ok", f"routes.{route.name}.allow: {entry}")
-    return Verdict(False, "authz_denied", f"routes.{route.name}.allow: default deny")
+            return Verdict(True, OK, f"routes.{route.name}.allow: {entry}")
+    return Verdict(False, AUTHZ_DENIED, f"routes.{route.name}.allow: default deny")
 
 
 @attrs.frozen
@@ -49,12 +63,22 @@ class ScrapeQuery:
 
 
 @attrs.frozen
+class Check:
+    """One step of a decision: what was checked, whether it passed, and the rule applied."""
+
+    name: str  # "query", "route", "identity", "allow", "target", "path", "params"
+    passed: bool
+    rule: str
+
+
+@attrs.frozen
 class Decision:
     """The gateway's answer to one request before any upstream is involved."""
 
     allowed: bool
     status: int
     reason: str
+    #: The rule that decided: the allow entry for an allow, the failed check for a refusal.
     rule: str
     body: bytes = b""
     route: Route | None = None
@@ -62,12 +86,24 @@ class Decision:
     #: The exact upstream path policy evaluated: the one sent upstream.
     path: str | None = None
     params: tuple[tuple[str, str], ...] = ()
+    #: Every check made, in order; for a refusal the last one is the check that failed.
+    checks: tuple[Check, ...] = ()
 
 
 def refusal(
-    status: int, reason: str, rule: str, body: bytes, route: Route | None = None
+    status: int,
+    reason: str,
+    rule: str,
+    body: bytes,
+    route: Route | None = None,
+    checks: tuple[Check, ...] = (),
 ) -> Decision:
-    return Decision(False, status, reason, rule, body, route)
+    """A refusal decided by ``rule``; the failed check is appended to ``checks``."""
+    return Decision(False, status, reason, rule, body, route, checks=checks)
+
+
+def _bad_query(rule: str, body: bytes) -> Decision:
+    return refusal(400, BAD_REQUEST, rule, body, checks=(Check("query", False, rule),))
 
 
 def parse_scrape_query(query: bytes) -> ScrapeQuery | Decision:
@@ -81,16 +117,18 @@ def parse_scrape_query(query: bytes) -> ScrapeQuery | Decision:
             errors="strict",
         )
     except (UnicodeDecodeError, ValueError):
-        return refusal(400, "bad_request", "query string", b"malformed query string\n")
+        return _bad_query("query string: malformed", b"malformed query string\n")
     params: dict[str, str] = {}
     for key, value in pairs:
         if key in params:
-            return refusal(400, "bad_request", "query string", b"parameter given twice\n")
+            return _bad_query(f"query string: {key!r} given twice", b"parameter given twice\n")
         params[key] = value
     route = params.pop("route", None)
     target = params.pop("target", None)
     if not route or not target:
-        return refusal(400, "bad_request", "query string", b"route and target are required\n")
+        return _bad_query(
+            "query string: route and target are required", b"route and target are required\n"
+        )
     path = params.pop("path", None)
     return ScrapeQuery(route, target, path, tuple(params.items()))
 
@@ -98,8 +136,12 @@ def parse_scrape_query(query: bytes) -> ScrapeQuery | Decision:
 class ScrapePolicy:
     """Routes, their targets, and who may reach which path on them."""
 
-    def __init__(self, routes: Mapping[str, Route]) -> None:
+    def __init__(
+        self, routes: Mapping[str, Route], identities: Mapping[str, Identity] | None = None
+    ) -> None:
         self.routes = routes
+        #: The configured identities by name (for tools that name the caller).
+        self.identities: Mapping[str, Identity] = identities or {}
         self.targets = {name: {t.address: t for t in r.targets} for name, r in routes.items()}
 
     def visible_routes(self, identity: Identity) -> list[Route]:
@@ -107,38 +149,105 @@ class ScrapePolicy:
         return [r for r in self.routes.values() if authorize(identity, r).allowed]
 
     def decide(self, recognition: Recognition, query: ScrapeQuery) -> Decision:
-        """Allow or refuse one scrape. Order: route exists, caller recognised and allowed,
-        target in the route, path allowed, extra parameters allowed."""
+        """Allow or refuse one scrape.
+
+        Order, first failure answers: the route exists (404), the caller is recognised
+        (403) and allowed by the route (403), the target is in the route (404, the same
+        answer as an unknown route), the path is canonical (400) and one of the route's
+        paths (403), every further parameter is one the route passes (400).
+        """
+        checks: list[Check] = []
+
+        def refuse(
+            name: str, status: int, reason: str, rule: str, body: bytes, route: Route | None
+        ) -> Decision:
+            checks.append(Check(name, False, rule))
+            return refusal(status, reason, rule, body, route, tuple(checks))
+
         route = self.routes.get(query.route)
         if route is None:
-            return refusal(404, "not_found", "no such route", _NOT_FOUND)
+            return refuse(
+                "route", 404, NOT_FOUND, f"routes: no route {query.route!r}", _NOT_FOUND, None
+            )
+        checks.append(Check("route", True, f"routes.{route.name}"))
         identity = recognition.identity
         if identity is None:
-            return refusal(403, recognition.reason, "caller not recognised", b"forbidden\n", route)
-        verdict = authorize(identity, route)
-        if not verdict.allowed:
-            return refusal(403, verdict.reason, verdict.rule, b"forbidden\n", route)
-        target = self.targets[route.name].get(query.target)
-        if target is None:
-            return refusal(
-                404, "not_found", f"routes.{route.name}.targets: not a member", _NOT_FOUND, route
-            )
-        path = route.metrics_path if query.path is None else query.path
-        if path not in route.paths:
-            return refusal(
+            return refuse(
+                "identity",
                 403,
-                "path_refused",
-                f"routes.{route.name}.paths: {path!r} not listed",
-                b"path not allowed on this route\n",
+                recognition.reason,
+                f"identities: caller not recognised ({recognition.reason})",
+                b"forbidden\n",
                 route,
             )
+        roles = ", ".join(sorted(identity.roles)) or "none"
+        checks.append(Check("identity", True, f"identities.{identity.name} (roles: {roles})"))
+        verdict = authorize(identity, route)
+        if not verdict.allowed:
+            return refuse("allow", 403, verdict.reason, verdict.rule, b"forbidden\n", route)
+        checks.append(Check("allow", True, verdict.rule))
+        target = self.targets[route.name].get(query.target)
+        if target is None:
+            return refuse(
+                "target",
+                404,
+                NOT_FOUND,
+                f"routes.{route.name}.targets: {query.target!r} not a member",
+                _NOT_FOUND,
+                route,
+            )
+        checks.append(
+            Check("target", True, f"routes.{route.name}.targets: {target.address!r} is a member")
+        )
+        if query.path is None:
+            path = route.metrics_path
+            checks.append(Check("path", True, f"routes.{route.name}.metrics_path: {path!r}"))
+        else:
+            try:
+                path = normalize_path(query.path)
+            except PathRefused as e:
+                return refuse(
+                    "path",
+                    400,
+                    PATH_REFUSED,
+                    f"path normalisation: {e.reason}",
+                    f"path refused: {e.reason}\n".encode(),
+                    route,
+                )
+            if path not in route.paths:
+                return refuse(
+                    "path",
+                    403,
+                    PATH_REFUSED,
+                    f"routes.{route.name}.paths: {path!r} not listed",
+                    b"path not allowed on this route\n",
+                    route,
+                )
+            checks.append(Check("path", True, f"routes.{route.name}.paths: {path!r} is listed"))
         for key, _ in query.params:
             if key not in route.params:
-                return refusal(
+                return refuse(
+                    "params",
                     400,
-                    "param_refused",
+                    PARAM_REFUSED,
                     f"routes.{route.name}.params: {key!r} not listed",
                     b"query parameter not allowed on this route\n",
                     route,
                 )
-        return Decision(True, 200, "ok", verdict.rule, b"", route, target, path, query.params)
+        if query.params:
+            names = ", ".join(repr(k) for k, _ in query.params)
+            checks.append(Check("params", True, f"routes.{route.name}.params: {names} listed"))
+        else:
+            checks.append(Check("params", True, "no further parameters"))
+        return Decision(
+            True,
+            200,
+            OK,
+            verdict.rule,
+            b"",
+            route,
+            target,
+            path,
+            query.params,
+            tuple(checks),
+        )

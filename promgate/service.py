@@ -19,9 +19,12 @@ from twisted.python.failure import Failure
 
 from promgate.admin import Readiness, admin_site
 from promgate.audit import AuditEvent, AuditLog, load_key
-from promgate.config.model import Config
+from promgate.authn import Authenticator, BcryptThreads
+from promgate.config.model import Config, Listener
 from promgate.metrics import Metrics
+from promgate.proxy.forward import ForwardGateway, ForwardGatewayFactory
 from promgate.proxy.http import ReverseGateway, ReverseGatewayFactory
+from promgate.proxy.tcp import EndpointConnector, TCPGateway, TCPGatewayFactory
 from promgate.proxy.upstream import UpstreamPool
 from promgate.ratelimit import RateLimiter
 from promgate.tls import server_tls
@@ -64,19 +67,32 @@ class GatewayService(MultiService):
             on_connect=lambda route: self.metrics.upstream_connections.labels(route).inc(),
         )
         self._factories: list[tuple[str, str, Any]] = []
-        self.gateways: list[ReverseGateway] = []
+        self.gateways: list[ReverseGateway | TCPGateway] = []
+        # One authenticator (and one bcrypt cache) for every listener, with bcrypt on a
+        # thread pool of its own.
+        self.bcrypt_threads = BcryptThreads(reactor)
+        self.authenticator = Authenticator(config.identities, run_in_thread=self.bcrypt_threads)
         for listener in config.listeners:
-            gateway = ReverseGateway(
-                listener,
-                config,
+            if listener.protocol == "tcp":
+                self._add_tcp_listener(listener)
+                continue
+            shared: dict[str, Any] = dict(
                 clock=reactor,
                 limiter=self.limiter,
                 audit=self.audit,
                 metrics=self.metrics,
                 pool=self.pool,
+                authenticator=self.authenticator,
             )
+            factory: Any
+            if listener.protocol == "forward":
+                forward = ForwardGateway(listener, config, reactor=reactor, **shared)
+                gateway: ReverseGateway = forward
+                factory = ForwardGatewayFactory(forward)
+            else:
+                gateway = ReverseGateway(listener, config, **shared)
+                factory = ReverseGatewayFactory(gateway)
             self.gateways.append(gateway)
-            factory: Any = ReverseGatewayFactory(gateway)
             if listener.tls is not None:
                 factory = TLSMemoryBIOFactory(server_tls(listener.tls), False, factory)
             factory.noisy = False
@@ -87,12 +103,33 @@ class GatewayService(MultiService):
         self.ports: dict[str, IListeningPort] = {}
         self._previous_sighup: Any = None
 
+    def _add_tcp_listener(self, listener: Listener) -> None:
+        gateway = TCPGateway(
+            listener,
+            self.config,
+            clock=self.reactor,
+            limiter=self.limiter,
+            audit=self.audit,
+            metrics=self.metrics,
+            connector=EndpointConnector(
+                self.reactor, connect_timeout=listener.deadlines.upstream_connect
+            ),
+        )
+        self.gateways.append(gateway)
+        factory: Any = TCPGatewayFactory(gateway)
+        if listener.tls is not None and gateway.settings.mode == "terminate":
+            # No ALPN: the relayed protocol is the client's business, not the gateway's.
+            factory = TLSMemoryBIOFactory(server_tls(listener.tls, alpn=None), False, factory)
+        factory.noisy = False
+        self._factories.append((listener.name, listener.endpoint, factory))
+
     def startService(self) -> None:
         for warning in self.config.warnings:
             self.log.warn("configuration: {warning}", warning=warning)
         super().startService()  # type: ignore[no-untyped-call]
         self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         self.pool.start()
+        self.bcrypt_threads.start()
         for name, description, factory in self._factories:
             endpoint = serverFromString(self.reactor, description)
             result: list[Any] = []
@@ -124,6 +161,7 @@ class GatewayService(MultiService):
         await self._drain()
         await self._close_connections()
         self.pool.stop()
+        self.bcrypt_threads.stop()
         await maybeDeferred(super().stopService)
 
     def _on_sighup(self, signum: int, frame: object) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from cryptography import x509
 
 from promgate.audit import MemoryAuditSink
 from promgate.pki import CertificateAuthority, IssuedCert
@@ -109,12 +110,43 @@ class TestPKI:
         """A client certificate from a CA the gateway does not trust."""
         return self.client(name, ca=CertificateAuthority.create("some other CA"))
 
-    def server_context(self) -> ssl.SSLContext:
+    def server_context(
+        self, *, cert: tuple[Path, Path] | None = None, require_client_cert: bool = False
+    ) -> ssl.SSLContext:
         """A TLS server context with the gate certificate (localhost, 127.0.0.1, ::1), for
-        an ``https`` fake exporter: ``FakeExporter(..., tls=pki.server_context())``."""
+        an ``https`` fake exporter: ``FakeExporter(..., tls=pki.server_context())``.
+
+        ``cert`` serves another (certificate, key) pair instead, such as one from
+        ``upstream``. ``require_client_cert`` makes the exporter demand a client
+        certificate issued by this CA, as an exporter behind mutual TLS does.
+        """
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(self.gate_cert), str(self.gate_key))
+        cert_path, key_path = cert if cert is not None else (self.gate_cert, self.gate_key)
+        ctx.load_cert_chain(str(cert_path), str(key_path))
+        if require_client_cert:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=str(self.ca_cert))
         return ctx
+
+    def upstream(
+        self,
+        name: str,
+        *,
+        uris: Sequence[str] = (),
+        hostnames: Sequence[str] = ("localhost",),
+        ips: Sequence[str] = ("127.0.0.1", "::1"),
+    ) -> tuple[Path, Path]:
+        """Issue (once) a server certificate for an upstream exporter; returns (cert, key).
+
+        ``uris`` are URI SANs (a SPIFFE ID, say) for routes that expect ``identity: {uri}``.
+        """
+        cert_path = self.directory / f"upstream-{name}.pem"
+        key_path = self.directory / f"upstream-{name}-key.pem"
+        if not cert_path.exists():
+            self.ca.issue_server(list(hostnames), list(ips), uris=list(uris)).write(
+                cert_path, key_path
+            )
+        return cert_path, key_path
 
     def client_context(self, name: str | None, **kwargs: Any) -> ssl.SSLContext:
         """A verifying client TLS context presenting ``name``'s certificate (or none)."""
@@ -307,6 +339,8 @@ class FakeExporter:
     close-delimited), ``"garbage"`` (not HTTP), ``"reset_mid_body"`` (the head and the
     first half of the registered body, with the full Content-Length, then a TCP reset).
     Requests it saw are in ``requests``; ``connections`` counts the connections accepted.
+    Over TLS, ``client_subjects`` lists the subject of each client certificate shown in a
+    completed handshake, and ``tls_failures`` counts the handshakes that failed.
     """
 
     def __init__(
@@ -321,6 +355,8 @@ class FakeExporter:
         self.bodies = dict(bodies or {})
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.connections = 0
+        self.client_subjects: list[str] = []
+        self.tls_failures = 0
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
@@ -360,8 +396,14 @@ class FakeExporter:
             try:
                 client = self.tls.wrap_socket(client, server_side=True)
             except (ssl.SSLError, OSError):
+                self.tls_failures += 1
                 client.close()
                 return
+            assert isinstance(client, ssl.SSLSocket)
+            der = client.getpeercert(binary_form=True)
+            if der:
+                subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+                self.client_subjects.append(subject)
         buf = b""
         try:
             while not self._stopping.is_set():

@@ -8,13 +8,17 @@ http/1.1. Upstream contexts always verify the upstream with service_identity.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from OpenSSL import SSL, crypto
+from service_identity import VerificationError
+from service_identity.exceptions import URIMismatch
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -23,11 +27,15 @@ from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
     CertificateOptions,
+    KeyPair,
+    PrivateCertificate,
     TLSVersion,
     optionsForClientTLS,
     platformTrust,
     trustRootFromCertificates,
 )
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from promgate.config.model import TLSFiles, UpstreamTLS
@@ -109,9 +117,32 @@ class ServerTLS:
         return connection
 
 
+#: X509_V_ERR_INVALID_PURPOSE: the certificate is not meant for this use.
+_INVALID_PURPOSE = 26
+
+
+def allows_client_auth(cert: x509.Certificate) -> bool:
+    """Is this leaf certificate meant for TLS client authentication?
+
+    OpenSSL accepts a leaf with no extended key usage at all for any purpose; the gateway
+    does not: the extension must be there and list clientAuth (or anyExtendedKeyUsage).
+    """
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    except ValueError:  # a malformed extension
+        return False
+    return (
+        ExtendedKeyUsageOID.CLIENT_AUTH in eku or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku
+    )
+
+
 def _verify_callback(
     connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
 ) -> bool:
+    if ok and depth == 0 and not allows_client_auth(cert.to_cryptography()):
+        ok, errno = 0, _INVALID_PURPOSE
     if not ok:
         wrapped = getattr(connection.get_app_data(), "wrappedProtocol", None)
         report = getattr(wrapped, "tls_verify_error", None)
@@ -120,13 +151,19 @@ def _verify_callback(
     return bool(ok)
 
 
-def server_tls(files: TLSFiles) -> ServerTLS:
+def server_tls(files: TLSFiles, *, alpn: Sequence[bytes] | None = (b"http/1.1",)) -> ServerTLS:
     """The connection creator a mutual-TLS listener wraps its endpoint with."""
-    return ServerTLS(server_options(files))
+    return ServerTLS(server_options(files, alpn=alpn))
 
 
-def server_options(files: TLSFiles) -> CertificateOptions:
-    """Build the server context for a mutual-TLS listener from its files."""
+def server_options(
+    files: TLSFiles, *, alpn: Sequence[bytes] | None = (b"http/1.1",)
+) -> CertificateOptions:
+    """Build the server context for a mutual-TLS listener from its files.
+
+    ``alpn`` lists the only protocols ALPN may select (HTTP listeners: http/1.1 alone);
+    None leaves ALPN out, as a ``tcp`` listener relaying any protocol does.
+    """
     chain = _load_certs(files.certificate)
     key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
     cas = _load_certs(files.client_ca)
@@ -139,26 +176,152 @@ def server_options(files: TLSFiles) -> CertificateOptions:
         requireCertificate=True,
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(MOZILLA_INTERMEDIATE),
-        acceptableProtocols=[b"http/1.1"],
+        acceptableProtocols=list(alpn) if alpn is not None else None,
     )
     # getContext() caches the context, so options set here stay for every handshake.
     ctx = options.getContext()
     ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
+    if alpn is None:
+        # Twisted installs an ALPN callback even with no protocols, and it then fails every
+        # client that offers ALPN (an "internal error" alert). Decline ALPN instead.
+        ctx.set_alpn_select_callback(_decline_alpn)
     return options
 
 
+def _decline_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+class UpstreamTLSError(Exception):
+    """A route's upstream TLS files could not be loaded when connecting to the upstream."""
+
+
 def client_options(host: str, settings: UpstreamTLS) -> IOpenSSLClientConnectionCreator:
-    """Build a verifying client context for an ``https`` upstream."""
-    if settings.ca is not None:
-        trust = trustRootFromCertificates(
-            [
-                Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
-                for c in _load_certs(settings.ca)
-            ]
-        )
-    else:
-        trust = platformTrust()
-    return optionsForClientTLS(settings.server_name or host, trustRoot=trust)
+    """Build a verifying client context for an ``https`` upstream.
+
+    The chain is always verified against ``ca`` (or the platform's trust store). The name
+    checked, by optionsForClientTLS with service_identity, is ``identity.dns``, else
+    ``server_name``, else the target's host; SNI is ``server_name``, else that same name.
+    With ``identity.uri`` the leaf certificate must instead carry that URI SAN (see
+    UpstreamClientTLS). ``cert`` and ``key`` answer an upstream that asks for a client
+    certificate. Raises UpstreamTLSError if a file cannot be loaded.
+    """
+    try:
+        if settings.ca is not None:
+            trust = trustRootFromCertificates(
+                [
+                    Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
+                    for c in _load_certs(settings.ca)
+                ]
+            )
+        else:
+            trust = platformTrust()
+        client: PrivateCertificate | None = None
+        extra: dict[str, object] = {}
+        if settings.cert is not None and settings.key is not None:
+            client, chain = _client_certificate(settings.cert, settings.key)
+            if chain:
+                extra["extraCertChain"] = chain
+    except (OSError, ValueError, TypeError, SSL.Error) as e:
+        raise UpstreamTLSError(f"cannot load the route's TLS files: {e}") from e
+    identity = settings.identity
+    sni = settings.server_name
+    checked = (identity.dns if identity is not None else None) or sni or host
+    options = optionsForClientTLS(
+        checked, trustRoot=trust, clientCertificate=client, extraCertificateOptions=extra
+    )
+    uri = identity.uri if identity is not None else None
+    if uri is None and (sni is None or sni == checked):
+        return options
+    try:
+        return UpstreamClientTLS(options, server_name=sni if sni != checked else None, uri=uri)
+    except UnicodeError as e:
+        raise UpstreamTLSError(f"server_name {sni!r} is not a usable host name: {e}") from e
+
+
+def _client_certificate(cert: Path, key: Path) -> tuple[PrivateCertificate, list[crypto.X509]]:
+    """The client certificate (and its intermediates) shown to an upstream that asks."""
+    chain = _load_certs(cert)
+    private_key = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    leaf = PrivateCertificate.fromCertificateAndKeyPair(
+        Certificate(crypto.X509.from_cryptography(chain[0])),
+        KeyPair(crypto.PKey.from_cryptography_key(private_key)),  # type: ignore[arg-type]
+    )
+    return leaf, [crypto.X509.from_cryptography(c) for c in chain[1:]]
+
+
+@attrs.frozen
+class ExpectedURI:
+    """The URI SAN an upstream must carry, as reported in a failed check.
+
+    service_identity's URI_ID cannot stand here: it compares only a URI's scheme and host
+    (RFC 6125) and refuses any URI with a path, so it cannot check a SPIFFE ID. The
+    comparison is exact instead.
+    """
+
+    uri: str
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class UpstreamClientTLS:
+    """optionsForClientTLS plus what it cannot do for an upstream: an SNI name other than
+    the name checked, and an expected URI SAN checked instead of a host name.
+
+    The URI is checked where Twisted checks a host name, in the certificate verify callback,
+    for the leaf: a mismatch fails the handshake itself, the protocol's ``connectionLost``
+    gets a service_identity VerificationError, and no application byte is ever written.
+    The trust root, chain verification and everything else stay optionsForClientTLS's.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        options: IOpenSSLClientConnectionCreator,
+        *,
+        server_name: str | None = None,
+        uri: str | None = None,
+    ) -> None:
+        self._options = options
+        self._server_name = server_name.encode("idna") if server_name is not None else None
+        self._uri = uri
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:  # noqa: N803
+        connection: SSL.Connection = self._options.clientConnectionForTLS(tlsProtocol)  # type: ignore[arg-type]
+        if self._server_name is not None:
+            connection.set_tlsext_host_name(self._server_name)
+        if self._uri is not None:
+            connection.set_verify(
+                SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+                self._uri_verifier(tlsProtocol, self._uri),
+            )
+        return connection
+
+    def _uri_verifier(
+        self, tls_protocol: object, uri: str
+    ) -> Callable[[SSL.Connection, crypto.X509, int, int, int], bool]:
+        protocol: object | None = tls_protocol
+
+        def verify(
+            connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+        ) -> bool:
+            nonlocal protocol
+            if depth != 0 or not ok:
+                return bool(ok)
+            try:
+                if uri in PeerCertificate.from_x509(cert.to_cryptography()).uris:
+                    return True
+                mismatch = URIMismatch(mismatched_id=ExpectedURI(uri))  # type: ignore[arg-type]
+                if protocol is not None:
+                    protocol.failVerification(Failure(VerificationError(errors=[mismatch])))  # type: ignore[attr-defined]
+            except BaseException:
+                # An exception escaping an OpenSSL callback would be lost; log it, refuse.
+                self.log.failure("while checking the upstream's URI SAN")
+            finally:
+                protocol = None  # no reference cycle through the connection
+            return False
+
+        return verify
 
 
 @attrs.frozen
@@ -170,6 +333,8 @@ class PeerCertificate:
     cn: tuple[str, ...]
     dns: tuple[str, ...]
     uris: tuple[str, ...]
+    #: SHA-256 of the DER SubjectPublicKeyInfo (what a ``spki_sha256`` pin names).
+    spki_sha256: str = ""
 
     @classmethod
     def from_x509(cls, cert: x509.Certificate) -> PeerCertificate:
@@ -190,7 +355,18 @@ class PeerCertificate:
             cn=cns,
             dns=dns,
             uris=uris,
+            spki_sha256=spki_sha256(cert),
         )
+
+
+def spki_sha256(cert: x509.Certificate) -> str:
+    """The SHA-256 of a certificate's SubjectPublicKeyInfo, lower-case hex (a key pin)."""
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(spki)
+    return digest.finalize().hex()
 
 
 def not_after(path: Path) -> datetime.datetime:

@@ -410,6 +410,368 @@ audit:
         self.assertIn(f"OK: {len(records)} record(s) verified", out.getvalue())
 
 
+class PrometheusThroughForwardProxyTests(SynchronousTestCase):
+    """The real Prometheus scraping through promgate's forward proxy (``proxy_url``).
+
+    Two jobs share one ``https://`` proxy_url: one scrapes a plain node_exporter (absolute-form
+    GET, path-level policy), the other a node_exporter serving TLS (CONNECT, a tunnel).
+    Prometheus 2.42 presents the job's ``tls_config`` client certificate to an ``https``
+    proxy, so both are audited under the identity that certificate names.
+
+    The harness (processes, waits, logs, Prometheus API) is borrowed from
+    PrometheusThroughGatewayTests, without inheriting its test.
+    """
+
+    setUp = PrometheusThroughGatewayTests.setUp
+    logs = PrometheusThroughGatewayTests.logs
+    logs_on_failure = PrometheusThroughGatewayTests.logs_on_failure
+    daemon = PrometheusThroughGatewayTests.daemon
+    wait_for = PrometheusThroughGatewayTests.wait_for
+    prometheus_api = PrometheusThroughGatewayTests.prometheus_api
+    start_node_exporter = PrometheusThroughGatewayTests.start_node_exporter
+
+    PLAIN_JOB = "node-via-proxy"
+    TLS_JOB = "node-tls-via-proxy"
+
+    def start_tls_node_exporter(self, pki: TestPKI) -> str:
+        """node_exporter serving TLS with the test PKI's server certificate (127.0.0.1)."""
+        web_config = self.dir / "node-tls-web.yml"
+        web_config.write_text(
+            json.dumps(
+                {
+                    "tls_server_config": {
+                        "cert_file": str(pki.gate_cert),
+                        "key_file": str(pki.gate_key),
+                    }
+                }
+            )
+        )
+        address = f"127.0.0.1:{free_port()}"
+        self.daemon(
+            "node_exporter_tls",
+            [
+                NODE_EXPORTER,
+                f"--web.listen-address={address}",
+                f"--web.config.file={web_config}",
+                "--collector.disable-defaults",
+                "--collector.time",
+                "--log.level=warn",
+            ],
+        )
+        context = pki.client_context(None)
+
+        def metrics() -> bool | None:
+            response = https_get(address, "/metrics", context, timeout=2.0)
+            return True if b"node_exporter_build_info" in response.body else None
+
+        self.wait_for("TLS node_exporter /metrics", metrics, EXPORTER_START, every=0.05)
+        return address
+
+    def start_forward_gateway(self, pki: TestPKI, plain: str, tls_target: str) -> GatewayProcess:
+        config = f"""\
+tls:
+  certificate: {pki.gate_cert}
+  key: {pki.gate_key}
+  client_ca: {pki.ca_cert}
+admin:
+  endpoint: "tcp:0:interface=127.0.0.1"
+listeners:
+  - {{name: egress, protocol: forward, endpoint: "tcp:0:interface=127.0.0.1"}}
+identities:
+  prometheus:
+    cert: {{uri: "spiffe://promgate.local/prometheus"}}
+routes:
+  node:
+    allow: [prometheus]
+    targets:
+      static: ["{plain}"]
+  node-tls:
+    scheme: https
+    allow: [prometheus]
+    targets:
+      static: ["{tls_target}"]
+audit:
+  path: audit.jsonl
+  key_file: {pki.audit_key}
+  fsync: always
+  on_failure: deny
+"""
+        gate = GatewayProcess(self.dir / "gate", config)
+        self.gate = gate
+        self.addCleanup(gate.stop)
+        gate.start()
+        return gate
+
+    def start_prometheus(self, pki: TestPKI, proxy: str, plain: str, tls_target: str) -> None:
+        cert, key = pki.client("prometheus")
+        # Used for the proxy connection (an https proxy_url) and, in the TLS job, inside the
+        # tunnel too: the CA checks both the gateway and the TLS exporter.
+        tls = {"ca_file": str(pki.ca_cert), "cert_file": str(cert), "key_file": str(key)}
+        job: dict[str, Any] = {
+            "scrape_interval": "1s",
+            "scrape_timeout": "1s",
+            "proxy_url": f"https://{proxy}",
+            "tls_config": tls,
+        }
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+            "scrape_configs": [
+                {**job, "job_name": self.PLAIN_JOB, "static_configs": [{"targets": [plain]}]},
+                {
+                    **job,
+                    "job_name": self.TLS_JOB,
+                    "scheme": "https",
+                    "static_configs": [{"targets": [tls_target]}],
+                },
+            ],
+        }
+        config_path = self.dir / "prometheus.yml"
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        self.prom_address = f"127.0.0.1:{free_port()}"
+        storage = self.dir / "tsdb"
+        storage.mkdir()
+        self.daemon(
+            "prometheus",
+            [
+                PROMETHEUS,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={storage}",
+                f"--web.listen-address={self.prom_address}",
+                "--storage.tsdb.retention.time=1h",
+                "--log.level=debug",
+            ],
+        )
+
+        def ready() -> bool | None:
+            status, _ = http_get(f"http://{self.prom_address}/-/ready", timeout=2.0)
+            return True if status == 200 else None
+
+        self.wait_for("Prometheus /-/ready", ready, PROMETHEUS_START, every=0.1)
+
+    def test_prometheus_scrapes_through_forward_proxy(self) -> None:
+        """Both jobs are up through proxy_url, and audited under Prometheus's identity."""
+        with self.logs_on_failure():
+            self.scrape_through_forward_proxy()
+
+    def scrape_through_forward_proxy(self) -> None:
+        pki = TestPKI(self.dir / "pki")
+        plain = self.start_node_exporter()
+        tls_target = self.start_tls_node_exporter(pki)
+        gate = self.start_forward_gateway(pki, plain, tls_target)
+        self.start_prometheus(pki, gate.address("egress"), plain, tls_target)
+
+        # 1. Both targets come up, and their samples are in the TSDB.
+        def up(job: str) -> dict[str, Any] | None:
+            data = self.prometheus_api("/api/v1/targets", state="active")
+            for t in data["activeTargets"]:
+                if t["scrapePool"] == job and t["health"] == "up":
+                    return t  # type: ignore[no-any-return]
+            return None
+
+        def query(expr: str) -> list[dict[str, Any]] | None:
+            result: list[dict[str, Any]] = self.prometheus_api("/api/v1/query", query=expr)[
+                "result"
+            ]
+            return result or None
+
+        for job, address, scheme in [
+            (self.PLAIN_JOB, plain, "http"),
+            (self.TLS_JOB, tls_target, "https"),
+        ]:
+            target = self.wait_for(f"target of job {job} to be up", partial(up, job), TARGET_UP)
+            self.assertEqual(target["labels"]["instance"], address)
+            self.assertEqual(target["scrapeUrl"], f"{scheme}://{address}/metrics")
+            series = self.wait_for(
+                f"{job} samples",
+                partial(query, f'node_exporter_build_info{{job="{job}"}}'),
+                QUERY_WAIT,
+            )
+            self.assertEqual({s["metric"]["instance"] for s in series}, {address})
+
+        # 2. Stop Prometheus first: its tunnels end, and each is audited at its end.
+        for d in reversed(self.daemons):
+            d.stop()
+        self.assertIn(gate.stop(), (0, -signal.SIGTERM), gate.log())
+
+        # 3. The audit log holds both kinds of request, under the certificate's identity.
+        audit_path = gate.directory / "audit.jsonl"
+        records = gate.audit_records(audit_path)
+        requests = [r for r in records if r["event"] == "request"]
+        gets = [r for r in requests if r.get("method") == "GET"]
+        tunnels = [r for r in requests if r.get("method") == "CONNECT"]
+        self.assertTrue(gets, f"no absolute-form GET in the audit log: {requests}")
+        self.assertTrue(tunnels, f"no CONNECT tunnel in the audit log: {requests}")
+        for r in gets:
+            self.assertEqual(
+                (r["identity"], r["route"], r["target"], r["path"], r["status"]),
+                ("prometheus", "node", plain, "/metrics", 200),
+                r,
+            )
+        for r in tunnels:
+            self.assertEqual(
+                (r["identity"], r["route"], r["target"], r["status"], r["decision"]),
+                ("prometheus", "node-tls", tls_target, 200, "allow"),
+                r,
+            )
+            self.assertIn("cert_sha256", r)
+            self.assertGreater(r["bytes_out"], 1000, r)
+        self.assertEqual([r for r in requests if r.get("decision") != "allow"], [], "denials")
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = cli.main(["audit", "verify", "--key-file", str(pki.audit_key), str(audit_path)])
+        self.assertEqual(code, 0, out.getvalue())
+
+
+class PrometheusThroughTCPListenerTests(SynchronousTestCase):
+    """The real Prometheus scraping node_exporter through a ``tcp`` listener.
+
+    Prometheus scrapes ``https://127.0.0.1:PORT/metrics`` with its client certificate as if
+    the gateway were the exporter; promgate terminates mutual TLS, recognises Prometheus, and
+    relays the plain bytes to node_exporter. Each connection is audited when it ends.
+
+    The harness (processes, waits, logs, Prometheus API) is borrowed from
+    PrometheusThroughGatewayTests, without inheriting its test.
+    """
+
+    setUp = PrometheusThroughGatewayTests.setUp
+    logs = PrometheusThroughGatewayTests.logs
+    logs_on_failure = PrometheusThroughGatewayTests.logs_on_failure
+    daemon = PrometheusThroughGatewayTests.daemon
+    wait_for = PrometheusThroughGatewayTests.wait_for
+    prometheus_api = PrometheusThroughGatewayTests.prometheus_api
+    start_node_exporter = PrometheusThroughGatewayTests.start_node_exporter
+
+    TCP_JOB = "node-via-tcp"
+
+    def start_tcp_gateway(self, pki: TestPKI, exporter: str) -> GatewayProcess:
+        config = f"""\
+tls:
+  certificate: {pki.gate_cert}
+  key: {pki.gate_key}
+  client_ca: {pki.ca_cert}
+admin:
+  endpoint: "tcp:0:interface=127.0.0.1"
+listeners:
+  - {{name: node-raw, protocol: tcp, endpoint: "tcp:0:interface=127.0.0.1", route: node}}
+identities:
+  prometheus:
+    cert: {{uri: "spiffe://promgate.local/prometheus"}}
+routes:
+  node:
+    allow: [prometheus]
+    targets:
+      static: ["{exporter}"]
+audit:
+  path: audit.jsonl
+  key_file: {pki.audit_key}
+  fsync: always
+  on_failure: deny
+"""
+        gate = GatewayProcess(self.dir / "gate", config)
+        self.gate = gate
+        self.addCleanup(gate.stop)
+        gate.start()
+        return gate
+
+    def start_prometheus_static(self, pki: TestPKI, address: str) -> None:
+        cert, key = pki.client("prometheus")
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+            "scrape_configs": [
+                {
+                    "job_name": self.TCP_JOB,
+                    "scheme": "https",
+                    "metrics_path": "/metrics",
+                    "tls_config": {
+                        "ca_file": str(pki.ca_cert),
+                        "cert_file": str(cert),
+                        "key_file": str(key),
+                        "server_name": "localhost",
+                    },
+                    "static_configs": [{"targets": [address]}],
+                }
+            ],
+        }
+        config_path = self.dir / "prometheus.yml"
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        self.prom_address = f"127.0.0.1:{free_port()}"
+        storage = self.dir / "tsdb"
+        storage.mkdir()
+        self.daemon(
+            "prometheus",
+            [
+                PROMETHEUS,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={storage}",
+                f"--web.listen-address={self.prom_address}",
+                "--storage.tsdb.retention.time=1h",
+                "--log.level=debug",
+            ],
+        )
+
+        def ready() -> bool | None:
+            status, _ = http_get(f"http://{self.prom_address}/-/ready", timeout=2.0)
+            return True if status == 200 else None
+
+        self.wait_for("Prometheus /-/ready", ready, PROMETHEUS_START, every=0.1)
+
+    def test_prometheus_scrapes_through_tcp_listener(self) -> None:
+        """up == 1 through a terminate-mode tcp listener, audited under Prometheus's identity."""
+        with self.logs_on_failure():
+            self.scrape_through_tcp_listener()
+
+    def scrape_through_tcp_listener(self) -> None:
+        pki = TestPKI(self.dir / "pki")
+        exporter = self.start_node_exporter()
+        gate = self.start_tcp_gateway(pki, exporter)
+        address = gate.address("node-raw")
+        self.start_prometheus_static(pki, address)
+        job = self.TCP_JOB
+
+        def query(expr: str) -> list[dict[str, Any]] | None:
+            result: list[dict[str, Any]] = self.prometheus_api("/api/v1/query", query=expr)[
+                "result"
+            ]
+            return result or None
+
+        up = self.wait_for("up == 1", partial(query, f'up{{job="{job}"}} == 1'), TARGET_UP)
+        self.assertEqual(up[0]["metric"]["instance"], address)
+        self.assertEqual(up[0]["value"][1], "1")
+        build = self.wait_for(
+            "node_exporter_build_info",
+            partial(query, f'node_exporter_build_info{{job="{job}"}}'),
+            QUERY_WAIT,
+        )
+        self.assertEqual({s["metric"]["instance"] for s in build}, {address})
+        targets = self.prometheus_api("/api/v1/targets", state="active")["activeTargets"]
+        (target,) = [t for t in targets if t["scrapePool"] == job]
+        self.assertEqual(target["scrapeUrl"], f"https://{address}/metrics")
+        self.assertEqual((target["health"], target["lastError"]), ("up", ""))
+
+        # Prometheus keeps its connection open between scrapes: the record comes at its end.
+        for d in reversed(self.daemons):
+            d.stop()
+        audit_path = gate.directory / "audit.jsonl"
+        record = gate.wait_for_audit_record(
+            audit_path, lambda r: r["event"] == "connection", timeout=QUERY_WAIT
+        )
+        self.assertEqual(
+            (record["listener"], record["identity"], record["route"], record["target"]),
+            ("node-raw", "prometheus", "node", exporter),
+        )
+        self.assertEqual(record["decision"], "allow")
+        self.assertEqual(record["cert_subject"], "CN=prometheus")
+        self.assertEqual(record["server_name"], "localhost")
+        self.assertGreater(record["bytes_out"], 1000)
+        self.assertIn(gate.stop(), (0, -signal.SIGTERM), gate.log())
+        records = gate.audit_records(audit_path)
+        self.assertEqual([r for r in records if r.get("decision") == "deny"], [], "denials")
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(["audit", "verify", "--key-file", str(pki.audit_key), str(audit_path)])
+        self.assertEqual(code, 0, f"audit verify failed: {out.getvalue()}{err.getvalue()}")
+
+
 def _executable(path: str) -> bool:
     resolved = shutil.which(path)
     return resolved is not None and os.access(resolved, os.X_OK)

@@ -397,14 +397,16 @@ class ScrapeTests(GatewayTestCase):
         self.assertTrue(upstream_transport.value().startswith(b"GET /metrics/extra HTTP/1.1\r\n"))
 
     def test_headers_passed_and_withheld(self) -> None:
-        """Accept*, User-Agent, scrape timeout pass; credentials and cookies never do."""
+        """Accept*, User-Agent, scrape timeout pass; credentials and cookies never do.
+
+        (An Authorization header is the caller's credential: it must verify, and is then
+        withheld too; see tests/test_credentials.py.)"""
         self.scrape(
             SCRAPE,
             b"Accept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
             b"Accept-Encoding: gzip",
             b"User-Agent: Prometheus/2.42.0",
             b"X-Prometheus-Scrape-Timeout-Seconds: 10",
-            b"Authorization: Bearer secret",
             b"Cookie: session=secret",
             b"Proxy-Authorization: Basic c2VjcmV0",
             b"Proxy-Connection: keep-alive",
@@ -551,11 +553,16 @@ class RefusalTests(GatewayTestCase):
             self.assertIsNone(self.requests()[0].identity)
 
     def test_path_not_in_route(self) -> None:
-        """A path= outside the route's paths is 403, and nothing goes upstream."""
-        for path in (b"%2Fother", b"%2Fmetrics%2F..%2Fadmin", b"%2Fmetrics%2F", b"metrics"):
+        """A canonical path= outside the route's paths is 403, a path trick is 400 (see
+        tests/test_policy.py), both path_refused, and nothing goes upstream."""
+        for path in (b"%2Fother", b"%2Fmetrics%2F"):
             self.audit.events.clear()
             _, transport = self.scrape(SCRAPE + b"&path=" + path)
             self.assertRefused(transport, 403, "path_refused", route="node")
+        for path in (b"%2Fmetrics%2F..%2Fadmin", b"metrics"):
+            self.audit.events.clear()
+            _, transport = self.scrape(SCRAPE + b"&path=" + path)
+            self.assertRefused(transport, 400, "path_refused", route="node")
 
     def test_param_not_in_route(self) -> None:
         """A query parameter the route does not pass is 400."""

@@ -7,7 +7,9 @@ same complete list.
 
 from __future__ import annotations
 
+import base64
 import glob
+import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
@@ -19,6 +21,8 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from service_identity.hazmat import DNS_ID
 
 from promgate.config.errors import ConfigError, Problem
 from promgate.config.model import (
@@ -26,17 +30,24 @@ from promgate.config.model import (
     DEFAULT_TIMEOUT,
     Admin,
     Audit,
+    BasicCredential,
     CertMatch,
     Config,
+    Deadlines,
+    Destination,
     Identity,
     Limits,
     Listener,
     Route,
     Target,
+    TCPForwarding,
     TLSFiles,
+    UpstreamAuth,
+    UpstreamIdentity,
     UpstreamTLS,
 )
 from promgate.config.units import parse_duration, parse_rate, parse_size
+from promgate.paths import PathRefused, normalize_path
 
 T = TypeVar("T")
 
@@ -46,10 +57,29 @@ _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
 _PORT = re.compile(r"[0-9]{1,5}")
-_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")
 _RESERVED_PARAMS = frozenset({"route", "target", "path"})
 
-_TOP_KEYS = {"include", "tls", "admin", "listeners", "identities", "templates", "routes", "audit"}
+_TOP_KEYS = {
+    "include",
+    "tls",
+    "admin",
+    "listeners",
+    "identities",
+    "web_configs",
+    "templates",
+    "routes",
+    "audit",
+}
+_IDENTITY_KEYS = ("cert", "roles", "bearer_sha256", "bearer_file", "basic")
+_CERT_RULES = ("cn", "dns", "uri", "spki_sha256")
+_SHA256_HEX = re.compile(r"^[0-9A-Fa-f]{64}$")
+#: A bcrypt hash as exporter-toolkit's web-config.yml holds it (``htpasswd -B`` makes $2y$).
+_BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+#: A bearer token as it can arrive in a header: one line of visible ASCII, no spaces.
+_TOKEN_TEXT = re.compile(rb"^[\x21-\x7e]+$")
+#: Above this bcrypt cost one check takes about a second or more.
+_BCRYPT_SLOW_COST = 14
+_WEB_CONFIG_KEYS = ("basic_auth_users", "http_server_config", "tls_server_config")
 _ROUTE_KEYS = {
     "scheme",
     "metrics_path",
@@ -61,9 +91,21 @@ _ROUTE_KEYS = {
     "max_response_size",
     "tls",
     "labels",
+    "authorization",
+    "basic_auth",
 }
+#: Route keys giving the gateway's own credentials for the upstream; at most one applies.
+_UPSTREAM_AUTH_KEYS = ("authorization", "basic_auth")
+#: An HTTP token (RFC 9110), for an ``authorization.type``.
+_AUTH_SCHEME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: A bearer credential: one line of visible ASCII, no spaces.
+_AUTH_CREDENTIALS = re.compile(r"^[\x21-\x7e]+$")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[\x21-\x7e]+$")
 _LIMIT_PER = ("identity", "target", "identity_target")
-_LATER_PROTOCOLS = {"forward", "tcp"}
+_LATER_PROTOCOLS: set[str] = set()
+#: Listener keys only ``protocol: tcp`` listeners take.
+_TCP_KEYS = ("mode", "route", "target", "sni", "sni_default", "proxy_protocol")
+_TCP_MODES = ("terminate", "passthrough")
 _LATER_PROVIDERS = {"file_sd", "dns_srv"}
 
 
@@ -211,7 +253,11 @@ class _Loader:
         self.files: list[Path] = []
         self.singletons: dict[str, _Item] = {}
         self.listeners: list[_Item] = []
+        self.web_configs: list[_Item] = []
         self.named: dict[str, dict[str, _Item]] = {"identities": {}, "templates": {}, "routes": {}}
+        # Header credentials seen so far, for "configured twice" errors: where, and whose.
+        self._bearer_seen: dict[bytes, tuple[str, _Item]] = {}
+        self._users_seen: dict[str, tuple[str, _Item]] = {}
 
     # -- reporting -------------------------------------------------------------------
 
@@ -264,6 +310,14 @@ class _Loader:
             else:
                 self.listeners.extend(
                     _Item(v, src, f"listeners[{i}]") for i, v in enumerate(listeners)
+                )
+        if "web_configs" in data:
+            web_configs = data["web_configs"]
+            if not isinstance(web_configs, list):
+                self.error(src, "web_configs", "must be a list of {path, roles} mappings")
+            else:
+                self.web_configs.extend(
+                    _Item(v, src, f"web_configs[{i}]") for i, v in enumerate(web_configs)
                 )
         for section, table in self.named.items():
             if section not in data:
@@ -502,7 +556,9 @@ class _Loader:
         self, item: _Item, default_tls: TLSFiles | None, have_tls: bool
     ) -> Listener | None:
         f = self.fields(
-            item, ("name", "protocol", "endpoint", "advertise", "tls"), ("name", "endpoint")
+            item,
+            ("name", "protocol", "endpoint", "advertise", "tls", "tunnel_idle", *_TCP_KEYS),
+            ("name", "endpoint"),
         )
         if f is None:
             return None
@@ -520,22 +576,38 @@ class _Loader:
                     f"protocol {f['protocol'].value!r} is not available in this version",
                 )
                 return None
-            protocol = self.choice(f["protocol"], ("http",)) or "http"
+            protocol = self.choice(f["protocol"], ("http", "forward", "tcp")) or "http"
         endpoint = self.endpoint(f["endpoint"]) if "endpoint" in f else None
         advertise = None
         if "advertise" in f:
             advertise = self.string(f["advertise"])
             if advertise is not None and _split_address(advertise) is None:
                 self.error(item.src, f["advertise"].key, "must be host:port")
+            if protocol != "http":
+                self.error(item.src, f["advertise"].key, "only http listeners advertise (/sd)")
+        deadlines = Deadlines()
+        if "tunnel_idle" in f:
+            if protocol not in ("forward", "tcp"):
+                self.error(
+                    item.src, f["tunnel_idle"].key, "only forward and tcp listeners have tunnels"
+                )
+            else:
+                tunnel_idle = self.positive(f["tunnel_idle"], parse_duration)
+                if tunnel_idle is not None:
+                    deadlines = Deadlines(tunnel_idle=tunnel_idle)
+        # A passthrough tcp listener relays the client's TLS: it needs no TLS files.
+        passthrough = protocol == "tcp" and "mode" in f and f["mode"].value == "passthrough"
         tls = default_tls
         if "tls" in f:
             if f["tls"].value is False:
                 tls = None
-                self.warn(
-                    item.src,
-                    f["tls"].key,
-                    "plain-text listener: no TLS, no client certificates, no identities",
-                )
+                if protocol != "tcp":  # tcp listeners: see tcp_settings
+                    self.warn(
+                        item.src,
+                        f["tls"].key,
+                        "plain-text listener: no client certificates, and bearer tokens and "
+                        "passwords cross the network in clear text",
+                    )
             elif isinstance(f["tls"].value, dict):
                 tls = self.tls_files(f["tls"])
             else:
@@ -544,20 +616,227 @@ class _Loader:
                     f["tls"].key,
                     "must be false or a mapping with certificate, key and client_ca",
                 )
-        elif not have_tls:
+        elif not have_tls and not passthrough:
             self.error(
                 item.src,
                 item.key,
                 "no top-level 'tls' section; give this listener 'tls' or say 'tls: false'",
             )
-        if name is None or endpoint is None:
+        tcp = None
+        if protocol == "tcp":
+            tcp = self.tcp_settings(item, f, tls)
+            if passthrough:
+                tls = None
+        else:
+            for key in _TCP_KEYS:
+                if key in f:
+                    self.error(item.src, f[key].key, "only tcp listeners take this key")
+        if name is None or endpoint is None or (protocol == "tcp" and tcp is None):
             return None
         return Listener(
-            name=name, protocol=protocol, endpoint=endpoint, tls=tls, advertise=advertise
+            name=name,
+            protocol=protocol,
+            endpoint=endpoint,
+            tls=tls,
+            advertise=advertise,
+            deadlines=deadlines,
+            tcp=tcp,
         )
 
+    def tcp_settings(
+        self, item: _Item, f: dict[str, _Item], tls: TLSFiles | None
+    ) -> TCPForwarding | None:
+        """The tcp keys of one listener. Route and target names are checked later, in
+        tcp_destinations, once the routes are known."""
+        mode = self.choice(f["mode"], _TCP_MODES) if "mode" in f else "terminate"
+        if mode is None:
+            return None
+        ok = True
+        if mode == "passthrough" and "tls" in f and f["tls"].value is not False:
+            self.error(
+                item.src,
+                f["tls"].key,
+                "a passthrough listener relays the client's TLS untouched: it has no TLS "
+                "files of its own (remove 'tls')",
+            )
+            ok = False
+        if mode == "terminate" and "tls" in f and f["tls"].value is False:
+            self.error(
+                item.src,
+                f["tls"].key,
+                "a terminate-mode tcp listener needs mutual TLS; "
+                "use 'mode: passthrough' to relay TLS untouched",
+            )
+            ok = False
+        proxy_protocol = None
+        if "proxy_protocol" in f:
+            proxy_protocol = self.choice(f["proxy_protocol"], ("v2",))
+            ok = ok and proxy_protocol is not None
+        pending: list[tuple[str, _Item, _Item | None, bool]] = []
+        destination = None
+        sni: dict[str, Destination] = {}
+        sni_default = None
+        if "route" in f and "sni" in f:
+            self.error(item.src, f["sni"].key, "give either 'route' or 'sni', not both")
+            return None
+        if "route" not in f and "sni" not in f:
+            self.error(item.src, item.key, "a tcp listener needs 'route' or 'sni'")
+            return None
+        if "target" in f and "route" not in f:
+            self.error(
+                item.src,
+                f["target"].key,
+                "'target' goes with 'route' (in 'sni', give {route: ..., target: ...})",
+            )
+            ok = False
+        if "sni_default" in f and "sni" not in f:
+            self.error(item.src, f["sni_default"].key, "'sni_default' goes with 'sni'")
+            ok = False
+        if "route" in f:
+            destination = self.tcp_destination(f["route"], f.get("target"), pending, False)
+        else:
+            entries = f["sni"]
+            if not isinstance(entries.value, dict) or not entries.value:
+                self.error(
+                    entries.src,
+                    entries.key,
+                    "must map server names (or *.parent) to a route or {route, target}",
+                )
+                return None
+            for server_name, value in entries.value.items():
+                key = _join(entries.key, server_name)
+                pattern = _sni_pattern(server_name)
+                if pattern is None:
+                    self.error(entries.src, key, "not a server name (a DNS name, or *.parent.name)")
+                    ok = False
+                    continue
+                if pattern in sni:
+                    self.error(entries.src, key, f"server name {pattern!r} given twice")
+                    ok = False
+                    continue
+                dest = self.tcp_destination(_Item(value, entries.src, key), None, pending, True)
+                if dest is not None:
+                    sni[pattern] = dest
+            if "sni_default" in f:
+                sni_default = self.tcp_destination(f["sni_default"], None, pending, True)
+                ok = ok and sni_default is not None
+        if not ok or (destination is None and not sni):
+            return None
+        settings = TCPForwarding(
+            mode=mode,
+            destination=destination,
+            sni=sni,
+            sni_default=sni_default,
+            proxy_protocol=proxy_protocol,
+        )
+        self._tcp_pending.append((settings, pending))
+        return settings
+
+    def tcp_destination(
+        self,
+        item: _Item,
+        target_item: _Item | None,
+        pending: list[tuple[str, _Item, _Item | None, bool]],
+        nested: bool,
+    ) -> Destination | None:
+        """A route name, or (in ``sni``) a route name or {route, target}; the target is
+        filled in by tcp_destinations when the route has exactly one."""
+        if nested and isinstance(item.value, dict):
+            g = self.fields(item, ("route", "target"), ("route",))
+            if g is None or "route" not in g:
+                return None
+            item, target_item = g["route"], g.get("target")
+        route = self.string(item)
+        if route is None:
+            return None
+        target = ""
+        if target_item is not None:
+            text = self.string(target_item)
+            if text is None:
+                return None
+            if _split_address(text) is None:
+                self.error(
+                    target_item.src,
+                    target_item.key,
+                    f"target {text!r} must be host:port ([v6]:port for IPv6)",
+                )
+                return None
+            target = text
+        pending.append((route, item, target_item, nested))
+        return Destination(route, target)
+
+    def tcp_destinations(
+        self, listeners: list[Listener], routes: dict[str, Route]
+    ) -> list[Listener]:
+        """Check every tcp listener's routes and targets, and fill in single targets."""
+        out = []
+        for lst in listeners:
+            if lst.tcp is None:
+                out.append(lst)
+                continue
+            pending = next((p for s, p in self._tcp_pending if s is lst.tcp), [])
+            resolved: dict[tuple[str, str], Destination] = {}
+            passthrough = lst.tcp.mode == "passthrough"
+            for name, route_item, target_item, nested in pending:
+                dest = self._resolve_destination(
+                    name, route_item, target_item, nested, routes, passthrough
+                )
+                if dest is not None:
+                    given = target_item.value if target_item is not None else ""
+                    resolved[(name, given)] = dest
+            tcp = attrs.evolve(
+                lst.tcp,
+                destination=_filled(resolved, lst.tcp.destination),
+                sni={k: _filled(resolved, v) or v for k, v in lst.tcp.sni.items()},
+                sni_default=_filled(resolved, lst.tcp.sni_default),
+            )
+            out.append(attrs.evolve(lst, tcp=tcp))
+        return out
+
+    def _resolve_destination(
+        self,
+        name: str,
+        route_item: _Item,
+        target_item: _Item | None,
+        nested: bool,
+        routes: dict[str, Route],
+        passthrough: bool,
+    ) -> Destination | None:
+        route = routes.get(name)
+        if route is None:
+            if name not in self.named["routes"]:  # else the route's own errors say why
+                self.error(route_item.src, route_item.key, f"undefined route {name!r}")
+            return None
+        if target_item is None:
+            if len(route.targets) != 1:
+                how = "{route: ..., target: HOST:PORT}" if nested else "'target: HOST:PORT'"
+                self.error(
+                    route_item.src,
+                    route_item.key,
+                    f"route {name!r} has {len(route.targets)} targets; name one with {how}",
+                )
+                return None
+            address = route.targets[0].address
+        else:
+            address = str(target_item.value)
+            if not route.has_target(address):
+                self.error(
+                    target_item.src,
+                    target_item.key,
+                    f"{address!r} is not a target of route {name!r}",
+                )
+                return None
+        if passthrough and not any(e.startswith("sni:") for e in route.allow):
+            self.warn(
+                route_item.src,
+                route_item.key,
+                f"passthrough connections carry no identity and route {name!r} has no "
+                "'sni:' allow entry: every connection will be refused",
+            )
+        return Destination(name, address)
+
     def identity(self, name: str, item: _Item) -> Identity | None:
-        f = self.fields(item, ("cert", "roles"))
+        f = self.fields(item, _IDENTITY_KEYS)
         if f is None:
             return None
         matches: list[CertMatch] = []
@@ -566,20 +845,217 @@ class _Loader:
             entries = raw if isinstance(raw, list) else [raw]
             for i, entry in enumerate(entries):
                 key = f"{f['cert'].key}[{i}]" if isinstance(raw, list) else f["cert"].key
-                sub = self.fields(_Item(entry, item.src, key), ("cn", "dns", "uri"))
+                sub = self.fields(_Item(entry, item.src, key), _CERT_RULES)
                 if sub is None:
                     continue
                 if len(sub) != 1:
-                    self.error(item.src, key, "give exactly one of cn, dns, uri")
+                    self.error(item.src, key, f"give exactly one of {', '.join(_CERT_RULES)}")
                     continue
                 ((kind, value),) = sub.items()
-                text = self.string(value)
+                text = self.sha256_hex(value) if kind == "spki_sha256" else self.string(value)
                 if text is not None:
                     matches.append(CertMatch(**{kind: text}))
-        else:
+        bearer: list[bytes] = []
+        if "bearer_sha256" in f:
+            for sub_item in self.one_or_many(f["bearer_sha256"]):
+                hexdigest = self.sha256_hex(sub_item)
+                if hexdigest is not None:
+                    bearer.append(self.bearer(name, sub_item, bytes.fromhex(hexdigest)))
+        if "bearer_file" in f:
+            for sub_item in self.one_or_many(f["bearer_file"]):
+                digest = self.token_file(sub_item)
+                if digest is not None:
+                    bearer.append(self.bearer(name, sub_item, digest))
+        basic: list[BasicCredential] = []
+        if "basic" in f:
+            for sub_item in self.one_or_many(f["basic"]):
+                b = self.fields(sub_item, ("user", "bcrypt"), ("user", "bcrypt"))
+                if b is None or "user" not in b or "bcrypt" not in b:
+                    continue
+                user = self.string(b["user"])
+                if user is not None and ":" in user:
+                    self.error(b["user"].src, b["user"].key, "a basic auth user cannot contain ':'")
+                    user = None
+                hashed = self.bcrypt_hash(b["bcrypt"])
+                if user is not None and hashed is not None and self.basic_user(name, b["user"]):
+                    basic.append(BasicCredential(user, hashed))
+        if not any(k in f for k in ("cert", "bearer_sha256", "bearer_file", "basic")):
             self.warn(item.src, item.key, "identity has no credential and can never match")
         roles = frozenset(self.strings(f["roles"]) or ()) if "roles" in f else frozenset()
-        return Identity(name=name, cert=tuple(matches), roles=roles)
+        return Identity(
+            name=name,
+            cert=tuple(matches),
+            roles=roles,
+            bearer_sha256=tuple(dict.fromkeys(bearer)),
+            basic=tuple(basic),
+        )
+
+    def one_or_many(self, item: _Item) -> list[_Item]:
+        """A value that may be given once, or as a list: its items, each with its key."""
+        if isinstance(item.value, list):
+            if not item.value:
+                self.error(item.src, item.key, "must not be an empty list")
+            return [_Item(v, item.src, f"{item.key}[{i}]") for i, v in enumerate(item.value)]
+        return [item]
+
+    def sha256_hex(self, item: _Item) -> str | None:
+        """A SHA-256 digest written as 64 hexadecimal characters; returned in lower case."""
+        text = item.value
+        if not isinstance(text, str) or not _SHA256_HEX.match(text):
+            self.error(
+                item.src,
+                item.key,
+                "must be a SHA-256 digest: 64 hexadecimal characters"
+                + (f" (this has {len(text)})" if isinstance(text, str) else ""),
+            )
+            return None
+        return text.lower()
+
+    def token_file(self, item: _Item) -> bytes | None:
+        """Read a bearer token file (the token itself) and return the SHA-256 of the token;
+        the token is not kept."""
+        path = self.existing_file(item)
+        if path is None:
+            return None
+        try:
+            token = path.read_bytes().strip()
+            mode = path.stat().st_mode
+        except OSError as e:
+            self.error(item.src, item.key, f"cannot read {path}: {e.strerror or e}")
+            return None
+        if not token:
+            self.error(item.src, item.key, f"token file {path} is empty")
+            return None
+        if not _TOKEN_TEXT.match(token):
+            self.error(
+                item.src,
+                item.key,
+                f"token file {path} must hold one token of visible ASCII characters "
+                "(no spaces or line breaks inside it)",
+            )
+            return None
+        if mode & 0o044:
+            self.warn(
+                item.src,
+                item.key,
+                f"token file {path} is readable by group or others; chmod 600 it",
+            )
+        return hashlib.sha256(token).digest()
+
+    def bearer(self, name: str, item: _Item, digest: bytes) -> bytes:
+        """Note a bearer token digest of identity ``name``; one token names one identity."""
+        first = self._bearer_seen.setdefault(digest, (name, item))
+        if first[0] != name:
+            self.error(
+                item.src,
+                item.key,
+                f"the same bearer token is configured for identity {first[0]!r} "
+                f"(at {first[1].src.file}:{first[1].src.line(first[1].key)})",
+            )
+        return digest
+
+    def basic_user(self, name: str, item: _Item) -> bool:
+        """Note a basic-auth user of identity ``name``; one user names one identity."""
+        user = str(item.value)
+        first = self._users_seen.setdefault(user, (name, item))
+        if first[1] is not item:
+            self.error(
+                item.src,
+                item.key,
+                f"basic auth user {user!r} is already configured for identity {first[0]!r} "
+                f"(at {first[1].src.file}:{first[1].src.line(first[1].key)})",
+            )
+            return False
+        return True
+
+    def bcrypt_hash(self, item: _Item) -> bytes | None:
+        text = item.value
+        if not isinstance(text, str) or not _BCRYPT.match(text):
+            self.error(
+                item.src,
+                item.key,
+                "must be a bcrypt hash: $2a$, $2b$ or $2y$, a cost from 04 to 31, "
+                "then 53 characters of salt and hash (htpasswd -nBC 10 USER makes one)",
+            )
+            return None
+        if int(text[4:6]) > _BCRYPT_SLOW_COST:
+            self.warn(
+                item.src,
+                item.key,
+                f"bcrypt cost {int(text[4:6])}: each new login costs seconds of CPU "
+                f"(at most {_BCRYPT_SLOW_COST} is usual)",
+            )
+        return text.encode("ascii")
+
+    def web_config_identities(self, known: dict[str, _Item]) -> dict[str, Identity]:
+        """Identities from exporter-toolkit ``web-config.yml`` files: each user of
+        ``basic_auth_users`` becomes an identity of that name, with the entry's roles."""
+        out: dict[str, Identity] = {}
+        for item in self.web_configs:
+            f = self.fields(item, ("path", "roles"), ("path",))
+            if f is None or "path" not in f:
+                continue
+            roles = frozenset(self.strings(f["roles"]) or ()) if "roles" in f else frozenset()
+            path = self.existing_file(f["path"])
+            if path is None:
+                continue
+            parsed = _parse_file(path, self.errors)
+            if parsed is None:
+                continue
+            data, src = parsed
+            self.files.append(path)
+            if data is None:
+                data = {}
+            if not isinstance(data, dict):
+                self.error(src, "", "a web-config.yml file is a mapping")
+                continue
+            for key in data:
+                if key not in _WEB_CONFIG_KEYS:
+                    self.error(
+                        src, key, f"unknown key (expected one of: {', '.join(_WEB_CONFIG_KEYS)})"
+                    )
+                elif key != "basic_auth_users":
+                    self.warn(
+                        src,
+                        key,
+                        "ignored: promgate's own listener settings apply "
+                        "(only basic_auth_users is used)",
+                    )
+            users = data.get("basic_auth_users")
+            if users is None:
+                self.warn(src, "", "no basic_auth_users: this file adds no identity")
+                continue
+            if not isinstance(users, dict):
+                self.error(
+                    src, "basic_auth_users", "must be a mapping of user names to bcrypt hashes"
+                )
+                continue
+            for user, hashed in users.items():
+                key = f"basic_auth_users.{user}"
+                user_item = _Item(user, src, key)
+                if not _NAME.match(user):
+                    self.error(
+                        src,
+                        key,
+                        "the user becomes an identity of that name: use letters, digits, "
+                        "'_', '.', '-' (at most 63)",
+                    )
+                    continue
+                first = known.get(user)
+                if first is not None:
+                    self.error(
+                        src,
+                        key,
+                        f"identity {user!r} defined twice "
+                        f"(first at {first.src.file}:{first.src.line(first.key)})",
+                    )
+                    continue
+                known[user] = user_item
+                digest = self.bcrypt_hash(_Item(hashed, src, key))
+                if digest is None or not self.basic_user(user, user_item):
+                    continue
+                out[user] = Identity(name=user, roles=roles, basic=(BasicCredential(user, digest),))
+        return out
 
     def route(self, name: str, item: _Item, templates: dict[str, _Item]) -> Route | None:
         allowed = _ROUTE_KEYS | {"template", "targets"}
@@ -594,6 +1070,9 @@ class _Loader:
                     self.error(item.src, own["template"].key, f"undefined template {tname!r}")
                 else:
                     tfields = self.fields(templates[tname], _ROUTE_KEYS) or {}
+                    if any(k in own for k in _UPSTREAM_AUTH_KEYS):
+                        # The route's own credentials replace the template's, whatever kind.
+                        tfields = {k: v for k, v in tfields.items() if k not in _UPSTREAM_AUTH_KEYS}
                     merged.update(tfields)
         merged.update({k: v for k, v in own.items() if k != "template"})
 
@@ -645,39 +1124,244 @@ class _Loader:
                 self.positive(merged["max_response_size"], parse_size) or DEFAULT_MAX_RESPONSE
             )
         if "tls" in merged:
-            t = self.fields(merged["tls"], ("ca", "server_name"))
-            if t is not None:
-                ca = self.existing_file(t["ca"]) if "ca" in t else None
-                if ca is not None:
-                    self._certificates(t["ca"], ca)
-                server_name = self.string(t["server_name"]) if "server_name" in t else None
-                kw["upstream_tls"] = UpstreamTLS(ca=ca, server_name=server_name)
+            upstream_tls = self.upstream_tls(merged["tls"])
+            if upstream_tls is not None:
+                kw["upstream_tls"] = upstream_tls
                 if kw.get("scheme") != "https":
                     self.warn(
                         merged["tls"].src,
                         merged["tls"].key,
                         "tls settings are ignored unless scheme is https",
                     )
+        given = [(k, merged[k]) for k in _UPSTREAM_AUTH_KEYS if k in merged]
+        if len(given) > 1:
+            second = given[1][1]
+            self.error(second.src, second.key, "give at most one of authorization and basic_auth")
+        elif given:
+            kind, auth_item = given[0]
+            auth = (
+                self.authorization(auth_item)
+                if kind == "authorization"
+                else self.basic_auth(auth_item)
+            )
+            kw["upstream_auth"] = auth
+            if auth is not None and kw.get("scheme") != "https":
+                self.warn(
+                    auth_item.src,
+                    auth_item.key,
+                    "upstream credentials are sent in clear text unless scheme is https",
+                )
         if "labels" in merged:
             kw["labels"] = self.labels(merged["labels"])
         targets = self.targets(merged["targets"]) if "targets" in merged else []
         return Route(name=name, targets=tuple(targets), **kw)
 
+    # -- upstream TLS and credentials (per route) ---------------------------------------
+
+    def upstream_tls(self, item: _Item) -> UpstreamTLS | None:
+        """A route's ``tls``: how the upstream is verified, and the client certificate shown."""
+        t = self.fields(item, ("ca", "server_name", "cert", "key", "identity"))
+        if t is None:
+            return None
+        ca = self.existing_file(t["ca"]) if "ca" in t else None
+        if ca is not None:
+            self._certificates(t["ca"], ca)
+        server_name = self.string(t["server_name"]) if "server_name" in t else None
+        cert = key = None
+        if "cert" in t and "key" not in t:
+            self.error(item.src, t["cert"].key, "a client certificate needs its 'key'")
+        elif "key" in t and "cert" not in t:
+            self.error(item.src, t["key"].key, "a client key needs its 'cert'")
+        elif "cert" in t:
+            cert, key = self.client_certificate(t["cert"], t["key"])
+        identity = self.upstream_identity(t["identity"]) if "identity" in t else None
+        return UpstreamTLS(ca=ca, server_name=server_name, cert=cert, key=key, identity=identity)
+
+    def client_certificate(
+        self, cert_item: _Item, key_item: _Item
+    ) -> tuple[Path | None, Path | None]:
+        """The certificate and key the gateway shows an upstream: both parse, and match."""
+        cert_path = self.existing_file(cert_item)
+        key_path = self.existing_file(key_item)
+        if cert_path is None or key_path is None:
+            return cert_path, key_path
+        certs = self._certificates(cert_item, cert_path)
+        key = self._private_key(key_item, key_path)
+        if not certs or key is None:
+            return cert_path, key_path
+        der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if certs[0].public_key().public_bytes(der, spki) != key.public_key().public_bytes(
+            der, spki
+        ):
+            self.error(
+                key_item.src, key_item.key, f"key {key_path} does not match certificate {cert_path}"
+            )
+            return cert_path, key_path
+        try:
+            usage = certs[0].extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            return cert_path, key_path
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+            self.warn(
+                cert_item.src,
+                cert_item.key,
+                f"{cert_path}: extended key usage lacks clientAuth; upstreams will refuse it",
+            )
+        return cert_path, key_path
+
+    def upstream_identity(self, item: _Item) -> UpstreamIdentity | None:
+        """``{dns: NAME}`` or ``{uri: URI}``: what the upstream's certificate must name."""
+        f = self.fields(item, ("dns", "uri"))
+        if f is None:
+            return None
+        if len(f) != 1:
+            self.error(item.src, item.key, "give exactly one of dns, uri")
+            return None
+        ((kind, value),) = f.items()
+        text = self.string(value)
+        if text is None:
+            return None
+        if kind == "dns":
+            try:
+                DNS_ID(text)
+            except ValueError:
+                self.error(
+                    value.src, value.key, "must be a DNS name (no wildcard, not an IP address)"
+                )
+                return None
+            return UpstreamIdentity(dns=text)
+        if not _URI.fullmatch(text):
+            self.error(
+                value.src,
+                value.key,
+                "must be an absolute URI such as spiffe://example.org/ns/prod/sa/exporter",
+            )
+            return None
+        return UpstreamIdentity(uri=text)
+
+    def authorization(self, item: _Item) -> UpstreamAuth | None:
+        """``authorization: {type, credentials_file}``, as in a Prometheus scrape config."""
+        f = self.fields(item, ("type", "credentials_file", "credentials"))
+        if f is None:
+            return None
+        scheme = "Bearer"
+        if "type" in f:
+            text = self.string(f["type"])
+            if text is None:
+                return None
+            if not _AUTH_SCHEME.fullmatch(text):
+                self.error(
+                    f["type"].src, f["type"].key, "must be an HTTP auth scheme such as Bearer"
+                )
+                return None
+            if text.lower() == "basic":
+                self.error(
+                    f["type"].src,
+                    f["type"].key,
+                    "Basic credentials are written as basic_auth (username, password_file)",
+                )
+                return None
+            scheme = text
+        if "credentials" in f:
+            self.error(
+                f["credentials"].src,
+                f["credentials"].key,
+                "secrets are not written into the configuration; "
+                "put the token in a file and name it with credentials_file",
+            )
+            return None
+        if "credentials_file" not in f:
+            self.error(item.src, item.key, "missing required key 'credentials_file'")
+            return None
+        secret = self.secret_file(f["credentials_file"])
+        if secret is None:
+            return None
+        path, token = secret
+        if not _AUTH_CREDENTIALS.fullmatch(token):
+            self.error(
+                f["credentials_file"].src,
+                f["credentials_file"].key,
+                f"{path}: the credentials must be one line of printable ASCII without spaces",
+            )
+            return None
+        header = b"Authorization: %s %s\r\n" % (scheme.encode("ascii"), token.encode("ascii"))
+        return UpstreamAuth(scheme=scheme, source=path, header=header)
+
+    def basic_auth(self, item: _Item) -> UpstreamAuth | None:
+        """``basic_auth: {username, password_file}``, as in a Prometheus scrape config."""
+        f = self.fields(item, ("username", "password_file", "password"), ("username",))
+        if f is None:
+            return None
+        username = self.string(f["username"]) if "username" in f else None
+        if username is not None and (
+            ":" in username or any(ord(c) < 0x20 or ord(c) == 0x7F for c in username)
+        ):
+            self.error(
+                f["username"].src,
+                f["username"].key,
+                "must not contain ':' or control characters",
+            )
+            username = None
+        secret = None
+        if "password" in f:
+            self.error(
+                f["password"].src,
+                f["password"].key,
+                "secrets are not written into the configuration; "
+                "put the password in a file and name it with password_file",
+            )
+        elif "password_file" not in f:
+            self.error(item.src, item.key, "missing required key 'password_file'")
+        else:
+            secret = self.secret_file(f["password_file"])
+        if username is None or secret is None:
+            return None
+        path, password = secret
+        token = base64.b64encode(f"{username}:{password}".encode())
+        return UpstreamAuth(
+            scheme="Basic", source=path, header=b"Authorization: Basic " + token + b"\r\n"
+        )
+
+    def secret_file(self, item: _Item) -> tuple[Path, str] | None:
+        """A credentials file's text, surrounding whitespace stripped; never empty.
+
+        Problems name the file, never what is in it.
+        """
+        path = self.existing_file(item)
+        if path is None:
+            return None
+        try:
+            text = path.read_bytes().decode("utf-8").strip()  # no newline translation
+            mode = path.stat().st_mode
+        except OSError as e:
+            self.error(item.src, item.key, f"cannot read {path}: {e.strerror or e}")
+            return None
+        except UnicodeDecodeError:
+            self.error(item.src, item.key, f"{path} is not UTF-8 text")
+            return None
+        if not text:
+            self.error(item.src, item.key, f"{path} is empty")
+            return None
+        if mode & 0o077:
+            self.warn(item.src, item.key, f"{path} is readable by others; chmod 600 it")
+        return path, text
+
     def upstream_path(self, item: _Item) -> str | None:
+        """A configured path must already be what ``normalize_path`` makes of it: the
+        form a request's ``path=`` is compared in (see docs/policy.md)."""
         path = self.string(item)
         if path is None:
             return None
-        segments = path.split("/")
-        if (
-            not _PATH.match(path)
-            or "//" in path
-            or any(s in (".", "..") for s in segments)
-            or ";" in path
-        ):
+        try:
+            canonical = normalize_path(path)
+        except PathRefused as e:
+            self.error(item.src, item.key, f"must be an absolute path in canonical form: {e}")
+            return None
+        if canonical != path:
             self.error(
                 item.src,
                 item.key,
-                "must be an absolute path with no '.', '..', '//', ';', '?' or '%'",
+                f"must be an absolute path in canonical form: write {canonical!r}",
             )
             return None
         return path
@@ -797,6 +1481,9 @@ class _Loader:
 
     def build(self) -> Config | None:
         self._allow_refs: list[tuple[_Item, tuple[str, ...]]] = []
+        self._tcp_pending: list[
+            tuple[TCPForwarding, list[tuple[str, _Item, _Item | None, bool]]]
+        ] = []
         tls = self.tls_files(self.singletons["tls"]) if "tls" in self.singletons else None
         admin = Admin()
         if "admin" in self.singletons:
@@ -829,6 +1516,7 @@ class _Loader:
             ident = self.identity(name, item)
             if ident is not None:
                 identities[name] = ident
+        identities.update(self.web_config_identities(dict(self.named["identities"])))
         for item in self.named["templates"].values():
             self.fields(item, _ROUTE_KEYS)
         routes = {}
@@ -836,13 +1524,21 @@ class _Loader:
             route = self.route(name, item, self.named["templates"])
             if route is not None:
                 routes[name] = route
+        listeners = self.tcp_destinations(listeners, routes)
         roles = {r for i in identities.values() for r in i.roles}
         for item, allow in self._allow_refs:
             for entry in allow:
                 if entry.startswith("role:"):
                     if entry[5:] not in roles:
                         self.warn(item.src, item.key, f"no identity carries role {entry[5:]!r}")
-                elif entry not in self.named["identities"]:
+                elif entry.startswith("sni:"):  # passthrough tcp connections, by server name
+                    if entry != "sni:*" and _sni_pattern(entry[4:]) is None:
+                        self.error(
+                            item.src,
+                            item.key,
+                            f"{entry!r}: give sni:* or sni: and a server name or *.parent",
+                        )
+                elif entry not in self.named["identities"] and entry not in identities:
                     self.error(item.src, item.key, f"undefined identity {entry!r}")
         audit = None
         if "audit" in self.singletons:
@@ -889,6 +1585,25 @@ def _split_address(text: str) -> tuple[str, int] | None:
 
 
 split_address = _split_address
+
+
+def _filled(
+    resolved: dict[tuple[str, str], Destination], dest: Destination | None
+) -> Destination | None:
+    """``dest`` with the target the route check found for it."""
+    if dest is None:
+        return None
+    return resolved.get((dest.route, dest.target), dest)
+
+
+def _sni_pattern(text: str) -> str | None:
+    """A server name or ``*.parent`` as tcp listeners compare them (lower case, no final
+    dot), or None if it is neither."""
+    name = text.lower().rstrip(".")
+    rest = name[2:] if name.startswith("*.") else name
+    if not rest or "*" in rest or not _HOSTNAME.match(rest):
+        return None
+    return name
 
 
 def check_config(path: str | Path) -> tuple[Config | None, list[Problem], list[Problem]]:

@@ -31,6 +31,33 @@ class Deadlines:
     request_head: float = 10.0
     keepalive_idle: float = 120.0
     upstream_connect: float = 5.0
+    #: A CONNECT tunnel (forward listeners) or a tcp listener's connection with no byte
+    #: either way for this long is closed.
+    tunnel_idle: float = 300.0
+
+
+@attrs.frozen
+class Destination:
+    """Where a ``tcp`` listener sends a connection: a route and one of its targets."""
+
+    route: str
+    target: str
+
+
+@attrs.frozen
+class TCPForwarding:
+    """The settings of a ``protocol: tcp`` listener.
+
+    Exactly one of ``destination`` (the listener's ``route``) and ``sni`` (server name, or
+    ``*.suffix`` pattern, to destination) is set; ``sni_default`` takes the connections whose
+    server name is missing or not in ``sni``.
+    """
+
+    mode: str = "terminate"  # "terminate" or "passthrough"
+    destination: Destination | None = None
+    sni: Mapping[str, Destination] = attrs.field(factory=dict)
+    sni_default: Destination | None = None
+    proxy_protocol: str | None = None  # "v2"
 
 
 @attrs.frozen
@@ -43,6 +70,7 @@ class Listener:
     tls: TLSFiles | None
     advertise: str | None = None
     deadlines: Deadlines = Deadlines()
+    tcp: TCPForwarding | None = None
 
 
 @attrs.frozen
@@ -52,15 +80,31 @@ class CertMatch:
     cn: str | None = None
     dns: str | None = None
     uri: str | None = None
+    #: SHA-256 of the certificate's DER SubjectPublicKeyInfo, lower-case hex.
+    spki_sha256: str | None = None
+
+
+@attrs.frozen
+class BasicCredential:
+    """A basic-auth user and its bcrypt hash (exporter-toolkit ``web-config.yml`` format)."""
+
+    user: str
+    bcrypt: bytes = attrs.field(repr=False)
 
 
 @attrs.frozen
 class Identity:
-    """A named caller, how to recognise it, and the roles it carries."""
+    """A named caller, how to recognise it, and the roles it carries.
+
+    Bearer tokens are kept only as SHA-256 digests, never in clear; digests and bcrypt
+    hashes stay out of ``repr`` so that they never reach a log.
+    """
 
     name: str
     cert: tuple[CertMatch, ...] = ()
     roles: frozenset[str] = frozenset()
+    bearer_sha256: tuple[bytes, ...] = attrs.field(default=(), repr=False)
+    basic: tuple[BasicCredential, ...] = ()
 
 
 @attrs.frozen
@@ -74,11 +118,39 @@ class Limits:
 
 
 @attrs.frozen
+class UpstreamIdentity:
+    """The identity an ``https`` upstream's certificate must carry; exactly one field is set.
+
+    ``dns`` is checked as a host name (service_identity); ``uri`` must equal one of the
+    certificate's URI subject alternative names exactly (a SPIFFE ID, for instance).
+    """
+
+    dns: str | None = None
+    uri: str | None = None
+
+
+@attrs.frozen
 class UpstreamTLS:
-    """How the gateway verifies an ``https`` upstream."""
+    """How the gateway verifies an ``https`` upstream, and the client certificate it shows."""
 
     ca: Path | None = None
     server_name: str | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    identity: UpstreamIdentity | None = None
+
+
+@attrs.frozen
+class UpstreamAuth:
+    """Credentials the gateway presents to a route's upstream.
+
+    ``header`` is the whole ``Authorization`` header line (CRLF included), built once when
+    the configuration is loaded. It is left out of ``repr`` so that it never reaches a log.
+    """
+
+    scheme: str
+    source: Path
+    header: bytes = attrs.field(repr=False)
 
 
 @attrs.frozen
@@ -114,6 +186,7 @@ class Route:
     max_response_size: int = DEFAULT_MAX_RESPONSE
     upstream_tls: UpstreamTLS = UpstreamTLS()
     labels: Mapping[str, str] = attrs.field(factory=dict)
+    upstream_auth: UpstreamAuth | None = None
 
     def has_target(self, address: str) -> bool:
         return any(t.address == address for t in self.targets)

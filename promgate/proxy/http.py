@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from typing import Protocol as TypingProtocol
 from urllib.parse import urlencode
 
 import attrs
 from cryptography import x509
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
 from twisted.internet.interfaces import (
@@ -29,8 +31,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from promgate.audit import AuditEvent, IAuditSink
+from promgate.authn import AUTHN_FAILURES, REFUSED_AT_THE_DOOR, Authenticator
 from promgate.config.model import Config, Identity, Listener, Route, Target
-from promgate.identity import IdentityResolver, Recognition
+from promgate.identity import Recognition
 from promgate.metrics import Metrics
 from promgate.policy import Decision, ScrapePolicy, parse_scrape_query
 from promgate.proxy.http1 import (
@@ -51,7 +54,7 @@ from promgate.proxy.upstream import (
 )
 from promgate.ratelimit import Admission, RateLimiter
 from promgate.sd import render_http_sd
-from promgate.tls import PeerCertificate, handshake_reason, verify_reason
+from promgate.tls import PeerCertificate, UpstreamTLSError, handshake_reason, verify_reason
 
 _PASS_HEADERS = (
     (b"accept", b"Accept"),
@@ -77,6 +80,17 @@ class TLSInfo:
 NO_TLS = TLSInfo()
 
 
+class ClientRelay(TypingProtocol):
+    """What holds a downstream connection while it is busy: an ``Exchange``, or a forward
+    listener's CONNECT tunnel (promgate.proxy.forward). No request is read meanwhile."""
+
+    def client_lost(self, reason: str = "client_aborted") -> None: ...
+
+
+#: The caller of a request abandoned before its credentials were checked.
+_UNCHECKED = Recognition(None, "authn_pending")
+
+
 class ReverseGateway:
     """Routing, authorisation, limits and audit for one ``http`` listener."""
 
@@ -92,6 +106,7 @@ class ReverseGateway:
         audit: IAuditSink,
         metrics: Metrics,
         pool: UpstreamPool,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.listener = listener
         self.name = listener.name
@@ -104,7 +119,8 @@ class ReverseGateway:
         self.metrics = metrics
         self.pool = pool
         self.policy = ScrapePolicy(config.routes)
-        self.resolver = IdentityResolver(config.identities)
+        self.authenticator = authenticator or Authenticator(config.identities)
+        self.resolver = self.authenticator.resolver
         self.open_connections = metrics.open_connections.labels(listener.name)
         self.connections = metrics.connections.labels(listener.name)
         self.open: set[DownstreamProtocol] = set()
@@ -132,22 +148,92 @@ class ReverseGateway:
                 b"only GET and HEAD\n",
                 extra=((b"Allow", b"GET, HEAD"),),
             )
-        elif path == b"/scrape":
-            self.scrape(conn, req, query, start)
-        elif path == b"/sd":
-            self.service_discovery(conn, req, start)
+        elif path == b"/scrape" or path == b"/sd":
+            header = req.headers.get(b"authorization")
+            if header is None:
+                # The usual case: the certificate, recognised once at the handshake.
+                self.serve(conn, req, path, query, start, conn.recognition)
+            else:
+                self.authenticate(conn, req, path, query, start, header)
         else:
             self.refuse(conn, req, start, 404, "not_found", b"not found\n")
 
+    def authenticate(
+        self,
+        conn: DownstreamProtocol,
+        req: RequestHead,
+        path: bytes,
+        query: bytes,
+        start: float,
+        header: bytes,
+    ) -> None:
+        """Check an ``Authorization`` header, then serve. A bcrypt check runs in a thread;
+        meanwhile the connection reads no further request."""
+        result = self.authenticator.authenticate(conn.recognition, header)
+        if not isinstance(result, Deferred):
+            self.serve(conn, req, path, query, start, result)
+            return
+        conn.begin_authentication(req, start)
+
+        def authenticated(recognition: Recognition) -> None:
+            if conn.end_authentication():
+                self.serve(conn, req, path, query, start, recognition)
+
+        result.addCallback(authenticated).addErrback(
+            lambda f: self.log.failure("serving after authentication", f)
+        )
+
+    def serve(
+        self,
+        conn: DownstreamProtocol,
+        req: RequestHead,
+        path: bytes,
+        query: bytes,
+        start: float,
+        recognition: Recognition,
+    ) -> None:
+        """Answer ``/scrape`` or ``/sd`` for a caller recognised as ``recognition``."""
+        if recognition.identity is None and recognition.reason in REFUSED_AT_THE_DOOR:
+            status = REFUSED_AT_THE_DOOR[recognition.reason]
+            self.refuse(
+                conn,
+                req,
+                start,
+                status,
+                recognition.reason,
+                b"unauthorized\n" if status == 401 else b"forbidden\n",
+                extra=self.authenticator.challenges if status == 401 else (),
+                rule=recognition.detail,
+                recognition=recognition,
+            )
+        elif path == b"/scrape":
+            self.scrape(conn, req, query, start, recognition)
+        else:
+            self.service_discovery(conn, req, start, recognition)
+
     def scrape(
-        self, conn: DownstreamProtocol, req: RequestHead, query: bytes, start: float
+        self,
+        conn: DownstreamProtocol,
+        req: RequestHead,
+        query: bytes,
+        start: float,
+        recognition: Recognition,
     ) -> None:
         parsed = parse_scrape_query(query)
         if isinstance(parsed, Decision):
-            self.refuse(conn, req, start, parsed.status, parsed.reason, parsed.body)
+            self.refuse(
+                conn,
+                req,
+                start,
+                parsed.status,
+                parsed.reason,
+                parsed.body,
+                rule=parsed.rule,
+                recognition=recognition,
+            )
             return
-        decision = self.policy.decide(conn.recognition, parsed)
-        route, target, identity = decision.route, decision.target, conn.recognition.identity
+        decision = self.policy.decide(recognition, parsed)
+        route, target, identity = decision.route, decision.target, recognition.identity
         if not decision.allowed or route is None or target is None or identity is None:
             self.refuse(
                 conn,
@@ -158,6 +244,8 @@ class ReverseGateway:
                 decision.body,
                 route=route,
                 target=parsed.target,
+                rule=decision.rule,
+                recognition=recognition,
             )
             return
         address = target.address
@@ -174,6 +262,7 @@ class ReverseGateway:
                 route=route,
                 target=address,
                 extra=((b"Retry-After", RateLimiter.retry_after_header(admission).encode()),),
+                recognition=recognition,
             )
             return
         if self.deny_unaudited and not self.audit.healthy:
@@ -187,24 +276,54 @@ class ReverseGateway:
                 b"audit log unavailable\n",
                 route=route,
                 target=address,
+                recognition=recognition,
             )
             return
         Exchange(
-            self, conn, req, route, target, identity, decision.path or "", decision.params, start
+            self,
+            conn,
+            req,
+            route,
+            target,
+            identity,
+            decision.path or "",
+            decision.params,
+            start,
+            recognition=recognition,
         ).start()
 
-    def service_discovery(self, conn: DownstreamProtocol, req: RequestHead, start: float) -> None:
-        identity = conn.recognition.identity
+    def service_discovery(
+        self, conn: DownstreamProtocol, req: RequestHead, start: float, recognition: Recognition
+    ) -> None:
+        identity = recognition.identity
         if identity is None:
-            self.refuse(conn, req, start, 403, conn.recognition.reason, b"forbidden\n")
+            self.refuse(
+                conn, req, start, 403, recognition.reason, b"forbidden\n", recognition=recognition
+            )
             return
         if self.deny_unaudited and not self.audit.healthy:
-            self.refuse(conn, req, start, 503, "audit_unavailable", b"audit log unavailable\n")
+            self.refuse(
+                conn,
+                req,
+                start,
+                503,
+                "audit_unavailable",
+                b"audit log unavailable\n",
+                recognition=recognition,
+            )
             return
         routes = self.policy.visible_routes(identity)
         body = render_http_sd(routes, self.advertise(conn, req), "https" if self.tls else "http")
         self.answer(
-            conn, req, start, 200, "ok", body, decision="allow", content_type=b"application/json"
+            conn,
+            req,
+            start,
+            200,
+            "ok",
+            body,
+            decision="allow",
+            content_type=b"application/json",
+            recognition=recognition,
         )
 
     def advertise(self, conn: DownstreamProtocol, req: RequestHead) -> str:
@@ -230,9 +349,15 @@ class ReverseGateway:
         route: Route | None = None,
         target: str | None = None,
         extra: tuple[tuple[bytes, bytes], ...] = (),
+        rule: str | None = None,
+        recognition: Recognition | None = None,
     ) -> None:
+        """Answer with a refusal; ``rule`` (the policy rule that decided) goes to the audit
+        record's ``detail``."""
         route_label = route.name if route is not None else ""
         self.metrics.denied.labels(self.name, route_label, reason).inc()
+        if reason in AUTHN_FAILURES:
+            self.metrics.authn_failures.labels(self.name, reason).inc()
         self.answer(
             conn,
             req,
@@ -244,6 +369,8 @@ class ReverseGateway:
             route=route,
             target=target,
             extra=extra,
+            detail=rule,
+            recognition=recognition,
         )
 
     def answer(
@@ -260,6 +387,8 @@ class ReverseGateway:
         target: str | None = None,
         extra: tuple[tuple[bytes, bytes], ...] = (),
         content_type: bytes = b"text/plain; charset=utf-8",
+        detail: str | None = None,
+        recognition: Recognition | None = None,
     ) -> None:
         keep_alive = (
             req is not None and req.keep_alive and status < 500 and status not in (400, 408)
@@ -284,6 +413,8 @@ class ReverseGateway:
             route=route,
             target=target,
             bytes_out=len(data),
+            detail=detail,
+            recognition=recognition,
         )
         conn.request_done(keep_alive)
 
@@ -300,8 +431,11 @@ class ReverseGateway:
         target: str | None = None,
         path: str | None = None,
         bytes_out: int = 0,
+        detail: str | None = None,
+        recognition: Recognition | None = None,
     ) -> None:
-        """Audit and count one answered (or abandoned) request."""
+        """Audit and count one answered (or abandoned) request. ``recognition`` is the
+        request's caller (its connection's certificate unless said otherwise)."""
         now = self.clock.seconds()
         route_label = route.name if route is not None else ""
         counters = self.metrics.route(self.name, route_label)
@@ -315,7 +449,7 @@ class ReverseGateway:
             path = req.target.decode("latin-1")
         tls = conn.tls_info
         peer = tls.peer
-        identity = conn.recognition.identity
+        identity = (recognition or conn.recognition).identity
         self.audit.record(
             AuditEvent(
                 event="request",
@@ -336,6 +470,7 @@ class ReverseGateway:
                 bytes_in=bytes_in,
                 bytes_out=bytes_out,
                 duration=now - start,
+                detail=detail,
             )
         )
 
@@ -373,6 +508,8 @@ class Exchange:
         upstream_path: str,
         params: tuple[tuple[str, str], ...],
         start: float,
+        *,
+        recognition: Recognition | None = None,
     ) -> None:
         self.gw = gw
         self.conn = conn
@@ -380,6 +517,7 @@ class Exchange:
         self.route = route
         self.target = target
         self.identity = identity
+        self.recognition = recognition
         self.path = upstream_path
         self.params = params
         self.start_time = start
@@ -430,7 +568,7 @@ class Exchange:
             return
         if failure.check(TimeoutError):
             self._fail(504, "upstream_timeout", "upstream connect timed out")
-        elif failure.check(SSL.Error):
+        elif failure.check(SSL.Error, VerificationError, UpstreamTLSError):
             self._fail(502, "upstream_tls_failed", f"upstream TLS: {failure.getErrorMessage()}")
         elif failure.check(ConnectError):
             self._fail(502, "upstream_refused", failure.getErrorMessage())
@@ -457,6 +595,9 @@ class Exchange:
             value = headers.get(lname)
             if value is not None:
                 lines.append(name + b": " + value + b"\r\n")
+        auth = self.route.upstream_auth
+        if auth is not None:
+            lines.append(auth.header)  # the route's own credentials, never the client's
         lines.append(b"\r\n")
         self.upstream_start = self.gw.clock.seconds()
         upstream.send(
@@ -604,6 +745,7 @@ class Exchange:
             target=self.target.address,
             path=self.path,
             bytes_out=self.bytes_out,
+            recognition=self.recognition,
         )
         if client_gone:
             return
@@ -632,7 +774,7 @@ class DownstreamProtocol(Protocol):
         self.tls_info = NO_TLS
         self.recognition = Recognition(None, "no_credentials")
         self._buf = b""
-        self._exchange: Exchange | None = None
+        self._exchange: ClientRelay | None = None
         self._upstream: UpstreamProtocol | None = None
         self._timer: IDelayedCall | None = None
         self._timer_kind = ""
@@ -645,6 +787,8 @@ class DownstreamProtocol(Protocol):
         self._processing = False
         self._shutdown = False
         self._reading_paused = False
+        #: The request whose credentials are being checked (bcrypt, in a thread), if any.
+        self._authenticating: tuple[RequestHead, float] | None = None
 
     # -- Twisted callbacks ---------------------------------------------------------------
 
@@ -660,6 +804,7 @@ class DownstreamProtocol(Protocol):
         if self.gw.tls:
             self._arm(self.gw.deadlines.tls_handshake, "handshake")
         else:
+            self.recognition = self.gw.authenticator.for_connection(None)
             self._became_ready()
 
     def handshakeCompleted(self) -> None:
@@ -668,7 +813,7 @@ class DownstreamProtocol(Protocol):
         cert = handle.get_peer_certificate(as_cryptography=True)
         peer = PeerCertificate.from_x509(cert) if cert is not None else None
         self.tls_info = TLSInfo(handle.get_protocol_version_name(), handle.get_cipher_name(), peer)
-        self.recognition = self.gw.resolver.for_certificate(peer)
+        self.recognition = self.gw.authenticator.for_connection(peer)
         self._became_ready()
 
     def tls_verify_error(self, errno: int, depth: int, cert: x509.Certificate) -> None:
@@ -677,7 +822,7 @@ class DownstreamProtocol(Protocol):
             self._verify_error = (verify_reason(errno), PeerCertificate.from_x509(cert))
 
     def dataReceived(self, data: bytes) -> None:
-        if self._exchange is not None or self._closing:
+        if self._exchange is not None or self._closing or self._authenticating is not None:
             # Pipelined (or post-close) bytes wait; stop reading only if they pile up, so
             # the usual one-request-at-a-time client costs no pause/resume syscalls.
             self._buf += data
@@ -703,6 +848,20 @@ class DownstreamProtocol(Protocol):
         elif self._exchange is not None:
             exchange, self._exchange = self._exchange, None
             exchange.client_lost("gateway_shutdown" if self._shutdown else "client_aborted")
+        elif self._authenticating is not None:
+            # Audited now, not when the check ends: the audit log may be closing.
+            req, start = self._authenticating
+            self._authenticating = None
+            self.gw.record(
+                self,
+                req,
+                start,
+                None,
+                "gateway_shutdown" if self._shutdown else "client_aborted",
+                "deny",
+                detail="connection lost while credentials were being checked",
+                recognition=_UNCHECKED,
+            )
         elif self._buf.strip() and (not self._closing or self._shutdown):
             self.gw.record(
                 self,
@@ -741,8 +900,19 @@ class DownstreamProtocol(Protocol):
             assert self.transport is not None
             self.transport.writeSequence(data)
 
-    def begin_exchange(self, exchange: Exchange) -> None:
+    def begin_exchange(self, exchange: ClientRelay) -> None:
         self._exchange = exchange
+
+    def begin_authentication(self, req: RequestHead, start: float) -> None:
+        """Credentials of ``req`` are being checked: read no further request meanwhile."""
+        self._authenticating = (req, start)
+
+    def end_authentication(self) -> bool:
+        """The check is over; False if the connection was lost meanwhile (and audited)."""
+        if self._authenticating is None:
+            return False
+        self._authenticating = None
+        return not self._lost
 
     def attach_upstream(self, upstream: UpstreamProtocol) -> None:
         self._upstream = upstream
@@ -811,7 +981,12 @@ class DownstreamProtocol(Protocol):
             self._processing = False
 
     def _process_buffer(self) -> None:
-        while self._exchange is None and not self._closing and not self._lost:
+        while (
+            self._exchange is None
+            and self._authenticating is None
+            and not self._closing
+            and not self._lost
+        ):
             buf = self._buf
             if buf[:2] == b"\r\n":
                 buf = self._buf = buf.lstrip(b"\r\n")

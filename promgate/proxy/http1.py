@@ -105,6 +105,7 @@ _REASONS = {
     403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    407: b"Proxy Authentication Required",
     408: b"Request Timeout",
     414: b"URI Too Long",
     429: b"Too Many Requests",

@@ -18,7 +18,7 @@ from typing import Protocol as TypingProtocol
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from promgate.config.model import Route, Target
-from promgate.tls import client_options
+from promgate.tls import UpstreamTLSError, client_options
 
 MAX_RESPONSE_HEAD = 64 * 1024
 MAX_RESPONSE_HEADERS = 100
@@ -470,7 +470,11 @@ class UpstreamPool:
         key = (route.name, target.address)
         endpoint: Any = _endpoint(self._reactor, target, self._connect_timeout)
         if route.scheme == "https":
-            endpoint = wrapClientTLS(client_options(target.host, route.upstream_tls), endpoint)
+            try:
+                creator = client_options(target.host, route.upstream_tls)
+            except UpstreamTLSError as e:
+                return fail(e)
+            endpoint = wrapClientTLS(creator, endpoint)
         if self._on_connect is not None:
             self._on_connect(route.name)
         d: Deferred[UpstreamProtocol] = endpoint.connect(_UpstreamFactory(self, key))
