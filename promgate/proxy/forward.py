@@ -38,7 +38,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from promgate.audit import AuditEvent
 from promgate.authn import REFUSED_AT_THE_DOOR
 from promgate.config.loader import split_address
 from promgate.config.model import Config, Identity, Listener, Route, Target
@@ -55,7 +54,7 @@ from promgate.policy import (
     Decision,
     authorize,
 )
-from promgate.proxy.http import DownstreamProtocol, Exchange, ReverseGateway
+from promgate.proxy.http import DownstreamProtocol, Exchange, ReverseGateway, connection_event
 from promgate.proxy.http1 import HTTPError, RequestHead
 from promgate.proxy.upstream import no_delay
 from promgate.ratelimit import RateLimiter
@@ -600,19 +599,13 @@ class ForwardGateway(ReverseGateway):
         counters.bytes_out.inc(tunnel.bytes_out)
         self.metrics.tunnel_duration.labels(self.name, route.name).observe(duration)
         conn = tunnel.conn
-        tls = conn.tls_info
-        peer = tls.peer
-        identity = tunnel.recognition.identity
         self.audit.record(
-            AuditEvent(
-                event="request",
-                listener=self.name,
-                peer=conn.peer,
-                tls_version=tls.version,
-                tls_cipher=tls.cipher,
-                cert_sha256=peer.sha256 if peer is not None else None,
-                cert_subject=peer.subject if peer is not None else None,
-                identity=identity.name if identity is not None else None,
+            connection_event(
+                "request",
+                self.name,
+                conn.peer,
+                conn.tls_info,
+                tunnel.recognition.identity,
                 route=route.name,
                 target=tunnel.target.address,
                 method="CONNECT",

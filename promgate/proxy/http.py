@@ -80,6 +80,40 @@ class TLSInfo:
 NO_TLS = TLSInfo()
 
 
+def handshake_failure_event(
+    listener: str, peer: str, reason: str, detail: str, cert: PeerCertificate | None
+) -> AuditEvent:
+    """The audit event of a refused or failed TLS handshake."""
+    return AuditEvent(
+        event="tls_handshake_failed",
+        listener=listener,
+        peer=peer,
+        cert_sha256=cert.sha256 if cert is not None else None,
+        cert_subject=cert.subject if cert is not None else None,
+        decision="deny",
+        reason=reason,
+        detail=detail,
+    )
+
+
+def connection_event(
+    event: str, listener: str, peer: str, tls: TLSInfo, identity: Identity | None, **fields: Any
+) -> AuditEvent:
+    """An audit event carrying what is known of a client connection: who and how."""
+    cert = tls.peer
+    return AuditEvent(
+        event=event,
+        listener=listener,
+        peer=peer,
+        tls_version=tls.version,
+        tls_cipher=tls.cipher,
+        cert_sha256=cert.sha256 if cert is not None else None,
+        cert_subject=cert.subject if cert is not None else None,
+        identity=identity.name if identity is not None else None,
+        **fields,
+    )
+
+
 class ClientRelay(TypingProtocol):
     """What holds a downstream connection while it is busy: an ``Exchange``, or a forward
     listener's CONNECT tunnel (promgate.proxy.forward). No request is read meanwhile."""
@@ -447,19 +481,14 @@ class ReverseGateway:
         counters.bytes_out.inc(bytes_out)
         if path is None and req is not None:
             path = req.target.decode("latin-1")
-        tls = conn.tls_info
-        peer = tls.peer
         identity = (recognition or conn.recognition).identity
         self.audit.record(
-            AuditEvent(
-                event="request",
-                listener=self.name,
-                peer=conn.peer,
-                tls_version=tls.version,
-                tls_cipher=tls.cipher,
-                cert_sha256=peer.sha256 if peer is not None else None,
-                cert_subject=peer.subject if peer is not None else None,
-                identity=identity.name if identity is not None else None,
+            connection_event(
+                "request",
+                self.name,
+                conn.peer,
+                conn.tls_info,
+                identity,
                 route=route.name if route is not None else None,
                 target=target,
                 method=req.method.decode("latin-1") if req is not None else None,
@@ -478,18 +507,7 @@ class ReverseGateway:
         self, conn: DownstreamProtocol, reason: str, detail: str, cert: PeerCertificate | None
     ) -> None:
         self.metrics.tls_handshake_failures.labels(self.name, reason).inc()
-        self.audit.record(
-            AuditEvent(
-                event="tls_handshake_failed",
-                listener=self.name,
-                peer=conn.peer,
-                cert_sha256=cert.sha256 if cert is not None else None,
-                cert_subject=cert.subject if cert is not None else None,
-                decision="deny",
-                reason=reason,
-                detail=detail,
-            )
-        )
+        self.audit.record(handshake_failure_event(self.name, conn.peer, reason, detail, cert))
 
 
 class Exchange:

@@ -51,12 +51,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from promgate.audit import AuditEvent, IAuditSink
+from promgate.audit import IAuditSink
 from promgate.config.model import Config, Destination, Listener, Route, Target, TCPForwarding
 from promgate.identity import IdentityResolver, Recognition
 from promgate.metrics import Metrics
 from promgate.policy import Verdict, authorize
-from promgate.proxy.http import NO_TLS, TLSInfo
+from promgate.proxy.http import NO_TLS, TLSInfo, connection_event, handshake_failure_event
 from promgate.proxy.proxyproto import (
     PP2_TYPE_AUTHORITY,
     PP2_TYPE_PROMGATE_IDENTITY,
@@ -980,20 +980,15 @@ class TCPGateway:
         self.metrics.tcp_connections.labels(self.name, route_label, reason).inc()
         if tunnel is not None:
             self.metrics.tcp_duration.labels(self.name, route_label).observe(duration)
-        tls = conn.tls_info
-        peer = tls.peer
         recognition = conn.recognition
         identity = recognition.identity if recognition is not None else None
         self.audit.record(
-            AuditEvent(
-                event="connection",
-                listener=self.name,
-                peer=conn.peer,
-                tls_version=tls.version,
-                tls_cipher=tls.cipher,
-                cert_sha256=peer.sha256 if peer is not None else None,
-                cert_subject=peer.subject if peer is not None else None,
-                identity=identity.name if identity is not None else None,
+            connection_event(
+                "connection",
+                self.name,
+                conn.peer,
+                conn.tls_info,
+                identity,
                 route=route.name if route is not None else None,
                 target=target.address if target is not None else None,
                 decision=decision,
@@ -1011,18 +1006,7 @@ class TCPGateway:
     ) -> None:
         self.metrics.tls_handshake_failures.labels(self.name, reason).inc()
         self.metrics.tcp_connections.labels(self.name, "", reason).inc()
-        self.audit.record(
-            AuditEvent(
-                event="tls_handshake_failed",
-                listener=self.name,
-                peer=conn.peer,
-                cert_sha256=cert.sha256 if cert is not None else None,
-                cert_subject=cert.subject if cert is not None else None,
-                decision="deny",
-                reason=reason,
-                detail=detail,
-            )
-        )
+        self.audit.record(handshake_failure_event(self.name, conn.peer, reason, detail, cert))
 
     # -- the PROXY header ----------------------------------------------------------------------
 
