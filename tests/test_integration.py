@@ -1036,3 +1036,49 @@ audit: {{path: {q(audit_log)}, key_file: {q(pki.audit_key)}}}
             if r.get("route") in ("wrong-name", "unknown-ca")
         ]
         self.assertEqual([r["reason"] for r in failed], ["upstream_tls_failed"] * 2)
+
+
+class PathPolicyTests(SynchronousTestCase):
+    """On one route, /metrics passes while /debug/pprof never reaches the exporter."""
+
+    def test_pprof_refused_metrics_passes(self) -> None:
+        """Over real TLS: the listed path is relayed; an unlisted one is 403, a dot-segment
+        trick toward it is 400, and the exporter only ever sees /metrics."""
+        directory = workdir("path-policy")
+        pki = TestPKI(directory / "pki")
+        exporter = FakeExporter({"/metrics": b"up 1\n", "/debug/pprof": b"secret profile\n"})
+        self.addCleanup(exporter.stop)
+        audit_log = directory / "audit.jsonl"
+        config = (
+            tls_section(pki)
+            + 'admin: {endpoint: "tcp:0:interface=127.0.0.1"}\n'
+            + 'listeners:\n  - {name: scrape, endpoint: "tcp:0:interface=127.0.0.1"}\n'
+            + IDENTITIES
+            + f"""
+routes:
+  node: {{allow: ["role:scraper"], paths: [/metrics], targets: {{static: ["{exporter.address}"]}}}}
+audit: {{path: {q(audit_log)}, key_file: {q(pki.audit_key)}}}
+"""
+        )
+        gateway = GatewayProcess(directory / "gateway", config)
+        self.addCleanup(gateway.stop)
+        gateway.start()
+        context = pki.client_context("prometheus")
+        target = exporter.address
+
+        def status(path: str | None) -> int:
+            return gateway.get("scrape", scrape_path("node", target, path), context).status
+
+        self.assertEqual(status(None), 200)
+        self.assertEqual(status("/metrics"), 200)
+        self.assertEqual(status("/debug/pprof"), 403)
+        for trick in ("/metrics/../debug/pprof", "/metrics/%2e%2e/debug/pprof", "//debug/pprof"):
+            self.assertEqual(status(trick), 400, trick)
+        self.assertEqual({t.split("?")[0] for t, _ in exporter.requests}, {"/metrics"})
+        gateway.stop()
+        reasons = [
+            (r["status"], r["reason"])
+            for r in gateway.audit_records(audit_log)
+            if r["event"] == "request" and r["status"] != 200
+        ]
+        self.assertEqual(reasons, [(403, "path_refused")] + [(400, "path_refused")] * 3)
