@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from promgate import __version__
 
@@ -22,12 +23,49 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"{args.file}: {len(errors)} error(s); configuration is NOT valid", file=sys.stderr)
         return 1
     targets = sum(len(r.targets) for r in config.routes.values())
+    discovered = sum(len(r.providers) for r in config.routes.values())
     print(
         f"{args.file}: OK: {len(config.files)} file(s), {len(config.listeners)} listener(s), "
         f"{len(config.identities)} identit{'y' if len(config.identities) == 1 else 'ies'}, "
-        f"{len(config.routes)} route(s), {targets} target(s), {len(warnings)} warning(s)"
+        f"{len(config.routes)} route(s), {targets} target(s)"
+        + (f", {discovered} discovery provider(s)" if discovered else "")
+        + f", {len(warnings)} warning(s)"
     )
+    if args.resolve:
+        return _resolve(config)
     return 0
+
+
+def _resolve(config: Any) -> int:
+    """Run discovery once and print every route's resulting targets."""
+    from twisted.internet import reactor
+
+    from promgate.discovery import Discovery, resolve_once
+
+    results: list[Any] = []
+
+    def finish(result: object) -> None:
+        results.append(result)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: resolve_once(config.routes, reactor).addBoth(finish))
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
+    discovery = results[0] if results else None
+    if not isinstance(discovery, Discovery):
+        print(f"discovery failed: {discovery}", file=sys.stderr)
+        return 1
+    failed = 0
+    for name in sorted(config.routes):
+        members = discovery.membership.current.get(name, {})
+        print(f"route {name}: {len(members)} target(s)")
+        for target in members.values():
+            labels = ", ".join(f"{k}={v!r}" for k, v in sorted(target.labels.items()))
+            print(f"  {target.address}" + (f"  {{{labels}}}" if labels else ""))
+        for runner in discovery.runners.get(name, []):
+            if runner.last_error is not None:
+                failed += 1
+                print(f"  provider {runner.name} FAILED: {runner.last_error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
@@ -105,6 +143,11 @@ def parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a configuration and its drop-ins")
     check.add_argument("file")
+    check.add_argument(
+        "--resolve",
+        action="store_true",
+        help="also run service discovery once and print every route's targets",
+    )
     check.set_defaults(run=_check_config)
 
     audit = sub.add_parser("audit", help="audit log tools")

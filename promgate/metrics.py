@@ -148,6 +148,32 @@ class Metrics:
             "Time of the last successful configuration load.",
             registry=r,
         )
+        self.discovery_targets = Gauge(
+            "promgate_discovery_targets",
+            "Targets each provider currently gives each route (after the route's selector).",
+            ["route", "provider"],
+            registry=r,
+        )
+        self.discovery_refresh_duration = Histogram(
+            "promgate_discovery_refresh_duration_seconds",
+            "Time taken by discovery refreshes, by provider.",
+            ["provider"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.discovery_failures = Counter(
+            "promgate_discovery_failures",
+            "Discovery refreshes that failed in whole or part (the last good targets are "
+            "kept), by route and provider.",
+            ["route", "provider"],
+            registry=r,
+        )
+        self.discovery_last_success = Gauge(
+            "promgate_discovery_last_success_timestamp_seconds",
+            "Time of the last fully successful discovery refresh, by route and provider.",
+            ["route", "provider"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "promgate_build_info",
             "promgate build information (always 1).",

@@ -133,16 +133,48 @@ def parse_scrape_query(query: bytes) -> ScrapeQuery | Decision:
     return ScrapeQuery(route, target, path, tuple(params.items()))
 
 
+class Membership:
+    """The current targets of every route: the security boundary of ``/scrape``.
+
+    ``current`` maps a route name to its members by address. It is never changed in
+    place: discovery swaps in a new mapping (sharing the unchanged routes' dicts), so a
+    lookup is two dict reads and a reader never sees a half-built set.
+    """
+
+    def __init__(self, routes: Mapping[str, Route]) -> None:
+        self.current: Mapping[str, Mapping[str, Target]] = {
+            name: {t.address: t for t in r.targets} for name, r in routes.items()
+        }
+
+    def replace(self, route: str, members: Mapping[str, Target]) -> None:
+        """Make ``members`` the route's target set, from the next lookup on."""
+        new = dict(self.current)
+        new[route] = members
+        self.current = new
+
+
 class ScrapePolicy:
-    """Routes, their targets, and who may reach which path on them."""
+    """Routes, their targets, and who may reach which path on them.
+
+    Without ``membership`` the targets are the configuration's static ones (what the
+    ``explain`` and ``test-policy`` tools judge); the gateway passes the discovered set.
+    """
 
     def __init__(
-        self, routes: Mapping[str, Route], identities: Mapping[str, Identity] | None = None
+        self,
+        routes: Mapping[str, Route],
+        identities: Mapping[str, Identity] | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self.routes = routes
         #: The configured identities by name (for tools that name the caller).
         self.identities: Mapping[str, Identity] = identities or {}
-        self.targets = {name: {t.address: t for t in r.targets} for name, r in routes.items()}
+        self.membership = membership if membership is not None else Membership(routes)
+
+    @property
+    def targets(self) -> Mapping[str, Mapping[str, Target]]:
+        """Every route's current members by address."""
+        return self.membership.current
 
     def visible_routes(self, identity: Identity) -> list[Route]:
         """The routes ``identity`` may scrape (what ``/sd`` lists for it)."""
@@ -186,7 +218,7 @@ class ScrapePolicy:
         if not verdict.allowed:
             return refuse("allow", 403, verdict.reason, verdict.rule, b"forbidden\n", route)
         checks.append(Check("allow", True, verdict.rule))
-        target = self.targets[route.name].get(query.target)
+        target = self.targets.get(route.name, {}).get(query.target)
         if target is None:
             return refuse(
                 "target",

@@ -21,6 +21,7 @@ from promgate.admin import Readiness, admin_site
 from promgate.audit import AuditEvent, AuditLog, load_key
 from promgate.authn import Authenticator, BcryptThreads
 from promgate.config.model import Config, Listener
+from promgate.discovery import Discovery
 from promgate.metrics import Metrics
 from promgate.proxy.forward import ForwardGateway, ForwardGatewayFactory
 from promgate.proxy.http import ReverseGateway, ReverseGatewayFactory
@@ -59,6 +60,10 @@ class GatewayService(MultiService):
             on_result=self.metrics.audit_result,
         )
         self.audit.setServiceParent(self)  # type: ignore[no-untyped-call]
+        # Discovery starts before the listeners (file_sd is read at once), and keeps the
+        # routes' current targets in one Membership that every listener checks.
+        self.discovery = Discovery(config.routes, reactor, metrics=self.metrics)
+        self.discovery.setServiceParent(self)  # type: ignore[no-untyped-call]
         deny = audit_cfg.on_failure == "deny"
         self.readiness = Readiness(lambda: self.audit.healthy or not deny)
         self.limiter = RateLimiter(reactor)
@@ -83,6 +88,7 @@ class GatewayService(MultiService):
                 metrics=self.metrics,
                 pool=self.pool,
                 authenticator=self.authenticator,
+                membership=self.discovery.membership,
             )
             factory: Any
             if listener.protocol == "forward":

@@ -29,6 +29,7 @@ from promgate.config.model import (
     Limits,
     Listener,
     Route,
+    Selector,
     Target,
     TLSFiles,
 )
@@ -832,26 +833,84 @@ class ValueErrorTests(_ProblemAssertions):
         )
         self.assertIn("forward", problem.message)
 
-    def test_file_sd_not_available(self) -> None:
-        """file_sd and dns_srv discovery are refused as not available yet."""
+    def test_discovery_settings_checked(self) -> None:
+        """Provider and selector settings are checked, each problem at its FILE:LINE: key."""
         text = """\
             routes:
               r:
                 allow: [ops]
                 targets:
-                  static: ['a:1']
-                  file_sd: ["targets/*.json"]
-                  dns_srv: ["_node._tcp.example.org"]
+                  file_sd: {files: ["targets/nodes.txt"], poll_interval: 0s}
+                  dns_srv: {names: ["bad name"], servers: ["dns.example.org"]}
+                  plugin: {name: no-such-plugin}
+                  match: {job: "(unclosed", "bad-label": x}
+                  port: 70000
             """
         errors = self.errors_with("conf.d/zz.yaml", text)
         self.assertProblem(
+            errors, "conf.d/zz.yaml", 5, "routes.r.targets.file_sd.files[0]", "end in .json"
+        )
+        self.assertProblem(
+            errors, "conf.d/zz.yaml", 5, "routes.r.targets.file_sd.poll_interval", "greater than"
+        )
+        self.assertProblem(
+            errors, "conf.d/zz.yaml", 6, "routes.r.targets.dns_srv.names[0]", "not a DNS name"
+        )
+        self.assertProblem(
+            errors, "conf.d/zz.yaml", 6, "routes.r.targets.dns_srv.servers[0]", "give IP"
+        )
+        self.assertProblem(
             errors,
             "conf.d/zz.yaml",
-            6,
-            "routes.r.targets.file_sd",
-            "discovery provider 'file_sd' is not available in this version",
+            7,
+            "routes.r.targets.plugin.name",
+            "no discovery plugin named 'no-such-plugin'",
         )
-        self.assertProblem(errors, "conf.d/zz.yaml", 7, "routes.r.targets.dns_srv", "not available")
+        self.assertProblem(
+            errors, "conf.d/zz.yaml", 8, "routes.r.targets.match.job", "not a valid regular"
+        )
+        self.assertProblem(
+            errors, "conf.d/zz.yaml", 8, "routes.r.targets.match.bad-label", "not a valid label"
+        )
+        self.assertProblem(errors, "conf.d/zz.yaml", 9, "routes.r.targets.port", "port number")
+
+    def test_discovery_providers_loaded(self) -> None:
+        """file_sd and dns_srv settings become ProviderSpecs, the selector a Selector."""
+        text = """\
+            templates:
+              discovered: {allow: [ops], keep_meta_labels: true}
+            routes:
+              r:
+                template: discovered
+                targets:
+                  static: ['a:1']
+                  file_sd: ["targets/*.json", "/abs/x.yml"]
+                  dns_srv:
+                    names: ["_node._tcp.example.org"]
+                    servers: ["127.0.0.1:5353", "::1"]
+                    refresh_interval: 1m
+                  match: {job: node, env: "prod|staging"}
+                  address: "{host}:9100"
+            """
+        self.tree.standard()
+        self.tree.write("conf.d/zz.yaml", text)
+        config, errors, _ = self.tree.check()
+        self.assertEqual(errors, [])
+        assert config is not None
+        route = config.routes["r"]
+        self.assertTrue(route.keep_meta_labels)
+        self.assertEqual([t.address for t in route.targets], ["a:1"])
+        file_sd, dns_srv = route.providers
+        self.assertEqual(file_sd.kind, "file_sd")
+        self.assertEqual(
+            file_sd.settings["files"],
+            (str(self.tree.path("conf.d/targets/*.json")), "/abs/x.yml"),
+        )
+        self.assertEqual(dns_srv.settings["servers"], (("127.0.0.1", 5353), ("::1", 53)))
+        self.assertEqual(dns_srv.settings["refresh_interval"], 60.0)
+        self.assertEqual(
+            route.selector, Selector({"job": "node", "env": "prod|staging"}, None, "{host}:9100")
+        )
 
     def test_all_errors_collected(self) -> None:
         """check-config reports every independent error, not just the first: three in, three out."""

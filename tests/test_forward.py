@@ -671,6 +671,21 @@ class TunnelTests(TunnelTestCase):
         upstream.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(len(self.requests()), 1)
 
+    def test_client_half_close_ends_tunnel(self) -> None:
+        """A client's FIN (plain TCP) ends its tunnel as its full close does: audited once
+        as client_closed, the upstream closed after what it was sent, the client closed."""
+        proto, transport, upstream, upstream_transport = self.open_tunnel()
+        proto.dataReceived(b"ping")
+        proto.readConnectionLost()
+        self.assertEqual(upstream_transport.value(), b"ping")
+        self.assertTrue(upstream_transport.disconnecting)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.tunnel_record().reason, "client_closed")
+        self.assertEqual(self.limiter.in_flight("secure"), 0)
+        proto.connectionLost(Failure(ConnectionDone()))
+        upstream.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.requests()), 1)
+
     def test_upstream_closes(self) -> None:
         """The upstream ends the tunnel: the client gets what was sent, then a close."""
         proto, transport, upstream, _ = self.open_tunnel()

@@ -939,6 +939,40 @@ class ConnectionTests(GatewayTestCase):
         self.assertEqual([r.status for r in self.responses(transport)], [200, 200])
         self.assertEqual([e.path for e in self.requests()], ["/metrics", "/sd"])
 
+    def test_half_close_answered(self) -> None:
+        """A client that half-closes after its request (``printf ... | nc -N``) still gets
+        the answer, audited as allowed, and then the connection closes."""
+        proto, transport = self.scrape()
+        proto.readConnectionLost()
+        self.assertFalse(transport.disconnecting)
+        upstream, _ = self.pool.accept()
+        upstream.dataReceived(OK_RESPONSE)
+        self.assertEqual(self.response(transport).body, METRICS)
+        self.assertTrue(transport.disconnecting)
+        (event,) = self.requests()
+        self.assertEqual((event.decision, event.reason, event.status), ("allow", "ok", 200))
+
+    def test_half_close_pipelined(self) -> None:
+        """Every complete request sent before the FIN is answered, in order; an unfinished
+        one behind them is audited, then the connection closes."""
+        proto, transport = self.client()
+        proto.dataReceived(get(SCRAPE) + get(b"/nope") + b"GET /scr")
+        proto.readConnectionLost()
+        upstream, _ = self.pool.accept()
+        upstream.dataReceived(OK_RESPONSE)
+        self.assertEqual([r.status for r in self.responses(transport)], [200, 404])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(
+            [e.reason for e in self.requests()], ["ok", "not_found", "client_closed_mid_request"]
+        )
+
+    def test_half_close_idle(self) -> None:
+        """A FIN on an idle connection closes it; nothing to audit."""
+        proto, transport = self.client()
+        proto.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.requests(), [])
+
     def test_pipelined_refusals(self) -> None:
         """Many pipelined requests answered at once are answered in order."""
         proto, transport = self.client()

@@ -38,7 +38,9 @@ from promgate.config.model import (
     Identity,
     Limits,
     Listener,
+    ProviderSpec,
     Route,
+    Selector,
     Target,
     TCPForwarding,
     TLSFiles,
@@ -93,6 +95,7 @@ _ROUTE_KEYS = {
     "labels",
     "authorization",
     "basic_auth",
+    "keep_meta_labels",
 }
 #: Route keys giving the gateway's own credentials for the upstream; at most one applies.
 _UPSTREAM_AUTH_KEYS = ("authorization", "basic_auth")
@@ -106,7 +109,10 @@ _LATER_PROTOCOLS: set[str] = set()
 #: Listener keys only ``protocol: tcp`` listeners take.
 _TCP_KEYS = ("mode", "route", "target", "sni", "sni_default", "proxy_protocol")
 _TCP_MODES = ("terminate", "passthrough")
-_LATER_PROVIDERS = {"file_sd", "dns_srv"}
+#: The keys of a route's ``targets``: providers, then the selector's.
+_PROVIDERS = ("static", "file_sd", "dns_srv", "plugin")
+_SELECTOR_KEYS = ("match", "port", "address")
+_ADDRESS_FIELDS = re.compile(r"\{([^{}]*)\}")
 
 
 @attrs.frozen
@@ -1153,7 +1159,15 @@ class _Loader:
                 )
         if "labels" in merged:
             kw["labels"] = self.labels(merged["labels"])
-        targets = self.targets(merged["targets"]) if "targets" in merged else []
+        if "keep_meta_labels" in merged:
+            if isinstance(merged["keep_meta_labels"].value, bool):
+                kw["keep_meta_labels"] = merged["keep_meta_labels"].value
+            else:
+                item_k = merged["keep_meta_labels"]
+                self.error(item_k.src, item_k.key, "must be true or false")
+        targets: list[Target] = []
+        if "targets" in merged:
+            targets, kw["providers"], kw["selector"] = self.targets(merged["targets"])
         return Route(name=name, targets=tuple(targets), **kw)
 
     # -- upstream TLS and credentials (per route) ---------------------------------------
@@ -1381,17 +1395,177 @@ class _Loader:
             max_concurrent=conc,
         )
 
-    def targets(self, item: _Item) -> list[Target]:
-        f = self.fields(item, {"static"} | _LATER_PROVIDERS)
+    def targets(self, item: _Item) -> tuple[list[Target], tuple[ProviderSpec, ...], Selector]:
+        """A route's static targets, its discovery providers and its selector."""
+        f = self.fields(item, _PROVIDERS + _SELECTOR_KEYS)
+        if f is None:
+            return [], (), Selector()
+        if not any(k in f for k in _PROVIDERS):
+            self.error(item.src, item.key, f"give at least one of: {', '.join(_PROVIDERS)}")
+        providers: list[ProviderSpec] = []
+        if "file_sd" in f:
+            providers.extend(self.file_sd(f["file_sd"]))
+        if "dns_srv" in f:
+            providers.extend(self.dns_srv(f["dns_srv"]))
+        if "plugin" in f:
+            providers.extend(self.plugins(f["plugin"]))
+        selector = self.selector(f)
+        if selector != Selector() and not providers:
+            self.warn(item.src, item.key, "match/port/address apply to discovered targets only")
+        return self.static_targets(f), tuple(providers), selector
+
+    # -- discovery providers -------------------------------------------------------------
+
+    def _settings(
+        self, item: _Item, list_key: str, allowed: Iterable[str]
+    ) -> dict[str, _Item] | None:
+        """A provider's settings: a bare list is short for ``{list_key: [...]}``."""
+        if isinstance(item.value, list):
+            return {list_key: item}
+        f = self.fields(item, (list_key, *allowed), (list_key,))
+        return f if f is not None and list_key in f else None
+
+    def _interval(self, f: dict[str, _Item], key: str, out: dict[str, Any]) -> None:
+        if key in f:
+            value = self.positive(f[key], parse_duration)
+            if value is not None:
+                out[key] = value
+
+    def file_sd(self, item: _Item) -> list[ProviderSpec]:
+        f = self._settings(item, "files", ("refresh_interval", "poll_interval"))
         if f is None:
             return []
+        patterns = self.strings(f["files"]) or []
+        if not patterns:
+            self.error(f["files"].src, f["files"].key, "name at least one file or glob")
+            return []
+        files = []
+        for i, pattern in enumerate(patterns):
+            key = f"{f['files'].key}[{i}]"
+            if not pattern.endswith((".json", ".yml", ".yaml", "*")):
+                self.error(f["files"].src, key, "file_sd files end in .json, .yml or .yaml")
+            path = f["files"].src.resolve(pattern)
+            if not glob.has_magic(pattern) and not path.parent.is_dir():
+                self.warn(f["files"].src, key, f"directory {path.parent} does not exist (yet)")
+            files.append(str(path))
+        settings: dict[str, Any] = {"files": tuple(files)}
+        self._interval(f, "refresh_interval", settings)
+        self._interval(f, "poll_interval", settings)
+        return [ProviderSpec("file_sd", "file_sd", settings, item.src.file.parent)]
+
+    def dns_srv(self, item: _Item) -> list[ProviderSpec]:
+        f = self._settings(item, "names", ("servers", "refresh_interval", "min_interval"))
+        if f is None:
+            return []
+        names = self.strings(f["names"]) or []
+        if not names:
+            self.error(f["names"].src, f["names"].key, "name at least one SRV record")
+        for i, name in enumerate(names):
+            if not _HOSTNAME.match(name):
+                self.error(f["names"].src, f"{f['names'].key}[{i}]", f"{name!r}: not a DNS name")
+        settings: dict[str, Any] = {"names": tuple(names)}
+        if "servers" in f:
+            servers = []
+            for i, text in enumerate(self.strings(f["servers"]) or []):
+                split = (text, 53) if _is_ip(text) else _split_address(text)
+                if split is None or not _is_ip(split[0]):
+                    self.error(
+                        f["servers"].src,
+                        f"{f['servers'].key}[{i}]",
+                        f"{text!r}: give IP or IP:PORT ([v6]:port for IPv6)",
+                    )
+                else:
+                    servers.append(split)
+            settings["servers"] = tuple(servers)
+        self._interval(f, "refresh_interval", settings)
+        self._interval(f, "min_interval", settings)
+        return [ProviderSpec("dns_srv", "dns_srv", settings, item.src.file.parent)]
+
+    def plugins(self, item: _Item) -> list[ProviderSpec]:
+        from promgate.discovery import discovery_factories
+
+        entries = self.one_or_many(item)
+        try:
+            factories = discovery_factories()
+        except Exception as e:  # a broken plugin module: say so, not a traceback
+            self.error(item.src, item.key, f"cannot load discovery plugins: {e}")
+            return []
+        out = []
+        for entry in entries:
+            if not isinstance(entry.value, dict) or not isinstance(entry.value.get("name"), str):
+                self.error(entry.src, entry.key, "must be a mapping with a 'name'")
+                continue
+            name = entry.value["name"]
+            factory = factories.get(name)
+            if factory is None:
+                known = ", ".join(sorted(factories)) or "none installed"
+                self.error(
+                    entry.src,
+                    _join(entry.key, "name"),
+                    f"no discovery plugin named {name!r} (known: {known})",
+                )
+                continue
+            settings = {k: v for k, v in entry.value.items() if k != "name"}
+            try:
+                problems = list(factory.check(settings))
+            except Exception as e:
+                problems = [("", f"plugin {name!r} failed checking its settings: {e}")]
+            for key, message in problems:
+                self.error(entry.src, _join(entry.key, key) if key else entry.key, message)
+            if not problems:
+                out.append(ProviderSpec("plugin", name, settings, entry.src.file.parent))
+        return out
+
+    def selector(self, f: dict[str, _Item]) -> Selector:
+        kw: dict[str, Any] = {}
+        if "match" in f:
+            m = f["match"]
+            if not isinstance(m.value, dict):
+                self.error(m.src, m.key, "must map label names to regular expressions")
+            else:
+                match = {}
+                for name, rx in m.value.items():
+                    sub = _join(m.key, str(name))
+                    if not isinstance(name, str) or not _LABEL.match(name):
+                        self.error(m.src, sub, "not a valid label name")
+                    elif not isinstance(rx, (str, int)) or isinstance(rx, bool):
+                        self.error(m.src, sub, "must be a regular expression (a string)")
+                    else:
+                        try:
+                            re.compile(str(rx))
+                        except re.error as e:
+                            self.error(m.src, sub, f"not a valid regular expression: {e}")
+                            continue
+                        match[name] = str(rx)
+                kw["match"] = match
+        if "port" in f and "address" in f:
+            self.error(f["address"].src, f["address"].key, "give port or address, not both")
+        elif "port" in f:
+            port = self.integer(f["port"], 1)
+            if port is not None and port > 65535:
+                self.error(f["port"].src, f["port"].key, "must be a port number (1-65535)")
+            elif port is not None:
+                kw["port"] = port
+        elif "address" in f:
+            text = self.string(f["address"])
+            if text is not None:
+                fields = _ADDRESS_FIELDS.findall(text)
+                probe = _ADDRESS_FIELDS.sub("h", text.replace("{port}", "1"))
+                if not fields or any(not _LABEL.match(x) for x in fields):
+                    self.error(
+                        f["address"].src,
+                        f["address"].key,
+                        'a template such as "{host}:9100" ({host}, {port}, {address} '
+                        "or a label name in braces)",
+                    )
+                elif _split_address(probe) is None:
+                    self.error(f["address"].src, f["address"].key, "must make host:port")
+                else:
+                    kw["address"] = text
+        return Selector(**kw)
+
+    def static_targets(self, f: dict[str, _Item]) -> list[Target]:
         out: list[Target] = []
-        for provider in _LATER_PROVIDERS & f.keys():
-            self.error(
-                item.src,
-                f[provider].key,
-                f"discovery provider {provider!r} is not available in this version",
-            )
         if "static" not in f:
             return out
         static = f["static"]
@@ -1559,6 +1733,14 @@ class _Loader:
             files=tuple(self.files),
             warnings=tuple(str(w) for w in self.warnings),
         )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _split_address(text: str) -> tuple[str, int] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -171,8 +172,42 @@ class Target:
 
 
 @attrs.frozen
+class ProviderSpec:
+    """One discovery provider of a route, as configured and checked.
+
+    ``kind`` is ``file_sd``, ``dns_srv`` or ``plugin``; ``name`` is the label it carries
+    in metrics and logs (the kind, or the plugin's name); ``settings`` are the provider's
+    own, already validated; relative paths in them resolve against ``base``.
+    """
+
+    kind: str
+    name: str
+    settings: Mapping[str, Any] = attrs.field(factory=dict)
+    base: Path = Path(".")
+
+
+@attrs.frozen
+class Selector:
+    """Which discovered targets a route takes, and how their addresses are rewritten.
+
+    ``match`` maps a label name to a regular expression, anchored at both ends as in
+    Prometheus (``__address__`` is the discovered address). ``port`` replaces the port;
+    ``address`` is a template such as ``"{host}:9100"``. Static targets are taken as
+    written.
+    """
+
+    match: Mapping[str, str] = attrs.field(factory=dict)
+    port: int | None = None
+    address: str | None = None
+
+
+@attrs.frozen
 class Route:
-    """A named set of targets and the rules for reaching them."""
+    """A named set of targets and the rules for reaching them.
+
+    ``targets`` are the static ones; ``providers`` discover more at run time (the
+    route's *current* members are kept by ``promgate.policy.Membership``).
+    """
 
     name: str
     targets: tuple[Target, ...]
@@ -187,6 +222,10 @@ class Route:
     upstream_tls: UpstreamTLS = UpstreamTLS()
     labels: Mapping[str, str] = attrs.field(factory=dict)
     upstream_auth: UpstreamAuth | None = None
+    providers: tuple[ProviderSpec, ...] = ()
+    selector: Selector = Selector()
+    #: Pass discovered ``__meta_*`` labels on in ``/sd`` (dropped by default).
+    keep_meta_labels: bool = False
 
     def has_target(self, address: str) -> bool:
         return any(t.address == address for t in self.targets)

@@ -52,6 +52,7 @@ from promgate.policy import (
     PATH_REFUSED,
     Check,
     Decision,
+    Membership,
     authorize,
 )
 from promgate.proxy.http import DownstreamProtocol, Exchange, ReverseGateway, connection_event
@@ -229,17 +230,35 @@ class ForwardPolicy:
     ``https`` routes (a tunnel to a plain-text target would bypass the route's path policy).
     """
 
-    def __init__(self, routes: Mapping[str, Route], *, challenge: bool = True) -> None:
+    def __init__(
+        self,
+        routes: Mapping[str, Route],
+        *,
+        challenge: bool = True,
+        membership: Membership | None = None,
+    ) -> None:
         #: Answer 407 (rather than 403) to a caller without verified credentials; only
         #: when some identity has a bearer token or basic-auth user to offer.
         self.challenge = challenge
+        self.routes = routes
+        #: The routes' current members (discovery swaps them); static targets if None.
+        self.membership = membership if membership is not None else Membership(routes)
+        self._indexed: Mapping[str, Mapping[str, Target]] | None = None
         self._by_address: dict[str, list[tuple[Route, Target]]] = {}
-        for name in sorted(routes):
-            route = routes[name]
-            for target in route.targets:
-                address = canonical_address(target.address)
-                if address is not None:
-                    self._by_address.setdefault(address, []).append((route, target))
+
+    def _index(self) -> dict[str, list[tuple[Route, Target]]]:
+        """Routes by canonical target address, rebuilt once each time membership changes."""
+        current = self.membership.current
+        if current is not self._indexed:
+            by_address: dict[str, list[tuple[Route, Target]]] = {}
+            for name in sorted(self.routes):
+                route = self.routes[name]
+                for target in current.get(name, {}).values():
+                    address = canonical_address(target.address)
+                    if address is not None:
+                        by_address.setdefault(address, []).append((route, target))
+            self._by_address, self._indexed = by_address, current
+        return self._by_address
 
     def decide_request(
         self,
@@ -322,7 +341,7 @@ class ForwardPolicy:
                 return _refusal(407, recognition.reason, "identity", rule, _PROXY_AUTH)
             return _refusal(403, recognition.reason, "identity", rule, FORBIDDEN)
         checks: tuple[Check, ...] = (Check("identity", True, f"identities.{identity.name}"),)
-        members = [(r, t) for r, t in self._by_address.get(address, ()) if r.scheme == scheme]
+        members = [(r, t) for r, t in self._index().get(address, ()) if r.scheme == scheme]
         if not members:
             return _refusal(
                 403,
@@ -369,7 +388,9 @@ class ForwardGateway(ReverseGateway):
         super().__init__(listener, config, **kw)
         self.reactor = reactor
         self.forward_policy = ForwardPolicy(
-            config.routes, challenge=self.authenticator.accepts_headers
+            config.routes,
+            challenge=self.authenticator.accepts_headers,
+            membership=self.policy.membership,
         )
         self.tunnel_idle = listener.deadlines.tunnel_idle
         self.challenges = tuple(
@@ -909,6 +930,15 @@ class ForwardProtocol(DownstreamProtocol):
             tunnel.client_data(data)  # dropped once the tunnel is over
         else:
             super().dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        tunnel = self.tunnel
+        if tunnel is None:
+            super().readConnectionLost()
+        elif not self._lost:
+            # The client's FIN ends its tunnel, as its full close does.
+            tunnel.client_lost("client_aborted")
+            self.end_tunnel()
 
     def pauseProducing(self) -> None:
         super().pauseProducing()

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHalfCloseableProtocol,
     IHandshakeListener,
     IPushProducer,
     IReactorTime,
@@ -35,7 +36,7 @@ from promgate.authn import AUTHN_FAILURES, REFUSED_AT_THE_DOOR, Authenticator
 from promgate.config.model import Config, Identity, Listener, Route, Target
 from promgate.identity import Recognition
 from promgate.metrics import Metrics
-from promgate.policy import Decision, ScrapePolicy, parse_scrape_query
+from promgate.policy import Decision, Membership, ScrapePolicy, parse_scrape_query
 from promgate.proxy.http1 import (
     MAX_HEAD,
     MAX_REQUEST_LINE,
@@ -141,6 +142,7 @@ class ReverseGateway:
         metrics: Metrics,
         pool: UpstreamPool,
         authenticator: Authenticator | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self.listener = listener
         self.name = listener.name
@@ -152,7 +154,9 @@ class ReverseGateway:
         self.deny_unaudited = config.audit.on_failure == "deny"
         self.metrics = metrics
         self.pool = pool
-        self.policy = ScrapePolicy(config.routes)
+        #: ``membership`` is the routes' current (discovered) targets, shared by every
+        #: listener; without it, the configuration's static targets.
+        self.policy = ScrapePolicy(config.routes, membership=membership)
         self.authenticator = authenticator or Authenticator(config.identities)
         self.resolver = self.authenticator.resolver
         self.open_connections = metrics.open_connections.labels(listener.name)
@@ -347,7 +351,12 @@ class ReverseGateway:
             )
             return
         routes = self.policy.visible_routes(identity)
-        body = render_http_sd(routes, self.advertise(conn, req), "https" if self.tls else "http")
+        body = render_http_sd(
+            routes,
+            self.advertise(conn, req),
+            "https" if self.tls else "http",
+            self.policy.targets,
+        )
         self.answer(
             conn,
             req,
@@ -779,7 +788,7 @@ class Exchange:
         self.conn.request_done(self.keep_alive)
 
 
-@implementer(IHandshakeListener, IPushProducer)
+@implementer(IHandshakeListener, IHalfCloseableProtocol, IPushProducer)
 class DownstreamProtocol(Protocol):
     """One client connection to an ``http`` listener; a thin shell over ReverseGateway."""
 
@@ -805,6 +814,8 @@ class DownstreamProtocol(Protocol):
         self._processing = False
         self._shutdown = False
         self._reading_paused = False
+        #: The client half-closed (plain TCP only): answer what it sent, then close.
+        self._read_closed = False
         #: The request whose credentials are being checked (bcrypt, in a thread), if any.
         self._authenticating: tuple[RequestHead, float] | None = None
 
@@ -855,6 +866,19 @@ class DownstreamProtocol(Protocol):
             self._arm(self.gw.deadlines.request_head, "head")
         self._buf = self._buf + data if self._buf else data
         self._process()
+
+    def readConnectionLost(self) -> None:
+        """The client sent a FIN but still reads (``printf ... | nc -N``): the requests it
+        already sent are answered, then the connection is closed. Over TLS the TLS layer
+        ends the whole connection instead, and connectionLost follows."""
+        if self._read_closed or self._lost:
+            return
+        self._read_closed = True
+        if self._exchange is None and self._authenticating is None and not self._closing:
+            self._process()  # nothing complete is left: ends with _end_half_closed
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
@@ -960,6 +984,8 @@ class DownstreamProtocol(Protocol):
             # up the stack, answering synchronously) is about to.
             if not self._processing:
                 self._process()
+        elif self._read_closed:
+            self._close()
         else:
             self._arm(self.gw.deadlines.keepalive_idle, "idle")
 
@@ -997,6 +1023,30 @@ class DownstreamProtocol(Protocol):
             self._process_buffer()
         finally:
             self._processing = False
+        if (
+            self._read_closed
+            and self._exchange is None
+            and self._authenticating is None
+            and not self._closing
+            and not self._lost
+        ):
+            self._end_half_closed()
+
+    def _end_half_closed(self) -> None:
+        """The client half-closed and every complete request is answered: close, auditing
+        an unfinished request head (no more of it can come)."""
+        if self._buf.strip():
+            self.gw.record(
+                self,
+                None,
+                self.gw.clock.seconds(),
+                None,
+                "client_closed_mid_request",
+                "deny",
+                path=None,
+            )
+        self._buf = b""
+        self._close()
 
     def _process_buffer(self) -> None:
         while (
