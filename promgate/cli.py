@@ -37,10 +37,16 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _resolve(config: Any) -> int:
-    """Run discovery once and print every route's resulting targets."""
-    from twisted.internet import reactor
+    """Run discovery once and print every route's resulting targets.
+
+    On a reactor of its own: the global one cannot run again once stopped, and ``main``
+    is called in-process too (tests), where it must leave the global reactor untouched.
+    """
+    from twisted.internet.selectreactor import SelectReactor
 
     from promgate.discovery import Discovery, resolve_once
+
+    reactor = SelectReactor()
 
     results: list[Any] = []
 
@@ -49,7 +55,10 @@ def _resolve(config: Any) -> int:
         reactor.stop()
 
     reactor.callWhenRunning(lambda: resolve_once(config.routes, reactor).addBoth(finish))
-    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
+    reactor.run(installSignalHandlers=False)
+    if reactor.waker is not None:  # its pipe, the one thing a stopped reactor keeps open
+        reactor.removeReader(reactor.waker)
+        reactor.waker.connectionLost(None)
     discovery = results[0] if results else None
     if not isinstance(discovery, Discovery):
         print(f"discovery failed: {discovery}", file=sys.stderr)

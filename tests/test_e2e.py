@@ -772,6 +772,156 @@ audit:
         self.assertEqual(code, 0, f"audit verify failed: {out.getvalue()}{err.getvalue()}")
 
 
+class PrometheusFollowsFileSDTests(SynchronousTestCase):
+    """The real Prometheus picks up a target that appears in a running gateway's file_sd.
+
+    Prometheus follows the gateway's ``/sd`` (``http_sd_configs``, mutual TLS, refreshed
+    every second); the gateway's route takes its targets from a file_sd file that lists
+    nothing at first. A node_exporter started later and written into the file (atomically)
+    must come up in Prometheus with no restart of either, and be audited as scraped by
+    ``prometheus``.
+
+    The harness (processes, waits, logs, Prometheus API, Prometheus itself) is borrowed from
+    PrometheusThroughGatewayTests, without inheriting its test.
+    """
+
+    setUp = PrometheusThroughGatewayTests.setUp
+    logs = PrometheusThroughGatewayTests.logs
+    logs_on_failure = PrometheusThroughGatewayTests.logs_on_failure
+    daemon = PrometheusThroughGatewayTests.daemon
+    wait_for = PrometheusThroughGatewayTests.wait_for
+    prometheus_api = PrometheusThroughGatewayTests.prometheus_api
+    start_node_exporter = PrometheusThroughGatewayTests.start_node_exporter
+    start_prometheus = PrometheusThroughGatewayTests.start_prometheus  # job JOB, http_sd on /sd
+
+    def write_targets(self, path: Path, groups: list[dict[str, Any]]) -> None:
+        """Write a file_sd file atomically: a temporary name the glob does not match, then
+        a rename, so the gateway never reads it half written."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(groups) + "\n")
+        tmp.replace(path)
+
+    def start_file_sd_gateway(self, pki: TestPKI, targets: Path) -> GatewayProcess:
+        config = f"""\
+tls:
+  certificate: {pki.gate_cert}
+  key: {pki.gate_key}
+  client_ca: {pki.ca_cert}
+admin:
+  endpoint: "tcp:0:interface=127.0.0.1"
+listeners:
+  - {{name: scrape, protocol: http, endpoint: "tcp:0:interface=127.0.0.1"}}
+identities:
+  prometheus:
+    cert: {{uri: "spiffe://promgate.local/prometheus"}}
+routes:
+  node:
+    scheme: http
+    metrics_path: /metrics
+    allow: [prometheus]
+    targets:
+      file_sd: {{files: ["{targets}/*.json"], poll_interval: 1s}}
+audit:
+  path: audit.jsonl
+  key_file: {pki.audit_key}
+  fsync: always
+  on_failure: deny
+"""
+        gate = GatewayProcess(self.dir / "gate", config)
+        self.gate = gate
+        self.addCleanup(gate.stop)
+        gate.start()
+        return gate
+
+    def test_prometheus_scrapes_target_added_to_file_sd(self) -> None:
+        """A target written into file_sd comes up in Prometheus via /sd, and is audited."""
+        with self.logs_on_failure():
+            self.follow_file_sd()
+
+    def follow_file_sd(self) -> None:
+        pki = TestPKI(self.dir / "pki")
+        targets = self.dir / "targets"
+        targets.mkdir()
+        sd_file = targets / "node.json"
+        self.write_targets(sd_file, [])
+        gate = self.start_file_sd_gateway(pki, targets)
+        gate_address = gate.address("scrape")
+        audit_path = gate.directory / "audit.jsonl"
+        prometheus = pki.client_context("prometheus")
+
+        # 0. The route has no target yet: /sd lists nothing.
+        sd_response = https_get(gate_address, "/sd", prometheus)
+        self.assertEqual((sd_response.status, json.loads(sd_response.body)), (200, []))
+
+        self.start_prometheus(pki, gate_address)
+
+        # 1. Prometheus has fetched /sd (an audited 200 for its identity) and has no target.
+        gate.wait_for_audit_record(
+            audit_path,
+            lambda r: (
+                r["event"] == "request"
+                and (r.get("path") or "").split("?")[0] == "/sd"
+                and r.get("identity") == "prometheus"
+                and r.get("status") == 200
+            ),
+            timeout=TARGET_UP,
+        )
+        data = self.prometheus_api("/api/v1/targets", state="any")
+        pools = [t["scrapePool"] for t in data["activeTargets"] + data["droppedTargets"]]
+        self.assertNotIn(JOB, pools, data)
+
+        # 2. A node_exporter appears in the file; nothing is restarted.
+        exporter = self.start_node_exporter()
+        self.write_targets(sd_file, [{"targets": [exporter], "labels": {"env": "e2e"}}])
+
+        def target_up() -> dict[str, Any] | None:
+            data = self.prometheus_api("/api/v1/targets", state="active")
+            for t in data["activeTargets"]:
+                if t["scrapePool"] == JOB and t["health"] == "up":
+                    return t  # type: ignore[no-any-return]
+            return None
+
+        target = self.wait_for(f"target of job {JOB} to be up", target_up, TARGET_UP, every=0.25)
+        labels, discovered = target["labels"], target["discoveredLabels"]
+        self.assertEqual(
+            (labels["instance"], labels["job"], labels["env"]), (exporter, JOB, "e2e"), target
+        )
+        self.assertEqual(discovered["__address__"], gate_address)
+        self.assertEqual(discovered["__param_route"], "node")
+        self.assertEqual(discovered["__param_target"], exporter)
+        self.assertNotIn("__meta_filepath", discovered)  # not kept unless keep_meta_labels
+        self.assertEqual(target["lastError"], "")
+        data = self.prometheus_api("/api/v1/targets", state="active")
+        self.assertEqual(
+            [t["labels"]["instance"] for t in data["activeTargets"] if t["scrapePool"] == JOB],
+            [exporter],
+        )
+
+        # 3. Stop Prometheus first, then the gateway (twistd re-raises the SIGTERM).
+        for d in reversed(self.daemons):
+            d.stop()
+        self.assertIn(gate.stop(), (0, -signal.SIGTERM), gate.log())
+
+        # 4. The scrapes of the new target are audited under Prometheus's identity.
+        records = gate.audit_records(audit_path)
+        requests = [r for r in records if r["event"] == "request"]
+        scrapes = [r for r in requests if r.get("route") == "node"]
+        self.assertTrue(scrapes, f"no scrape of route node in the audit log: {requests}")
+        for r in scrapes:
+            self.assertEqual(
+                (r["identity"], r["target"], r["path"], r["status"], r["decision"]),
+                ("prometheus", exporter, "/metrics", 200, "allow"),
+                r,
+            )
+        self.assertEqual([r for r in requests if r.get("decision") != "allow"], [], "denials")
+        self.assertEqual((records[0]["event"], records[-1]["event"]), ("start", "stop"))
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(["audit", "verify", "--key-file", str(pki.audit_key), str(audit_path)])
+        self.assertEqual(code, 0, f"audit verify failed: {out.getvalue()}{err.getvalue()}")
+        self.assertIn(f"OK: {len(records)} record(s) verified", out.getvalue())
+
+
 def _executable(path: str) -> bool:
     resolved = shutil.which(path)
     return resolved is not None and os.access(resolved, os.X_OK)
