@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from promgate.authn import REFUSED_AT_THE_DOOR
 from promgate.config.loader import split_address
-from promgate.config.model import Config, Identity, Listener, Route, Target
+from promgate.config.model import Config, Listener, Route, Target
 from promgate.identity import Recognition
 from promgate.paths import PathRefused, normalize_path
 from promgate.policy import (
@@ -58,7 +58,6 @@ from promgate.policy import (
 from promgate.proxy.http import DownstreamProtocol, Exchange, ReverseGateway, connection_event
 from promgate.proxy.http1 import HTTPError, RequestHead
 from promgate.proxy.upstream import no_delay
-from promgate.ratelimit import RateLimiter
 
 __all__ = [
     "AbsoluteForm",
@@ -564,50 +563,6 @@ class ForwardGateway(ReverseGateway):
             rule=decision.rule,
             recognition=recognition,
         )
-
-    def admit(
-        self,
-        conn: DownstreamProtocol,
-        req: RequestHead,
-        start: float,
-        route: Route,
-        target: Target,
-        identity: Identity,
-        recognition: Recognition,
-    ) -> bool:
-        """The route's limits, then the audit log's health, exactly as for ``/scrape``;
-        refuses (429, 503) and returns False, or counts the request in flight."""
-        admission = self.limiter.admit(route.name, route.limits, identity.name, target.address)
-        if not admission.allowed:
-            self.metrics.rate_limited.labels(route.name, admission.reason).inc()
-            self.refuse(
-                conn,
-                req,
-                start,
-                429,
-                admission.reason,
-                b"rate limited\n",
-                route=route,
-                target=target.address,
-                extra=((b"Retry-After", RateLimiter.retry_after_header(admission).encode()),),
-                recognition=recognition,
-            )
-            return False
-        if self.deny_unaudited and not self.audit.healthy:
-            self.limiter.release(route.name)
-            self.refuse(
-                conn,
-                req,
-                start,
-                503,
-                "audit_unavailable",
-                b"audit log unavailable\n",
-                route=route,
-                target=target.address,
-                recognition=recognition,
-            )
-            return False
-        return True
 
     def record_tunnel(self, tunnel: Tunnel, reason: str) -> None:
         """Audit and count one tunnel, at its end: one record for its whole life."""

@@ -81,6 +81,25 @@ class TLSInfo:
 NO_TLS = TLSInfo()
 
 
+def classify_handshake_failure(
+    reason: Failure,
+    *,
+    shutdown: bool,
+    timed_out: bool,
+    verify_error: tuple[str, PeerCertificate | None] | None,
+) -> tuple[str, str, PeerCertificate | None]:
+    """Why a TLS handshake ended before completing: (reason, detail, the refused cert)."""
+    if shutdown:
+        return "gateway_shutdown", "the gateway stopped during the handshake", None
+    if timed_out:
+        return "handshake_timeout", "TLS handshake not completed in time", None
+    if verify_error is not None:
+        return verify_error[0], reason.getErrorMessage(), verify_error[1]
+    if reason.check(SSL.Error):
+        return handshake_reason(reason.value or Exception()), reason.getErrorMessage(), None
+    return "closed_before_handshake", reason.getErrorMessage(), None
+
+
 def handshake_failure_event(
     listener: str, peer: str, reason: str, detail: str, cert: PeerCertificate | None
 ) -> AuditEvent:
@@ -286,36 +305,7 @@ class ReverseGateway:
                 recognition=recognition,
             )
             return
-        address = target.address
-        admission = self.limiter.admit(route.name, route.limits, identity.name, target.address)
-        if not admission.allowed:
-            self.metrics.rate_limited.labels(route.name, admission.reason).inc()
-            self.refuse(
-                conn,
-                req,
-                start,
-                429,
-                admission.reason,
-                b"rate limited\n",
-                route=route,
-                target=address,
-                extra=((b"Retry-After", RateLimiter.retry_after_header(admission).encode()),),
-                recognition=recognition,
-            )
-            return
-        if self.deny_unaudited and not self.audit.healthy:
-            self.limiter.release(route.name)
-            self.refuse(
-                conn,
-                req,
-                start,
-                503,
-                "audit_unavailable",
-                b"audit log unavailable\n",
-                route=route,
-                target=address,
-                recognition=recognition,
-            )
+        if not self.admit(conn, req, start, route, target, identity, recognition):
             return
         Exchange(
             self,
@@ -329,6 +319,50 @@ class ReverseGateway:
             start,
             recognition=recognition,
         ).start()
+
+    def admit(
+        self,
+        conn: DownstreamProtocol,
+        req: RequestHead,
+        start: float,
+        route: Route,
+        target: Target,
+        identity: Identity,
+        recognition: Recognition,
+    ) -> bool:
+        """The route's limits, then the audit log's health, for every relayed request;
+        refuses (429, 503) and returns False, or counts the request in flight."""
+        admission = self.limiter.admit(route.name, route.limits, identity.name, target.address)
+        if not admission.allowed:
+            self.metrics.rate_limited.labels(route.name, admission.reason).inc()
+            self.refuse(
+                conn,
+                req,
+                start,
+                429,
+                admission.reason,
+                b"rate limited\n",
+                route=route,
+                target=target.address,
+                extra=((b"Retry-After", RateLimiter.retry_after_header(admission).encode()),),
+                recognition=recognition,
+            )
+            return False
+        if self.deny_unaudited and not self.audit.healthy:
+            self.limiter.release(route.name)
+            self.refuse(
+                conn,
+                req,
+                start,
+                503,
+                "audit_unavailable",
+                b"audit log unavailable\n",
+                route=route,
+                target=target.address,
+                recognition=recognition,
+            )
+            return False
+        return True
 
     def service_discovery(
         self, conn: DownstreamProtocol, req: RequestHead, start: float, recognition: Recognition
@@ -810,7 +844,7 @@ class DownstreamProtocol(Protocol):
         self._lost = False
         self._output_paused = False
         self._verify_error: tuple[str, PeerCertificate | None] | None = None
-        self._tls_failure: str | None = None
+        self._handshake_timed_out = False
         self._processing = False
         self._shutdown = False
         self._reading_paused = False
@@ -1127,7 +1161,7 @@ class DownstreamProtocol(Protocol):
         self._timer = None
         self._timer_kind = ""
         if kind == "handshake":
-            self._tls_failure = "handshake_timeout"
+            self._handshake_timed_out = True
             self.abort()
         elif kind == "closing":
             self.abort()
@@ -1145,19 +1179,15 @@ class DownstreamProtocol(Protocol):
             self._close()
 
     def _report_handshake_failure(self, reason: Failure) -> None:
-        cert = None
-        if self._shutdown:
-            why, detail = "gateway_shutdown", "the gateway stopped during the handshake"
-        elif self._tls_failure is not None:
-            why, detail = self._tls_failure, "TLS handshake not completed in time"
-        elif self._verify_error is not None:
-            why, cert = self._verify_error
-            detail = reason.getErrorMessage()
-        elif reason.check(SSL.Error):
-            why, detail = handshake_reason(reason.value or Exception()), reason.getErrorMessage()
-        else:
-            why, detail = "closed_before_handshake", reason.getErrorMessage()
-        self.gw.handshake_failed(self, why, detail, cert)
+        self.gw.handshake_failed(
+            self,
+            *classify_handshake_failure(
+                reason,
+                shutdown=self._shutdown,
+                timed_out=self._handshake_timed_out,
+                verify_error=self._verify_error,
+            ),
+        )
 
 
 class ReverseGatewayFactory(Factory):

@@ -56,7 +56,13 @@ from promgate.config.model import Config, Destination, Listener, Route, Target, 
 from promgate.identity import IdentityResolver, Recognition
 from promgate.metrics import Metrics
 from promgate.policy import Verdict, authorize
-from promgate.proxy.http import NO_TLS, TLSInfo, connection_event, handshake_failure_event
+from promgate.proxy.http import (
+    NO_TLS,
+    TLSInfo,
+    classify_handshake_failure,
+    connection_event,
+    handshake_failure_event,
+)
 from promgate.proxy.proxyproto import (
     PP2_TYPE_AUTHORITY,
     PP2_TYPE_PROMGATE_IDENTITY,
@@ -77,7 +83,6 @@ from promgate.tls import (
     PeerCertificate,
     UpstreamTLSError,
     client_options,
-    handshake_reason,
     verify_reason,
 )
 
@@ -752,19 +757,15 @@ class TCPDownstream(_Side):
             timer.cancel()
 
     def _report_handshake_failure(self, reason: Failure) -> None:
-        cert = None
-        if self._shutdown:
-            why, detail = "gateway_shutdown", "the gateway stopped during the handshake"
-        elif self._timed_out:
-            why, detail = "handshake_timeout", "TLS handshake not completed in time"
-        elif self._verify_error is not None:
-            why, cert = self._verify_error
-            detail = reason.getErrorMessage()
-        elif reason.check(SSL.Error):
-            why, detail = handshake_reason(reason.value or Exception()), reason.getErrorMessage()
-        else:
-            why, detail = "closed_before_handshake", reason.getErrorMessage()
-        self.gw.handshake_failed(self, why, detail, cert)
+        self.gw.handshake_failed(
+            self,
+            *classify_handshake_failure(
+                reason,
+                shutdown=self._shutdown,
+                timed_out=self._timed_out,
+                verify_error=self._verify_error,
+            ),
+        )
 
 
 class UpstreamConnection(_Side):
