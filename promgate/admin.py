@@ -11,15 +11,16 @@ from twisted.web.server import Request, Site
 
 
 class Readiness:
-    """Ready to serve: every listener is accepting, and (when refusing unaudited traffic)
-    the audit log is writable."""
+    """Ready to serve: every listener is accepting, and every further check holds (the
+    audit log is writable when unaudited traffic is refused; discovery has made its first
+    round, so a new process does not answer 404 for targets it has not looked up yet)."""
 
-    def __init__(self, audit_ok: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, *checks: Callable[[], bool]) -> None:
         self.ready = False
-        self._audit_ok = audit_ok
+        self._checks = checks
 
     def is_ready(self) -> bool:
-        return self.ready and self._audit_ok()
+        return self.ready and all(check() for check in self._checks)
 
 
 class _Health(Resource):

@@ -65,7 +65,7 @@ class GatewayService(MultiService):
         self.discovery = Discovery(config.routes, reactor, metrics=self.metrics)
         self.discovery.setServiceParent(self)  # type: ignore[no-untyped-call]
         deny = audit_cfg.on_failure == "deny"
-        self.readiness = Readiness(lambda: self.audit.healthy or not deny)
+        self.readiness = Readiness(lambda: self.audit.healthy or not deny, self.discovery.settled)
         self.limiter = RateLimiter(reactor)
         self.pool = UpstreamPool(
             reactor,

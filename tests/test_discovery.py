@@ -394,6 +394,37 @@ class DNSSRVTests(SynchronousTestCase):
         self.assertEqual(list(discovery.membership.current["node"]), ["10.0.0.7:9100"])
 
 
+class ReadinessTests(SynchronousTestCase):
+    """/-/ready waits for discovery's first round, so a new gateway does not answer 404
+    for targets it has not looked up yet."""
+
+    def test_not_ready_until_first_lookup_answers(self) -> None:
+        """While the first SRV lookup is pending the gateway is not ready; once it has
+        answered (here: with targets) it is."""
+        from promgate.admin import Readiness
+
+        pending: defer.Deferred[Any] = defer.Deferred()
+        resolver = FakeResolver()
+        resolver.lookupService = lambda name, timeout=None: pending  # type: ignore[method-assign]
+        resolver.a("a.example.org", "10.0.0.1")
+        provider = DNSSRV(["_node._tcp.example.org"], resolver, refresh_interval=60)
+        discovery = Discovery(
+            {"node": route(providers=(ProviderSpec("dns_srv", "dns_srv"),))},
+            Clock(),
+            build=SingleProvider(provider),
+        )
+        discovery.start()
+        readiness = Readiness(discovery.settled)
+        readiness.ready = True  # the listeners are up
+        self.assertFalse(readiness.is_ready())
+        record = dns.Record_SRV(0, 0, 9100, "a.example.org")
+        pending.callback(
+            ([dns.RRHeader("_node._tcp.example.org", dns.SRV, payload=record)], [], [])
+        )
+        self.assertTrue(readiness.is_ready())
+        self.assertEqual(list(discovery.membership.current["node"]), ["10.0.0.1:9100"])
+
+
 class MemoryAuthority(authority.FileAuthority):
     """An authoritative zone held in memory, for a real twisted.names server."""
 
