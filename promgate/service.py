@@ -30,7 +30,7 @@ from promgate.proxy.upstream import UpstreamPool
 from promgate.ratelimit import RateLimiter
 from promgate.tls import server_tls
 
-#: How long SIGTERM waits for in-flight scrapes before closing upstream connections.
+#: How long SIGTERM waits for in-flight scrapes before cutting what is left.
 DRAIN_TIMEOUT = 10.0
 
 
@@ -202,7 +202,9 @@ class GatewayService(MultiService):
             left = sum(len(gw.open) for gw in self.gateways)
 
     def _in_flight(self) -> int:
-        return sum(self.limiter.in_flight(name) for name in self.config.routes)
+        """Relayed HTTP requests still running. Tunnels and TCP connections live as long as
+        their clients want, so they are not waited for: they are cut, and audited, next."""
+        return sum(gw.exchanges for gw in self.gateways if isinstance(gw, ReverseGateway))
 
     def addresses(self) -> dict[str, str]:
         return {name: _where(port) for name, port in self.ports.items()}

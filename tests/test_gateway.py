@@ -282,6 +282,20 @@ class GatewayTestCase(SynchronousTestCase):
 class ScrapeTests(GatewayTestCase):
     """GET /scrape relays one scrape from the upstream, byte for byte, and audits it."""
 
+    def test_exchanges_counted_while_relayed(self) -> None:
+        """The gateway counts a scrape as in flight (what shutdown drains) from its start
+        until its response is written, success or failure."""
+        self.scrape()
+        self.assertEqual(self.gateway.exchanges, 1)
+        upstream, _ = self.pool.accept()
+        upstream.dataReceived(OK_RESPONSE)
+        self.assertEqual(self.gateway.exchanges, 0)
+        _, transport = self.scrape()  # never connected: ends at the scrape timeout
+        self.assertEqual(self.gateway.exchanges, 1)
+        self.clock.advance(60)
+        self.assertEqual(self.response(transport).status, 504)
+        self.assertEqual(self.gateway.exchanges, 0)
+
     def test_happy_path(self) -> None:
         """A scrape relays the body byte for byte and audits who, what, allow and bytes."""
         _, transport = self.scrape()

@@ -181,6 +181,8 @@ class ReverseGateway:
         self.open_connections = metrics.open_connections.labels(listener.name)
         self.connections = metrics.connections.labels(listener.name)
         self.open: set[DownstreamProtocol] = set()
+        #: Scrapes relayed right now: what a shutdown drains (tunnels are cut instead).
+        self.exchanges = 0
 
     def shut_down_connections(self) -> int:
         """Close every open client connection (at shutdown, after draining); how many."""
@@ -597,6 +599,7 @@ class Exchange:
         self.client11 = req.version == b"HTTP/1.1"
 
     def start(self) -> None:
+        self.gw.exchanges += 1
         self.conn.begin_exchange(self)
         self.deadline = self.gw.clock.callLater(self._timeout_seconds(), self._timed_out)
         upstream = self.gw.pool.checkout(self.route, self.target)
@@ -780,6 +783,7 @@ class Exchange:
             return
         self.done = True
         gw = self.gw
+        gw.exchanges -= 1
         if self.deadline is not None and self.deadline.active():
             self.deadline.cancel()
         self.deadline = None
