@@ -55,7 +55,7 @@ from promgate.policy import (
     Membership,
     authorize,
 )
-from promgate.proxy.http import DownstreamProtocol, Exchange, ReverseGateway, connection_event
+from promgate.proxy.http import DownstreamProtocol, ReverseGateway, connection_event
 from promgate.proxy.http1 import HTTPError, RequestHead
 from promgate.proxy.upstream import no_delay
 
@@ -489,20 +489,7 @@ class ForwardGateway(ReverseGateway):
         if not decision.allowed or route is None or target is None or identity is None:
             self.refuse_decision(conn, req, start, decision, form.address, recognition)
             return
-        if not self.admit(conn, req, start, route, target, identity, recognition):
-            return
-        Exchange(
-            self,
-            conn,
-            req,
-            route,
-            target,
-            identity,
-            decision.path or "",
-            decision.params,
-            start,
-            recognition=recognition,
-        ).start()
+        self.relay(conn, req, start, decision, route, target, identity, recognition)
 
     # -- CONNECT -------------------------------------------------------------------------------
 

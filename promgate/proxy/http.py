@@ -307,20 +307,33 @@ class ReverseGateway:
                 recognition=recognition,
             )
             return
-        if not self.admit(conn, req, start, route, target, identity, recognition):
-            return
-        Exchange(
-            self,
-            conn,
-            req,
-            route,
-            target,
-            identity,
-            decision.path or "",
-            decision.params,
-            start,
-            recognition=recognition,
-        ).start()
+        self.relay(conn, req, start, decision, route, target, identity, recognition)
+
+    def relay(
+        self,
+        conn: DownstreamProtocol,
+        req: RequestHead,
+        start: float,
+        decision: Decision,
+        route: Route,
+        target: Target,
+        identity: Identity,
+        recognition: Recognition,
+    ) -> None:
+        """An allowed request: admit it past the limits, then relay it upstream."""
+        if self.admit(conn, req, start, route, target, identity, recognition):
+            Exchange(
+                self,
+                conn,
+                req,
+                route,
+                target,
+                identity,
+                decision.path or "",
+                decision.params,
+                start,
+                recognition=recognition,
+            ).start()
 
     def admit(
         self,
