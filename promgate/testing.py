@@ -295,6 +295,16 @@ class GatewayProcess:
     def audit_records(self, path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def last_audit_seq(self, path: Path) -> int:
+        """The sequence number of the last complete record in ``path`` (0 if none): a mark
+        to tell later records apart from earlier ones of the same peer address."""
+        text = path.read_text() if path.exists() else ""
+        for line in reversed(text.splitlines()):
+            if line.endswith("}"):
+                seq: int = json.loads(line)["seq"]
+                return seq
+        return 0
+
     def wait_for_audit_record(
         self,
         path: Path,

@@ -303,7 +303,7 @@ def tls_client(
 ) -> Iterator[ssl.SSLSocket]:
     """A verified mutual-TLS connection to a terminate-mode listener."""
     ctx = world().pki.client_context(identity)
-    raw = socket.create_connection(address_of(listener), timeout=TIMEOUT)
+    raw = connect(listener)
     tls = ctx.wrap_socket(raw, server_hostname=server_name)
     try:
         yield tls
@@ -313,11 +313,25 @@ def tls_client(
 
 @contextlib.contextmanager
 def plain_client(listener: str) -> Iterator[socket.socket]:
-    sock = socket.create_connection(address_of(listener), timeout=TIMEOUT)
+    sock = connect(listener)
     try:
         yield sock
     finally:
         sock.close()
+
+
+#: The audit log's last sequence number just before each local address connected: the
+#: kernel may hand an ephemeral port out again, so an older record can share the address.
+_SEQ_AT_CONNECT: dict[str, int] = {}
+
+
+def connect(listener: str) -> socket.socket:
+    """A TCP connection to ``listener``, noting where the audit log stood before it."""
+    w = world()
+    mark = w.gate.last_audit_seq(w.audit)
+    sock = socket.create_connection(address_of(listener), timeout=TIMEOUT)
+    _SEQ_AT_CONNECT[local_address(sock)] = mark
+    return sock
 
 
 def local_address(sock: socket.socket) -> str:
@@ -328,8 +342,11 @@ def local_address(sock: socket.socket) -> str:
 def connection_record(peer: str) -> dict[str, Any]:
     """The audit record of the connection from ``peer`` (written when it ends)."""
     w = world()
+    after = _SEQ_AT_CONNECT.get(peer, 0)
     return w.gate.wait_for_audit_record(
-        w.audit, lambda r: r["event"] == "connection" and r.get("peer") == peer, timeout=TIMEOUT
+        w.audit,
+        lambda r: r["event"] == "connection" and r.get("peer") == peer and r["seq"] > after,
+        timeout=TIMEOUT,
     )
 
 
