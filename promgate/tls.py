@@ -14,9 +14,11 @@ from typing import Any
 
 import attrs
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _lib
 from service_identity import VerificationError
 from service_identity.exceptions import URIMismatch
 from twisted.internet.interfaces import (
@@ -40,7 +42,11 @@ from zope.interface import implementer
 
 from promgate.config.model import TLSFiles, UpstreamTLS
 
-#: Mozilla's "intermediate" TLS 1.2 cipher list (TLS 1.3 suites are always on).
+#: The TLS 1.2 cipher suites the server offers (TLS 1.3 suites are always on): Mozilla's
+#: "intermediate" list without its DHE suites. The gateway loads no DH parameters, so DHE
+#: could never be negotiated; every client that matters (Go's crypto/tls, which Prometheus
+#: uses, has no DHE at all) speaks ECDHE. The ECDSA suites serve an EC or Ed25519 key, the
+#: RSA ones an RSA key. docs/deployment.md lists exactly these.
 MOZILLA_INTERMEDIATE = ":".join(
     [
         "ECDHE-ECDSA-AES128-GCM-SHA256",
@@ -49,11 +55,14 @@ MOZILLA_INTERMEDIATE = ":".join(
         "ECDHE-RSA-AES256-GCM-SHA384",
         "ECDHE-ECDSA-CHACHA20-POLY1305",
         "ECDHE-RSA-CHACHA20-POLY1305",
-        "DHE-RSA-AES128-GCM-SHA256",
-        "DHE-RSA-AES256-GCM-SHA384",
-        "DHE-RSA-CHACHA20-POLY1305",
     ]
 )
+
+#: Mozilla's "intermediate" key exchange groups, for TLS 1.2 ECDHE and TLS 1.3 key shares.
+KEY_EXCHANGE_GROUPS = ("X25519", "prime256v1", "secp384r1")
+
+#: SSL_MODE_NO_AUTO_CHAIN (ssl.h): never complete the server's chain from the trust store.
+_MODE_NO_AUTO_CHAIN = 0x00000008
 
 
 def _load_certs(path: Path) -> list[x509.Certificate]:
@@ -151,6 +160,18 @@ def _verify_callback(
     return bool(ok)
 
 
+def set_groups(ctx: SSL.Context, groups: Sequence[str]) -> None:
+    """Offer exactly ``groups`` for key exchange: TLS 1.2 ECDHE and TLS 1.3 key shares.
+
+    pyOpenSSL has no call for this (``set_tmp_ecdh`` sets a single curve), so this is
+    OpenSSL's SSL_CTX_set1_groups_list, through the bindings pyOpenSSL itself uses.
+    Raises ValueError if OpenSSL knows none of the names.
+    """
+    if not _lib.SSL_CTX_set1_curves_list(ctx._context, ":".join(groups).encode("ascii")):
+        _lib.ERR_clear_error()
+        raise ValueError(f"OpenSSL refused the key exchange groups {':'.join(groups)}")
+
+
 def server_tls(files: TLSFiles, *, alpn: Sequence[bytes] | None = (b"http/1.1",)) -> ServerTLS:
     """The connection creator a mutual-TLS listener wraps its endpoint with."""
     return ServerTLS(server_options(files, alpn=alpn))
@@ -170,7 +191,7 @@ def server_options(
     options = CertificateOptions(
         privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
         certificate=crypto.X509.from_cryptography(chain[0]),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in _intermediates(chain)],
         verify=True,
         caCerts=[crypto.X509.from_cryptography(c) for c in cas],
         requireCertificate=True,
@@ -181,11 +202,31 @@ def server_options(
     # getContext() caches the context, so options set here stay for every handshake.
     ctx = options.getContext()
     ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
+    set_groups(ctx, KEY_EXCHANGE_GROUPS)
+    # The chain sent is the certificate file's, never one OpenSSL completes from the
+    # client CAs (which would send the client CA's root when it also issued the leaf).
+    ctx.set_mode(_MODE_NO_AUTO_CHAIN)
     if alpn is None:
         # Twisted installs an ALPN callback even with no protocols, and it then fails every
         # client that offers ALPN (an "internal error" alert). Decline ALPN instead.
         ctx.set_alpn_select_callback(_decline_alpn)
     return options
+
+
+def _intermediates(chain: list[x509.Certificate]) -> list[x509.Certificate]:
+    """The certificates after the leaf that the server sends: a self-signed (root)
+    certificate among them is left out, since a client must already have it to trust it."""
+    return [c for c in chain[1:] if not _self_signed(c)]
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _decline_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
