@@ -8,6 +8,7 @@ http/1.1. Upstream contexts always verify the upstream with service_identity.
 from __future__ import annotations
 
 import datetime
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from service_identity import VerificationError
 from service_identity.exceptions import URIMismatch
@@ -114,11 +116,7 @@ class ServerTLS:
 
     def __init__(self, options: CertificateOptions) -> None:
         self.options = options
-        ctx = options.getContext()
-        ctx.set_verify(
-            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE,
-            _verify_callback,
-        )
+        _require_client_certificates(options.getContext())
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:  # noqa: N803
         connection: SSL.Connection = self.options.serverConnectionForTLS(tlsProtocol)  # type: ignore[arg-type]
@@ -126,15 +124,14 @@ class ServerTLS:
         return connection
 
 
-#: X509_V_ERR_INVALID_PURPOSE: the certificate is not meant for this use.
-_INVALID_PURPOSE = 26
-
-
 def allows_client_auth(cert: x509.Certificate) -> bool:
     """Is this leaf certificate meant for TLS client authentication?
 
-    OpenSSL accepts a leaf with no extended key usage at all for any purpose; the gateway
-    does not: the extension must be there and list clientAuth (or anyExtendedKeyUsage).
+    The extension must be there and list clientAuth. OpenSSL accepts a leaf with no
+    extended key usage at all for any purpose; the gateway does not. A leaf whose only
+    usage is anyExtendedKeyUsage is refused too: OpenSSL's own check for a TLS client
+    refuses it before the gateway is asked, and RFC 5280 leaves that choice to the
+    application; the CA/Browser Forum does not allow it in end-entity certificates.
     """
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -142,22 +139,60 @@ def allows_client_auth(cert: x509.Certificate) -> bool:
         return False
     except ValueError:  # a malformed extension
         return False
-    return (
-        ExtendedKeyUsageOID.CLIENT_AUTH in eku or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku
-    )
+    return ExtendedKeyUsageOID.CLIENT_AUTH in eku
 
 
-def _verify_callback(
-    connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
-) -> bool:
-    if ok and depth == 0 and not allows_client_auth(cert.to_cryptography()):
-        ok, errno = 0, _INVALID_PURPOSE
+_VERIFY_MODE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE
+
+
+def _require_client_certificates(ctx: SSL.Context) -> None:
+    """Install the client certificate check on a server context.
+
+    pyOpenSSL's ``set_verify`` callback can only say yes or no; when it says no to a
+    certificate OpenSSL found nothing wrong with (no clientAuth usage), OpenSSL records
+    "unspecified" and sends the client an ``internal_error`` alert. This callback is
+    installed through the same OpenSSL bindings pyOpenSSL uses, so that it can set the
+    verification error itself: X509_V_ERR_INVALID_PURPOSE, which OpenSSL announces with
+    the ``unsupported_certificate`` alert, as it does for a certificate made for servers.
+    """
+
+    def verify(ok: int, store: Any) -> int:
+        try:
+            return _verify_client(ok, store)
+        except BaseException:
+            # An exception escaping an OpenSSL callback would be lost; log it, refuse.
+            _log.failure("while checking a client certificate")
+            _lib.X509_STORE_CTX_set_error(store, _lib.X509_V_ERR_APPLICATION_VERIFICATION)
+            return 0
+
+    callback = _ffi.callback("int (*)(int, X509_STORE_CTX *)", verify)
+    _lib.SSL_CTX_set_verify(ctx._context, _VERIFY_MODE, callback)
+    _KEEP_ALIVE[ctx] = callback  # OpenSSL holds only a pointer to the callback
+
+
+#: The verify callbacks installed on live contexts (cffi frees a callback nobody holds).
+_KEEP_ALIVE: weakref.WeakKeyDictionary[SSL.Context, object] = weakref.WeakKeyDictionary()
+
+_log = Logger()
+
+
+def _verify_client(ok: int, store: Any) -> int:
+    errno: int = _lib.X509_STORE_CTX_get_error(store)
+    depth: int = _lib.X509_STORE_CTX_get_error_depth(store)
+    raw = _lib.X509_STORE_CTX_get_current_cert(store)
+    _lib.X509_up_ref(raw)
+    cert = crypto.X509._from_raw_x509_ptr(raw).to_cryptography()
+    if ok and depth == 0 and not allows_client_auth(cert):
+        ok, errno = 0, _lib.X509_V_ERR_INVALID_PURPOSE
+        _lib.X509_STORE_CTX_set_error(store, errno)
     if not ok:
-        wrapped = getattr(connection.get_app_data(), "wrappedProtocol", None)
-        report = getattr(wrapped, "tls_verify_error", None)
+        ssl = _lib.X509_STORE_CTX_get_ex_data(store, _lib.SSL_get_ex_data_X509_STORE_CTX_idx())
+        connection = SSL.Connection._reverse_mapping.get(ssl)
+        tls_protocol = connection.get_app_data() if connection is not None else None
+        report = getattr(getattr(tls_protocol, "wrappedProtocol", None), "tls_verify_error", None)
         if report is not None:
-            report(errno, depth, cert.to_cryptography())
-    return bool(ok)
+            report(errno, depth, cert)
+    return 1 if ok else 0
 
 
 def set_groups(ctx: SSL.Context, groups: Sequence[str]) -> None:

@@ -808,7 +808,7 @@ class CertificateTests(SynchronousTestCase):
             self.assertEqual(cert_matches(pin, peer), expected, name)
 
     def test_allows_client_auth(self) -> None:
-        """clientAuth (or anyExtendedKeyUsage) is required; no EKU or serverAuth is not enough."""
+        """clientAuth is required; no EKU or serverAuth is not enough."""
 
         def load(name: str) -> x509.Certificate:
             return x509.load_pem_x509_certificate((self.pki.directory / name).read_bytes())

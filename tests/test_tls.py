@@ -29,9 +29,11 @@ from promgate.testing import TestPKI
 from promgate.tls import (
     KEY_EXCHANGE_GROUPS,
     MOZILLA_INTERMEDIATE,
+    allows_client_auth,
     server_options,
     server_tls,
     set_groups,
+    verify_reason,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -357,3 +359,59 @@ class ChainTests(SynchronousTestCase):
         """A file with leaf, intermediate and root: the root is left out."""
         sent = self.chain(self.pki.chained, self.pki.directory / "server-root.pem")
         self.assertEqual(sent, ["CN=localhost", "CN=server intermediate"])
+
+
+class ClientUsageTests(SynchronousTestCase):
+    """Client certificates must list clientAuth; the others are refused in the handshake
+    with the ``unsupported_certificate`` alert and the reason reported for the audit."""
+
+    def setUp(self) -> None:
+        self.pki = _pki(self)
+
+    def connect(self, cert: tuple[Path, Path], version: int) -> _Connection:
+        return _Connection(self.pki.files, _ClientTLS(self.pki, cert, version=version))
+
+    def test_client_auth_accepted(self) -> None:
+        """clientAuth, alone or next to anyExtendedKeyUsage, is accepted."""
+        for cert in (self.pki.prometheus, self.pki.both):
+            for version in (SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION):
+                conn = self.connect(cert, version)
+                self.assertTrue(conn.accepted, conn.client.lost)
+                self.assertEqual(conn.server.verify_errors, [])
+
+    def test_refused_with_unsupported_certificate(self) -> None:
+        """No extended key usage, serverAuth only, or anyExtendedKeyUsage only: refused,
+        the client told ``unsupported certificate`` (not ``internal error``), and the
+        server side told X509_V_ERR_INVALID_PURPOSE for the leaf."""
+        for name, cert in [
+            ("CN=noeku", self.pki.noeku),
+            ("CN=server-only", self.pki.server_only),
+            ("CN=any-eku", self.pki.any_eku),
+        ]:
+            for version in (SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION):
+                conn = self.connect(cert, version)
+                self.assertFalse(conn.accepted, (name, version))
+                self.assertEqual(conn.server.data, b"")
+                self.assertIn("unsupported certificate", conn.client_error(), (name, version))
+                self.assertEqual(conn.server.verify_errors, [(INVALID_PURPOSE, 0, name)])
+                self.assertEqual(verify_reason(INVALID_PURPOSE), "certificate_purpose")
+
+    def test_allows_client_auth(self) -> None:
+        """allows_client_auth agrees with the handshake: clientAuth must be listed."""
+
+        def load(path: tuple[Path, Path]) -> x509.Certificate:
+            return x509.load_pem_x509_certificate(path[0].read_bytes())
+
+        self.assertTrue(allows_client_auth(load(self.pki.prometheus)))
+        self.assertTrue(allows_client_auth(load(self.pki.both)))
+        self.assertFalse(allows_client_auth(load(self.pki.any_eku)))
+        self.assertFalse(allows_client_auth(load(self.pki.noeku)))
+        self.assertFalse(allows_client_auth(load(self.pki.server_only)))
+
+    def test_unknown_ca_alert(self) -> None:
+        """Errors OpenSSL finds itself keep their own alert (here ``unknown ca``)."""
+        foreign = self.pki.test.foreign_client("foreign")
+        conn = self.connect(foreign, SSL.TLS1_3_VERSION)
+        self.assertFalse(conn.accepted)
+        self.assertIn("unknown ca", conn.client_error())
+        self.assertEqual(verify_reason(conn.server.verify_errors[0][0]), "unknown_ca")
