@@ -11,11 +11,21 @@ from collections.abc import Iterable, Mapping
 import attrs
 
 from promgate.config.model import CertMatch, Identity
+from promgate.spiffe import is_spiffe, spiffe_id_error
 from promgate.tls import PeerCertificate
+
+#: How much of a refused URI SAN the audit record's ``detail`` quotes.
+_QUOTED = 200
 
 
 def uri_matches(pattern: str, uri: str) -> bool:
-    """Match a URI SAN: exact, or ``*`` standing for exactly one non-empty path segment."""
+    """Match a URI SAN: exact, or ``*`` standing for exactly one non-empty path segment.
+
+    A ``spiffe:`` URI that is not a valid SPIFFE ID (a ``..`` segment, percent-encoding, a
+    query...) matches nothing, whatever the pattern.
+    """
+    if is_spiffe(uri) and spiffe_id_error(uri) is not None:
+        return False
     if "*" not in pattern:
         return pattern == uri
     want = pattern.split("/")
@@ -39,6 +49,21 @@ def cert_matches(match: CertMatch, peer: PeerCertificate) -> bool:
     return False
 
 
+def invalid_spiffe_uri(peer: PeerCertificate) -> str | None:
+    """Why the certificate's ``spiffe:`` URI SAN is not a valid SPIFFE ID, if it is not.
+
+    Such a certificate names no identity at all, not even by its CN or DNS name: whoever
+    issued it made something the SPIFFE specification forbids.
+    """
+    for uri in peer.uris:
+        if is_spiffe(uri):
+            error = spiffe_id_error(uri)
+            if error is not None:
+                quoted = uri if len(uri) <= _QUOTED else uri[:_QUOTED] + "..."
+                return f"URI SAN {quoted!r} is not a valid SPIFFE ID: {error}"
+    return None
+
+
 @attrs.frozen
 class Recognition:
     """The outcome of recognising a caller: an identity, or why there is none."""
@@ -52,7 +77,8 @@ class Recognition:
 
 
 class IdentityResolver:
-    """Finds the one identity a certificate names; two or more matches is a refusal."""
+    """Finds the one identity a certificate names; two or more matches is a refusal, and
+    so is a certificate whose ``spiffe:`` URI SAN is not a valid SPIFFE ID."""
 
     def __init__(self, identities: Mapping[str, Identity]) -> None:
         self._identities: tuple[Identity, ...] = tuple(identities.values())
@@ -60,6 +86,9 @@ class IdentityResolver:
     def for_certificate(self, peer: PeerCertificate | None) -> Recognition:
         if peer is None:
             return Recognition(None, "no_credentials")
+        invalid = invalid_spiffe_uri(peer)
+        if invalid is not None:
+            return Recognition(None, "unknown_identity", invalid)
         found = list(self._matching(peer))
         if not found:
             return Recognition(None, "unknown_identity")

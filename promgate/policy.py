@@ -204,11 +204,14 @@ class ScrapePolicy:
         checks.append(Check("route", True, f"routes.{route.name}"))
         identity = recognition.identity
         if identity is None:
+            why = recognition.reason
+            if recognition.detail:
+                why = f"{why}: {recognition.detail}"
             return refuse(
                 "identity",
                 403,
                 recognition.reason,
-                f"identities: caller not recognised ({recognition.reason})",
+                f"identities: caller not recognised ({why})",
                 b"forbidden\n",
                 route,
             )

@@ -52,9 +52,12 @@ class URIMatchTests(SynchronousTestCase):
         self.assertFalse(uri_matches("spiffe://d/*/x", "spiffe://d//x"))
 
     def test_star_is_whole_segment(self) -> None:
-        """A ``*`` inside a segment is literal, not a partial wildcard."""
+        """A ``*`` inside a segment is literal, not a partial wildcard (and a SPIFFE ID
+        never has one: the certificate's URI is then matched by nothing)."""
         self.assertFalse(uri_matches("spiffe://d/ns/prom*", "spiffe://d/ns/prometheus"))
-        self.assertTrue(uri_matches("spiffe://d/ns/prom*", "spiffe://d/ns/prom*"))
+        self.assertFalse(uri_matches("spiffe://d/ns/prom*", "spiffe://d/ns/prom*"))
+        self.assertFalse(uri_matches("urn:x:prom*", "urn:x:prometheus"))
+        self.assertTrue(uri_matches("https://d/ns/prom*", "https://d/ns/prom*"))
 
     @given(st.lists(_segment, min_size=1, max_size=5), st.data())
     def test_star_property(self, segments: list[str], data: st.DataObject) -> None:

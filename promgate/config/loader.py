@@ -50,6 +50,7 @@ from promgate.config.model import (
 )
 from promgate.config.units import parse_duration, parse_rate, parse_size
 from promgate.paths import PathRefused, normalize_path
+from promgate.spiffe import is_spiffe, spiffe_id_error, spiffe_pattern_error
 
 T = TypeVar("T")
 
@@ -859,6 +860,11 @@ class _Loader:
                     continue
                 ((kind, value),) = sub.items()
                 text = self.sha256_hex(value) if kind == "spki_sha256" else self.string(value)
+                if text is not None and kind == "uri" and is_spiffe(text):
+                    why = spiffe_pattern_error(text)
+                    if why is not None:
+                        self.error(value.src, value.key, f"not a valid SPIFFE ID: {why}")
+                        continue
                 if text is not None:
                     matches.append(CertMatch(**{kind: text}))
         bearer: list[bytes] = []
@@ -1250,6 +1256,9 @@ class _Loader:
                 value.key,
                 "must be an absolute URI such as spiffe://example.org/ns/prod/sa/exporter",
             )
+            return None
+        if is_spiffe(text) and (why := spiffe_id_error(text)) is not None:
+            self.error(value.src, value.key, f"not a valid SPIFFE ID: {why}")
             return None
         return UpstreamIdentity(uri=text)
 
