@@ -201,7 +201,8 @@ class GroupsTests(SynchronousTestCase):
             self.assertIn(f"Server Temp Key: {shown}", ran.output, ran)
 
     def test_other_groups_refused(self) -> None:
-        """X448 alone or P-521 alone, TLS 1.3 or 1.2: a handshake failure, nothing served."""
+        """X448 alone or P-521 alone, TLS 1.3 or 1.2: a handshake failure, nothing served,
+        audited as no_shared_cipher."""
         s = scenario()
         for version in ("-tls1_3", "-tls1_2"):
             for group in ("X448", "P-521"):
@@ -209,6 +210,12 @@ class GroupsTests(SynchronousTestCase):
                 self.assertNotEqual(ran.status, 0, ran)
                 self.assertNotIn("HTTP/1.1 ", ran.output, ran)
                 self.assertIn("handshake failure", ran.output, ran)
+        refused = [
+            r
+            for r in s.records
+            if r["event"] == "tls_handshake_failed" and r["reason"] == "no_shared_cipher"
+        ]
+        self.assertEqual(len(refused), 4, refused)
 
 
 class ChainTests(SynchronousTestCase):
