@@ -136,6 +136,11 @@ class ChunkedDecoder:
             pos = idx + 1
             if len(line) >= MAX_LINE:
                 raise ChunkedError(f"line too long ({state.value})")
+            if state is _State.DATA_END:
+                if line != b"\r":
+                    raise ChunkedError("chunk data not followed by CRLF")
+                state = _State.SIZE
+                continue
             if not line.endswith(b"\r"):
                 raise ChunkedError(f"bare LF ({state.value})")
             line = line[:-1]
@@ -149,10 +154,6 @@ class ChunkedDecoder:
                     state = _State.DATA
                 else:
                     state = _State.TRAILER
-            elif state is _State.DATA_END:
-                if line:
-                    raise ChunkedError("chunk data not followed by CRLF")
-                state = _State.SIZE
             elif line:
                 self._trailer(line)
             else:
