@@ -357,6 +357,26 @@ class ScrapeTests(GatewayTestCase):
         self.assertEqual(event.bytes_out, len(transport.value()))
         self.assertEqual(self.pool.idle_count(), 1)
 
+    def test_chunked_malformed_mid_body(self) -> None:
+        """Malformed chunk framing after the head was relayed: the chunks already decoded
+        went out, the rest never does, the client connection is reset (never a clean end),
+        and the audit record says upstream_malformed with the precise problem."""
+        _, transport = self.scrape()
+        upstream, upstream_transport = self.pool.accept()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        upstream.dataReceived(b"5\r\nhello\r\n")
+        upstream.dataReceived(b"5;a=b\rc\r\nworld\r\n0\r\n\r\n")
+        self.assertTrue(transport.value().endswith(b"\r\n\r\n5\r\nhello\r\n"))
+        self.assertNotIn(b"world", transport.value())
+        self.assertTrue(transport.disconnected, "client connection not cut")
+        self.assertTrue(upstream_transport.disconnected)
+        (event,) = self.requests()
+        self.assertEqual(
+            (event.decision, event.reason, event.status), ("allow", "upstream_malformed", 200)
+        )
+        self.assertEqual(event.detail, "chunked body: malformed chunk-size line '5;a=b\\rc'")
+        self.assertEqual(self.pool.idle_count(), 0)
+
     def test_chunked_one_byte_at_a_time(self) -> None:
         """Fed one byte at a time, the client still gets exactly the payload, well framed."""
         _, transport = self.scrape()
