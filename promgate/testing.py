@@ -347,7 +347,9 @@ class FakeExporter:
     behaviour: ``"hang"`` (never answers), ``"reset"`` (closes at once),
     ``"chunked:N"`` (the registered body in N-byte chunks), ``"close"`` (no length,
     close-delimited), ``"garbage"`` (not HTTP), ``"reset_mid_body"`` (the head and the
-    first half of the registered body, with the full Content-Length, then a TCP reset).
+    first half of the registered body, with the full Content-Length, then a TCP reset),
+    ``"raw"`` (the registered body sent as the whole response, byte for byte, then a close:
+    for responses no well-behaved server would send).
     Requests it saw are in ``requests``; ``connections`` counts the connections accepted.
     Over TLS, ``client_subjects`` lists the subject of each client certificate shown in a
     completed handshake, and ``tls_failures`` counts the handshakes that failed.
@@ -472,6 +474,9 @@ class FakeExporter:
                 client.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
             client.sendall(b"0\r\n\r\n")
             return True
+        if spec == "raw":
+            client.sendall(body)
+            return False
         if spec == "close":
             client.sendall(b"HTTP/1.1 200 OK\r\n" + ctype + b"Connection: close\r\n\r\n" + body)
             return False

@@ -71,6 +71,23 @@ class AcceptTests(SynchronousTestCase):
             ).keep_alive
         )
 
+    def test_connection_is_a_token_list(self) -> None:
+        """Connection is read as comma-separated tokens, never by substring."""
+        for version, value, keep_alive in (
+            (b"1.1", b"foo, close", False),
+            (b"1.1", b"foo,close", False),
+            (b"1.1", b"closed", True),
+            (b"1.1", b"x-close", True),
+            (b"1.1", b"close-not", True),
+            (b"1.0", b"keep-alive-nope", False),
+            (b"1.0", b"nope-keep-alive", False),
+            (b"1.0", b"foo, keep-alive", True),
+            (b"1.0", b" KEEP-ALIVE ,", True),
+            (b"1.0", b"keep-alive, close", False),
+        ):
+            head = _head(b"GET / HTTP/" + version, b"Host: g", b"Connection: " + value)
+            self.assertEqual(parse_request_head(head).keep_alive, keep_alive, (version, value))
+
     def test_10_keep_alive_rules(self) -> None:
         """HTTP/1.0 closes unless the client asks for keep-alive; Host is optional."""
         self.assertFalse(parse_request_head(b"GET / HTTP/1.0").keep_alive)
@@ -128,8 +145,20 @@ class RefuseTests(SynchronousTestCase):
             b" GET / HTTP/1.1",
             b"GET /\x00 HTTP/1.1",
             b"GET /\x7f HTTP/1.1",
+            b"GET /\x80 HTTP/1.1",
+            b"GET /scrape?route=n\xc3\xa9 HTTP/1.1",
+            b"GET /\xff HTTP/1.1",
+            b"GET http://h\xffst/ HTTP/1.1",
+            b"CONNECT h\xc3\xa9:443 HTTP/1.1",
+            b"GET /a\tb HTTP/1.1",
         ]:
             self.assertRefused(_head(line, b"Host: g"))
+
+    @given(st.binary(min_size=1, max_size=20).filter(lambda b: any(c >= 0x80 for c in b)))
+    def test_target_bytes_over_7f(self, data: bytes) -> None:
+        """Hypothesis: any target holding a byte >= 0x80 is a 400."""
+        target = b"/" + data.replace(b" ", b"").replace(b"\r", b"").replace(b"\n", b"")
+        self.assertRefused(_head(b"GET " + target + b" HTTP/1.1", b"Host: g"))
 
     def test_version_505(self) -> None:
         """Well-formed but unsupported HTTP versions are 505."""

@@ -30,7 +30,7 @@ REQUEST = b"GET /metrics HTTP/1.1\r\nHost: 10.0.0.5:9100\r\n\r\n"
 CHUNKED_BODY = (
     b"5;name=value\r\nhello\r\n"
     b"1A\r\n" + b"z" * 26 + b"\r\n"
-    b"3 ; ext\r\n, w\r\n"
+    b'3;ext;q="a b"\r\n, w\r\n'
     b"0\r\nX-Trailer: t\r\nX-Other: u\r\n\r\n"
 )
 CHUNKED_PAYLOAD = b"hello" + b"z" * 26 + b", w"
@@ -43,6 +43,7 @@ class Recorder:
 
     def __init__(self, release: UpstreamProtocol | None = None) -> None:
         self.events: list[tuple[Any, ...]] = []
+        self.details: list[str] = []
         self.release = release
 
     def upstream_head(
@@ -53,6 +54,11 @@ class Recorder:
     def upstream_data(self, data: bytes) -> None:
         self.events.append(("data", data))
 
+    def upstream_chunked(self, pieces: list[memoryview], size: int) -> None:
+        data = b"".join(pieces)
+        assert len(data) == size, (len(data), size)
+        self.events.append(("data", data))
+
     def upstream_done(self) -> None:
         self.events.append(("done",))
         if self.release is not None:
@@ -60,6 +66,7 @@ class Recorder:
 
     def upstream_failed(self, reason: str, detail: str, retryable: bool) -> None:
         self.events.append(("failed", reason, retryable))
+        self.details.append(detail)
 
     # -- views --------------------------------------------------------------------------
 
@@ -98,12 +105,11 @@ class _Base(SynchronousTestCase):
         *,
         head_only: bool = False,
         max_body: int = 1 << 20,
-        raw_chunks: bool = True,
         release: bool = True,
     ) -> Recorder:
         proto = proto or self.proto
         rec = Recorder(proto if release else None)
-        proto.send(rec, REQUEST, head_only=head_only, max_body=max_body, raw_chunks=raw_chunks)
+        proto.send(rec, REQUEST, head_only=head_only, max_body=max_body)
         return rec
 
     def feed(self, *pieces: bytes, proto: UpstreamProtocol | None = None) -> None:
@@ -168,11 +174,12 @@ class ContentLengthTests(_Base):
         self.assertEqual(rec.events, [("head", 200, b"OK", b"", LENGTH, 0), ("done",)])
         self.assertPooled()
 
-    def test_equal_duplicate_lengths(self) -> None:
-        """Two identical Content-Length headers are accepted as one."""
+    def test_duplicate_lengths(self) -> None:
+        """Two Content-Length fields are refused, even when they agree (as llhttp does)."""
         rec = self.send()
         self.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok")
-        self.assertEqual((rec.body, rec.ends), (b"ok", [("done",)]))
+        self.assertEqual(rec.events, [("failed", "upstream_malformed", False)])
+        self.assertEqual(rec.details, ["more than one Content-Length"])
 
     def test_reason_phrase(self) -> None:
         """The status code and reason phrase are passed on; a missing reason is empty."""
@@ -182,38 +189,48 @@ class ContentLengthTests(_Base):
 
 
 class ChunkedTests(_Base):
-    """Chunked bodies: raw passthrough for HTTP/1.1 clients, decoded payload otherwise."""
+    """Chunked bodies are decoded: the handler gets the payload, never the upstream's
+    chunk sizes, extensions or trailers."""
 
-    def test_raw_passthrough(self) -> None:
-        """Raw mode forwards the upstream's exact chunked bytes and ends at the last chunk."""
+    def test_payload(self) -> None:
+        """The payload is handed on; extensions and trailers are dropped; then pooled."""
         rec = self.send()
         self.feed(CHUNKED_HEAD + CHUNKED_BODY)
         self.assertEqual(
             rec.head, ("head", 200, b"OK", b"Content-Type: text/plain\r\n", CHUNKED, 0)
         )
-        self.assertEqual(rec.body, CHUNKED_BODY)
-        self.assertEqual(rec.ends, [("done",)])
-        self.assertPooled()
-
-    def test_raw_one_byte_at_a_time(self) -> None:
-        """Fed one byte at a time, raw mode still forwards exactly the bytes and ends once."""
-        rec = self.send()
-        self.feed(*(bytes([b]) for b in CHUNKED_HEAD + CHUNKED_BODY))
-        self.assertEqual(rec.body, CHUNKED_BODY)
+        self.assertEqual(rec.body, CHUNKED_PAYLOAD)
         self.assertEqual(rec.ends, [("done",)])
         self.assertEqual(rec.events[-1], ("done",))
         self.assertPooled()
 
-    @given(st.lists(st.integers(0, len(CHUNKED_BODY)), max_size=8), st.booleans())
-    def test_any_splits(self, cuts: list[int], raw: bool) -> None:
-        """Hypothesis: any split of a chunked body gives the same bytes (raw) or payload."""
+    def test_one_byte_at_a_time(self) -> None:
+        """Fed one byte at a time, the payload is the same and the body ends once."""
+        rec = self.send()
+        self.feed(*(bytes([b]) for b in CHUNKED_HEAD + CHUNKED_BODY))
+        self.assertEqual(rec.body, CHUNKED_PAYLOAD)
+        self.assertEqual(rec.ends, [("done",)])
+        self.assertEqual(rec.events[-1], ("done",))
+        self.assertPooled()
+
+    def test_one_call_per_read(self) -> None:
+        """Every chunk of one read reaches the handler in one call (one write downstream)."""
+        rec = self.send()
+        self.feed(CHUNKED_HEAD, b"2\r\nab\r\n3\r\ncde\r\n1\r\nf\r\n", b"0\r\n\r\n")
+        self.assertEqual(
+            [e for e in rec.events if e[0] != "head"], [("data", b"abcdef"), ("done",)]
+        )
+
+    @given(st.lists(st.integers(0, len(CHUNKED_BODY)), max_size=8))
+    def test_any_splits(self, cuts: list[int]) -> None:
+        """Hypothesis: any split of a chunked body gives the same payload."""
         self.pool = UpstreamPool(self.clock)
         self.proto, self.transport = self.connection()
-        rec = self.send(raw_chunks=raw)
+        rec = self.send()
         self.feed(CHUNKED_HEAD)
         points = [0, *sorted(cuts), len(CHUNKED_BODY)]
         self.feed(*(CHUNKED_BODY[a:b] for a, b in itertools.pairwise(points)))
-        self.assertEqual(rec.body, CHUNKED_BODY if raw else CHUNKED_PAYLOAD)
+        self.assertEqual(rec.body, CHUNKED_PAYLOAD)
         self.assertEqual(rec.ends, [("done",)])
         self.assertPooled()
 
@@ -229,43 +246,29 @@ class ChunkedTests(_Base):
         )
         self.pool = UpstreamPool(self.clock)
         self.proto, self.transport = self.connection()
-        raw = self.send(raw_chunks=False)
+        rec = self.send()
         self.feed(CHUNKED_HEAD + body)
-        self.assertEqual(raw.body, b"".join(chunks))
-        self.assertEqual(raw.ends, [("done",)])
-
-    def test_payload_mode(self) -> None:
-        """Payload mode yields the decoded payload: no sizes, extensions or trailers."""
-        rec = self.send(raw_chunks=False)
-        self.feed(CHUNKED_HEAD + CHUNKED_BODY)
-        self.assertEqual(rec.body, CHUNKED_PAYLOAD)
-        self.assertEqual(rec.ends, [("done",)])
-        self.assertPooled()
-
-    def test_payload_mode_one_byte_at_a_time(self) -> None:
-        """Payload mode, one byte at a time."""
-        rec = self.send(raw_chunks=False)
-        self.feed(*(bytes([b]) for b in CHUNKED_HEAD + CHUNKED_BODY))
-        self.assertEqual(rec.body, CHUNKED_PAYLOAD)
+        self.assertEqual(rec.body, b"".join(chunks))
         self.assertEqual(rec.ends, [("done",)])
 
     def test_bytes_after_terminal_chunk(self) -> None:
         """Bytes after the terminal chunk are not forwarded and the connection is not pooled."""
         rec = self.send()
         self.feed(CHUNKED_HEAD + CHUNKED_BODY + b"HTTP/1.1 200 OK\r\n")
-        self.assertEqual(rec.body, CHUNKED_BODY)
+        self.assertEqual(rec.body, CHUNKED_PAYLOAD)
         self.assertEqual(rec.ends, [("done",)])
         self.assertClosed()
 
     def test_only_terminal_chunk(self) -> None:
-        """An empty chunked body is just the terminal chunk."""
+        """An empty chunked body is just the terminal chunk: no data, one end."""
         rec = self.send()
         self.feed(CHUNKED_HEAD + b"0\r\n\r\n")
-        self.assertEqual((rec.body, rec.ends), (b"0\r\n\r\n", [("done",)]))
+        self.assertEqual((rec.body, rec.ends), (b"", [("done",)]))
+        self.assertPooled()
 
     def test_transfer_encoding_case(self) -> None:
         """Transfer-Encoding is matched case-insensitively."""
-        rec = self.send(raw_chunks=False)
+        rec = self.send()
         self.feed(b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
         self.assertEqual((rec.body, rec.ends), (b"ok", [("done",)]))
 
@@ -328,10 +331,10 @@ class CloseDelimitedTests(_Base):
 class MalformedTests(_Base):
     """Malformed responses fail as upstream_malformed and abort the connection."""
 
-    def assertMalformed(self, data: bytes, raw_chunks: bool = True) -> Recorder:
+    def assertMalformed(self, data: bytes) -> Recorder:
         self.pool = UpstreamPool(self.clock)
         self.proto, self.transport = self.connection()
-        rec = self.send(raw_chunks=raw_chunks)
+        rec = self.send()
         self.feed(data)
         self.assertEqual(rec.ends, [("failed", "upstream_malformed", False)], data)
         self.assertTrue(self.transport.disconnected, data)
@@ -379,6 +382,13 @@ class MalformedTests(_Base):
             b"Content-Length: 1 2",
             b"Transfer-Encoding: gzip, chunked",
             b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+            b"Transfer-Encoding: identity",
+            b"Transfer-Encoding: chunked, chunked",
+            b"Content-Length: 0\r\nContent-Length: 0",
+            b"Content-Length: 0x10",
+            b"Content-Length: +5",
+            b"Content-Length: " + b"9" * 19,
+            b"Content-Length: \xd9\xa3",
         ):
             self.assertMalformed(b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n\r\n")
 
@@ -396,8 +406,58 @@ class MalformedTests(_Base):
             b"0\r\nTrailer: x\n\r\n",
             b"5" + b" " * 5000 + b"\r\n",
         ):
-            for raw in (True, False):
-                self.assertMalformed(CHUNKED_HEAD + body, raw_chunks=raw)
+            self.assertMalformed(CHUNKED_HEAD + body)
+
+    def test_chunked_quirks(self) -> None:
+        """What one parser reads differently from another is refused, never relayed: the
+        handler gets no byte of the body that follows, and the detail says what was wrong."""
+        for body, detail in (
+            (b"5;a=b\rc\r\nhello\r\n0\r\n\r\n", "malformed chunk-size line"),
+            (b"5;a\x00\r\nhello\r\n0\r\n\r\n", "malformed chunk-size line"),
+            (b"5   \r\nhello\r\n0\r\n\r\n", "malformed chunk-size line"),
+            (b"5 ;a\r\nhello\r\n0\r\n\r\n", "malformed chunk-size line"),
+            (b"5; a\r\nhello\r\n0\r\n\r\n", "malformed chunk-size line"),
+            (b" 5\r\nhello\r\n0\r\n\r\n", "malformed chunk-size line"),
+            (b"+5\r\nhello\r\n0\r\n\r\n", "malformed chunk-size line"),
+            (b"5\r\r\nhello\r\n0\r\n\r\n", "malformed chunk-size line"),
+            (b"ffffffffffffffff\r\n", "malformed chunk-size line"),
+            (b'5;a="b\r\nhello\r\n0\r\n\r\n', "malformed chunk-size line"),
+            (b"5\r\nhelloXY0\r\n\r\n", "chunk data not followed by CRLF"),
+            (b"5\r\nhello\n0\r\n\r\n", "chunk data not followed by CRLF"),
+            (b"0\r\nno colon\r\n\r\n", "malformed trailer field"),
+            (b"0\r\nX-A: 1\r\n folded\r\n\r\n", "malformed trailer field"),
+            (b"0\r\nX-A : 1\r\n\r\n", "malformed trailer field"),
+            (b"0\r\nX-A: a\rb\r\n\r\n", "control character in trailer field"),
+            (b"0\r\nX-A: a\x00b\r\n\r\n", "control character in trailer field"),
+            (b"0\r\nContent-Length: 5\r\n\r\n", "not allowed as a trailer field"),
+            (b"0\r\ntransfer-encoding: chunked\r\n\r\n", "not allowed as a trailer field"),
+            (b"0\r\n" + b"X: y\r\n" * 101 + b"\r\n", "more than 100 trailer fields"),
+            (b"0\r\nX: " + b"y" * 5000 + b"\r\n\r\n", "line too long"),
+        ):
+            rec = self.assertMalformed(CHUNKED_HEAD + body)
+            self.assertEqual(rec.body, b"", body)
+            self.assertEqual(len(rec.details), 1, body)
+            self.assertTrue(rec.details[0].startswith("chunked body: "), rec.details)
+            self.assertIn(detail, rec.details[0], body)
+
+    def test_interim_response_checked(self) -> None:
+        """A 1xx response is dropped, but only after its fields were checked like any."""
+        self.assertMalformed(
+            b"HTTP/1.1 103 Early Hints\r\nLink </a>\r\n\r\nHTTP/1.1 200 OK\r\n"
+            b"Content-Length: 0\r\n\r\n"
+        )
+
+    def test_detail_names_the_problem(self) -> None:
+        """The failure's detail says precisely what was wrong (for the audit record)."""
+        for head, detail in (
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip", "unsupported Transfer-Encoding"),
+            (b"HTTP/1.1 200 OK\r\nX-A: a\x00b", "control character in response header"),
+            (b"HTTP/1.1 200 OK\r\n folded", "malformed response header field"),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked", "both"),
+            (b"HTTP/9.9 200 OK", "malformed status line"),
+        ):
+            rec = self.assertMalformed(head + b"\r\n\r\n")
+            self.assertIn(detail, rec.details[0], head)
 
     def test_switching_protocols(self) -> None:
         """An upstream that tries to switch protocols is refused."""
@@ -431,20 +491,18 @@ class SizeCapTests(_Base):
 
     def test_chunked_over_cap(self) -> None:
         """A chunked body crossing the cap fails mid-body, after the head."""
-        for raw in (True, False):
-            self.pool = UpstreamPool(self.clock)
-            self.proto, self.transport = self.connection()
-            rec = self.send(max_body=10, raw_chunks=raw)
-            self.feed(CHUNKED_HEAD + b"6\r\nabcdef\r\n")
-            self.assertEqual(rec.ends, [])
-            self.feed(b"6\r\nghijkl\r\n0\r\n\r\n")
-            self.assertEqual(rec.head[0], "head")
-            self.assertEqual(rec.ends, [("failed", "response_too_large", False)])
-            self.assertTrue(self.transport.disconnected)
+        rec = self.send(max_body=10)
+        self.feed(CHUNKED_HEAD + b"6\r\nabcdef\r\n")
+        self.assertEqual(rec.ends, [])
+        self.feed(b"6\r\nghijkl\r\n0\r\n\r\n")
+        self.assertEqual(rec.head[0], "head")
+        self.assertEqual(rec.body, b"abcdef")  # nothing past the cap is handed on
+        self.assertEqual(rec.ends, [("failed", "response_too_large", False)])
+        self.assertTrue(self.transport.disconnected)
 
     def test_chunked_at_cap(self) -> None:
         """A chunked payload exactly at the cap is fine (chunk framing does not count)."""
-        rec = self.send(max_body=10, raw_chunks=True)
+        rec = self.send(max_body=10)
         self.feed(CHUNKED_HEAD + b"5\r\nabcde\r\n5\r\nfghij\r\n0\r\n\r\n")
         self.assertEqual(rec.ends, [("done",)])
 
@@ -523,7 +581,7 @@ class HopByHopTests(_Base):
 
     def test_removed(self) -> None:
         """Hop-by-hop, Set-Cookie and Proxy-* headers go; end-to-end ones stay, in order."""
-        rec = self.send(raw_chunks=False)
+        rec = self.send()
         self.feed(
             b"HTTP/1.1 200 OK\r\n"
             b"Content-Type: text/plain; version=0.0.4\r\n"
@@ -595,6 +653,26 @@ class ReuseTests(_Base):
         """An HTTP/1.0 response is not reused unless it asks for keep-alive."""
         self.send()
         self.feed(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertClosed()
+
+    def test_connection_tokens(self) -> None:
+        """Connection is a list of tokens: ``foo, close`` closes, ``closed`` does not."""
+        for field, pooled in (
+            (b"Connection: foo, close", False),
+            (b"Connection: CLOSE", False),
+            (b"Connection: closed", True),
+            (b"Connection: x-close-me", True),
+        ):
+            self.pool = UpstreamPool(self.clock)
+            self.proto, self.transport = self.connection()
+            self.send()
+            self.feed(b"HTTP/1.1 200 OK\r\n" + field + b"\r\nContent-Length: 2\r\n\r\nok")
+            self.assertEqual(self.pool.idle_count(), 1 if pooled else 0, field)
+
+    def test_http10_keep_alive_token(self) -> None:
+        """HTTP/1.0 is kept only for the ``keep-alive`` token, not for a longer word."""
+        self.send()
+        self.feed(b"HTTP/1.0 200 OK\r\nConnection: keep-alive-nope\r\nContent-Length: 2\r\n\r\nok")
         self.assertClosed()
 
     def test_http10_keep_alive_pooled(self) -> None:

@@ -816,7 +816,7 @@ class UpstreamHandshakeTests(SynchronousTestCase):
         upstream = client.wrappedProtocol
         assert isinstance(upstream, UpstreamProtocol)
         handler = _Handler()
-        upstream.send(handler, REQUEST, head_only=False, max_body=1 << 20, raw_chunks=True)
+        upstream.send(handler, REQUEST, head_only=False, max_body=1 << 20)
         pump.flush()
         if exporter.data == REQUEST:
             assert exporter.transport is not None

@@ -57,6 +57,7 @@ from promgate.policy import (
 )
 from promgate.proxy.http import DownstreamProtocol, ReverseGateway, connection_event
 from promgate.proxy.http1 import HTTPError, RequestHead
+from promgate.proxy.refusals import refusal_body
 from promgate.proxy.upstream import no_delay
 
 __all__ = [
@@ -409,7 +410,7 @@ class ForwardGateway(ReverseGateway):
             try:
                 address = parse_authority_form(req.target)
             except HTTPError as e:
-                self.refuse(conn, req, start, e.status, e.reason, e.message.encode() + b"\n")
+                self.refuse(conn, req, start, e.status, e.reason, rule=e.message)
                 return
             self.recognise(conn, req, start, lambda r: self.tunnel(conn, req, start, address, r))
         elif req.target[:1] == b"/" or req.target == b"*":
@@ -419,7 +420,6 @@ class ForwardGateway(ReverseGateway):
                 start,
                 400,
                 BAD_REQUEST,
-                b"this is a forward proxy: send an absolute URL or CONNECT\n",
                 rule="origin-form request on a forward listener",
             )
         elif req.method != b"GET" and req.method != b"HEAD":
@@ -429,14 +429,13 @@ class ForwardGateway(ReverseGateway):
                 start,
                 405,
                 "method_not_allowed",
-                b"only GET, HEAD and CONNECT\n",
                 extra=_METHODS,
             )
         else:
             try:
                 form = parse_absolute_form(req.target)
             except HTTPError as e:
-                self.refuse(conn, req, start, e.status, e.reason, e.message.encode() + b"\n")
+                self.refuse(conn, req, start, e.status, e.reason, rule=e.message)
                 return
             self.recognise(conn, req, start, lambda r: self.forward(conn, req, start, form, r))
 
@@ -543,7 +542,6 @@ class ForwardGateway(ReverseGateway):
             start,
             decision.status,
             decision.reason,
-            decision.body,
             route=decision.route,
             target=address,
             extra=self.challenges if decision.status == 407 else (),
@@ -690,10 +688,11 @@ class Tunnel:
             self.start_time,
             status,
             reason,
-            detail.encode("utf-8", "replace") + b"\n",
+            refusal_body(status, reason),
             decision="allow",
             route=self.route,
             target=self.target.address,
+            detail=detail,
             recognition=self.recognition,
         )
 

@@ -45,6 +45,7 @@ from promgate.proxy.http1 import (
     parse_request_head,
     simple_response,
 )
+from promgate.proxy.refusals import refusal_body
 from promgate.proxy.upstream import (
     CHUNKED,
     CLOSE,
@@ -204,7 +205,6 @@ class ReverseGateway:
                 start,
                 405,
                 "method_not_allowed",
-                b"only GET and HEAD\n",
                 extra=((b"Allow", b"GET, HEAD"),),
             )
         elif path == b"/scrape" or path == b"/sd":
@@ -215,7 +215,7 @@ class ReverseGateway:
             else:
                 self.authenticate(conn, req, path, query, start, header)
         else:
-            self.refuse(conn, req, start, 404, "not_found", b"not found\n")
+            self.refuse(conn, req, start, 404, "not_found")
 
     def authenticate(
         self,
@@ -260,7 +260,6 @@ class ReverseGateway:
                 start,
                 status,
                 recognition.reason,
-                b"unauthorized\n" if status == 401 else b"forbidden\n",
                 extra=self.authenticator.challenges if status == 401 else (),
                 rule=recognition.detail,
                 recognition=recognition,
@@ -286,7 +285,6 @@ class ReverseGateway:
                 start,
                 parsed.status,
                 parsed.reason,
-                parsed.body,
                 rule=parsed.rule,
                 recognition=recognition,
             )
@@ -300,7 +298,6 @@ class ReverseGateway:
                 start,
                 decision.status,
                 decision.reason,
-                decision.body,
                 route=route,
                 target=parsed.target,
                 rule=decision.rule,
@@ -356,7 +353,6 @@ class ReverseGateway:
                 start,
                 429,
                 admission.reason,
-                b"rate limited\n",
                 route=route,
                 target=target.address,
                 extra=((b"Retry-After", RateLimiter.retry_after_header(admission).encode()),),
@@ -371,7 +367,6 @@ class ReverseGateway:
                 start,
                 503,
                 "audit_unavailable",
-                b"audit log unavailable\n",
                 route=route,
                 target=target.address,
                 recognition=recognition,
@@ -384,9 +379,7 @@ class ReverseGateway:
     ) -> None:
         identity = recognition.identity
         if identity is None:
-            self.refuse(
-                conn, req, start, 403, recognition.reason, b"forbidden\n", recognition=recognition
-            )
+            self.refuse(conn, req, start, 403, recognition.reason, recognition=recognition)
             return
         if self.deny_unaudited and not self.audit.healthy:
             self.refuse(
@@ -395,7 +388,6 @@ class ReverseGateway:
                 start,
                 503,
                 "audit_unavailable",
-                b"audit log unavailable\n",
                 recognition=recognition,
             )
             return
@@ -436,7 +428,6 @@ class ReverseGateway:
         start: float,
         status: int,
         reason: str,
-        body: bytes,
         *,
         route: Route | None = None,
         target: str | None = None,
@@ -444,8 +435,9 @@ class ReverseGateway:
         rule: str | None = None,
         recognition: Recognition | None = None,
     ) -> None:
-        """Answer with a refusal; ``rule`` (the policy rule that decided) goes to the audit
-        record's ``detail``."""
+        """Answer with a refusal: the short constant body of its status and reason
+        (promgate.proxy.refusals); ``rule`` (the policy rule that decided, or the precise
+        problem) goes to the audit record's ``detail``, never to the caller."""
         route_label = route.name if route is not None else ""
         self.metrics.denied.labels(self.name, route_label, reason).inc()
         if reason in AUTHN_FAILURES:
@@ -456,7 +448,7 @@ class ReverseGateway:
             start,
             status,
             reason,
-            body,
+            refusal_body(status, reason),
             decision="deny",
             route=route,
             target=target,
@@ -682,7 +674,6 @@ class Exchange:
             b"".join(lines),
             head_only=req.method == b"HEAD",
             max_body=self.route.max_response_size,
-            raw_chunks=self.client11,
         )
 
     # -- UpstreamHandler -------------------------------------------------------------------
@@ -696,8 +687,9 @@ class Exchange:
             parts.append(b"Content-Length: %d\r\n" % length)
         elif framing in (CHUNKED, CLOSE):
             if self.client11:
+                # Chunks of the gateway's own: one per upstream read.
                 parts.append(b"Transfer-Encoding: chunked\r\n")
-                self.wrap_chunks = framing == CLOSE
+                self.wrap_chunks = True
             else:
                 self.keep_alive = False
                 self.close_delimited = True
@@ -718,6 +710,17 @@ class Exchange:
         else:
             self.bytes_out += len(data)
             self.conn.send(data)
+
+    def upstream_chunked(self, pieces: list[memoryview], size: int) -> None:
+        """Decoded payload of a chunked upstream body: one chunk of our own for an
+        HTTP/1.1 client (framing and payload copied once, into one write), the bare
+        payload for an HTTP/1.0 client."""
+        if self.wrap_chunks:
+            data = b"".join((b"%x\r\n" % size, *pieces, b"\r\n"))
+        else:
+            data = b"".join(pieces)
+        self.bytes_out += len(data)
+        self.conn.send(data)
 
     def upstream_done(self) -> None:
         if self.wrap_chunks:
@@ -762,18 +765,19 @@ class Exchange:
             # The client already has a status line: it must see an incomplete response,
             # never a clean end.
             self.keep_alive = False
-            self._finish(self.status, reason, "allow", abort_client=True)
+            self._finish(self.status, reason, "allow", abort_client=True, detail=detail)
         else:
+            # The caller learns what happened; the audit record and the log say why.
             self.status = status
             data = simple_response(
                 status,
-                detail.encode("utf-8", "replace") + b"\n",
+                refusal_body(status, reason),
                 keep_alive=self.keep_alive,
                 head_only=self.req.method == b"HEAD",
             )
             self.bytes_out += len(data)
             self.conn.send(data)
-            self._finish(status, reason, "allow")
+            self._finish(status, reason, "allow", detail=detail)
 
     def client_lost(self, reason: str = "client_aborted") -> None:
         """The downstream connection went away mid-exchange."""
@@ -791,6 +795,7 @@ class Exchange:
         upstream_ok: bool = False,
         abort_client: bool = False,
         client_gone: bool = False,
+        detail: str | None = None,
     ) -> None:
         if self.done:
             return
@@ -823,13 +828,15 @@ class Exchange:
             target=self.target.address,
             path=self.path,
             bytes_out=self.bytes_out,
+            detail=detail,
             recognition=self.recognition,
         )
         if client_gone:
             return
         if abort_client:
-            if self.close_delimited:
-                # Only a reset can tell this client that its body was cut short.
+            if self.close_delimited or reason == "upstream_malformed":
+                # Only a reset can tell this client that its body was cut short; and
+                # after bytes the gateway could not parse, nothing more goes out at all.
                 self.conn.abort()
             else:
                 # The framing (a Content-Length not reached, no last chunk) shows the cut:
@@ -1137,8 +1144,9 @@ class DownstreamProtocol(Protocol):
             self.gw.clock.seconds(),
             error.status,
             error.reason,
-            error.message.encode() + b"\n",
+            refusal_body(error.status, error.reason),
             decision="deny",
+            detail=error.message,
         )
 
     def _close(self) -> None:
@@ -1189,8 +1197,9 @@ class DownstreamProtocol(Protocol):
                 self.gw.clock.seconds(),
                 408,
                 "request_timeout",
-                b"request head not received in time\n",
+                refusal_body(408, "request_timeout"),
                 decision="deny",
+                detail="request head not received in time",
             )
         else:
             self._close()

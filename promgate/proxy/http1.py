@@ -17,6 +17,8 @@ MAX_HEADERS = 100
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: A request target is visible ASCII only: no controls, no spaces, no bytes >= 0x80.
+_TARGET = re.compile(rb"[\x21-\x7e]+")
 _SINGLETONS = frozenset(
     {b"host", b"content-length", b"transfer-encoding", b"authorization", b"proxy-authorization"}
 )
@@ -44,6 +46,15 @@ class RequestHead:
     size: int
 
 
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    """The options of a ``Connection`` field: a comma-separated list of tokens, compared
+    case-insensitively (``keep-alive-nope`` is not ``keep-alive``). Empty elements are
+    ignored."""
+    if not value:
+        return frozenset()
+    return frozenset(t.strip(b" \t") for t in value.lower().split(b",")) - {b""}
+
+
 def _bad(message: str) -> HTTPError:
     return HTTPError(400, "bad_request", message)
 
@@ -65,8 +76,10 @@ def parse_request_head(head: bytes) -> RequestHead:
         if _VERSION.fullmatch(version):
             raise HTTPError(505, "bad_request", "only HTTP/1.1 and HTTP/1.0 are spoken here")
         raise _bad("malformed request line")
-    if not _TOKEN.fullmatch(method) or not target or _FIELD_VALUE_BAD.search(target):
+    if not _TOKEN.fullmatch(method):
         raise _bad("malformed request line")
+    if not _TARGET.fullmatch(target):
+        raise _bad("request target not visible ASCII (control character or byte >= 0x80)")
     if len(lines) - 1 > MAX_HEADERS:
         raise HTTPError(431, "bad_request", "too many header fields")
     headers: dict[bytes, bytes] = {}
@@ -84,12 +97,13 @@ def parse_request_head(head: bytes) -> RequestHead:
             headers[lname] += b", " + value
         else:
             headers[lname] = value
+    connection = connection_tokens(headers.get(b"connection", b""))
     if version == b"HTTP/1.1":
         if b"host" not in headers:
             raise _bad("HTTP/1.1 request without Host")
-        keep_alive = b"close" not in headers.get(b"connection", b"").lower()
+        keep_alive = b"close" not in connection
     else:
-        keep_alive = b"keep-alive" in headers.get(b"connection", b"").lower()
+        keep_alive = b"keep-alive" in connection and b"close" not in connection
     if b"transfer-encoding" in headers:
         raise _bad("request bodies are not accepted")
     length = headers.get(b"content-length")

@@ -2,9 +2,10 @@
 
 The gateway does not run a general-purpose HTTP client between Prometheus and the
 exporter. It sends a request head it built itself, parses the response head strictly,
-and then passes body bytes through untouched while following their framing
-(Content-Length, chunked, or close-delimited) just enough to know where the response
-ends, whether the connection can be reused, and whether the size cap was crossed.
+and then follows the body's framing: a Content-Length or close-delimited body passes
+through untouched; a chunked body is decoded strictly (promgate.proxy.chunked) and only
+its payload is handed on, for the relay to frame again. Nothing of the upstream's framing
+that was not understood reaches the client. The size cap counts payload bytes.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from promgate.config.model import Route, Target
+from promgate.proxy.chunked import ChunkedDecoder, ChunkedError
+from promgate.proxy.http1 import connection_tokens
 from promgate.tls import UpstreamTLSError, client_options
 
 MAX_RESPONSE_HEAD = 64 * 1024
 MAX_RESPONSE_HEADERS = 100
-MAX_CHUNK_LINE = 4096
+#: A Content-Length of more digits than this is refused (the cap is far below it anyway).
+MAX_LENGTH_DIGITS = 18
 
 # Framing of a response body.
 LENGTH = 0
@@ -62,14 +66,7 @@ _HOP_BY_HOP = frozenset(
 )
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-
-# Chunked parser states.
-_C_SIZE = 0
-_C_DATA = 1
-_C_CRLF = 2
-_C_TRAILER = 3
 
 # Connection states.
 _IDLE = 0
@@ -85,6 +82,10 @@ class UpstreamHandler(TypingProtocol):
     ) -> None: ...
 
     def upstream_data(self, data: bytes) -> None: ...
+
+    def upstream_chunked(self, pieces: list[memoryview], size: int) -> None:
+        """Payload of a chunked body, decoded: ``size`` bytes in ``pieces`` (slices of
+        one read, valid only during the call)."""
 
     def upstream_done(self) -> None: ...
 
@@ -109,10 +110,7 @@ class UpstreamProtocol(Protocol):
         self._remaining = 0
         self._payload = 0
         self._max = 0
-        self._raw_chunks = True
-        self._cstate = _C_SIZE
-        self._line = b""
-        self._trailers = 0
+        self._chunks = ChunkedDecoder()
         self._reusable = False
         self._head_only = False
         self._aborted = False
@@ -126,7 +124,6 @@ class UpstreamProtocol(Protocol):
         *,
         head_only: bool,
         max_body: int,
-        raw_chunks: bool,
     ) -> None:
         """Send ``request`` and report the response to ``handler``."""
         self._handler = handler
@@ -135,7 +132,6 @@ class UpstreamProtocol(Protocol):
         self._payload = 0
         self._max = max_body
         self._head_only = head_only
-        self._raw_chunks = raw_chunks
         self._reusable = False
         assert self.transport is not None
         self.transport.write(request)
@@ -240,57 +236,71 @@ class UpstreamProtocol(Protocol):
         lines = head.split(b"\r\n")
         match = _STATUS_LINE.fullmatch(lines[0])
         if match is None:
-            self._fail("upstream_malformed", "malformed status line")
+            self._fail("upstream_malformed", f"malformed status line {_show(lines[0])}")
             return False
         minor, code, reason = match.group(1), int(match.group(2)), match.group(3) or b""
         if _BAD_VALUE.search(reason):
             self._fail("upstream_malformed", "control character in the status line")
             return False
-        if code < 200:
-            if code == 101:
-                self._fail("upstream_malformed", "upstream tried to switch protocols")
-                return False
-            return True  # an interim response: wait for the final one
         if len(lines) - 1 > MAX_RESPONSE_HEADERS:
             self._fail("upstream_malformed", "too many response header fields")
             return False
+        if code == 101:
+            self._fail("upstream_malformed", "upstream tried to switch protocols")
+            return False
         keep: list[bytes] = []
-        nominated: set[bytes] = set()  # header names the Connection header makes hop-by-hop
+        nominated: frozenset[bytes] = frozenset()  # names Connection makes hop-by-hop
         length: int | None = None
         chunked = False
         close = minor == b"0"
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-                self._fail("upstream_malformed", "malformed response header field")
+            if not sep or not _TOKEN.fullmatch(name):
+                self._fail("upstream_malformed", f"malformed response header field {_show(line)}")
+                return False
+            if _BAD_VALUE.search(value):
+                self._fail(
+                    "upstream_malformed", f"control character in response header {_show(name)}"
+                )
                 return False
             lname = name.lower()
             if lname in _HOP_BY_HOP:
                 value = value.strip(b" \t")
                 if lname == b"content-length":
-                    if not value.isdigit() or (length is not None and int(value) != length):
-                        self._fail("upstream_malformed", "invalid Content-Length")
+                    if length is not None:
+                        self._fail("upstream_malformed", "more than one Content-Length")
+                        return False
+                    if not value.isdigit() or len(value) > MAX_LENGTH_DIGITS:
+                        self._fail("upstream_malformed", f"invalid Content-Length {_show(value)}")
                         return False
                     length = int(value)
                 elif lname == b"transfer-encoding":
-                    if value.lower() != b"chunked" or chunked:
-                        self._fail("upstream_malformed", "unsupported Transfer-Encoding")
+                    if chunked:
+                        self._fail("upstream_malformed", "more than one Transfer-Encoding")
+                        return False
+                    if value.lower() != b"chunked":
+                        self._fail(
+                            "upstream_malformed",
+                            f"unsupported Transfer-Encoding {_show(value)} (only chunked)",
+                        )
                         return False
                     chunked = True
                 elif lname == b"connection":
-                    tokens = value.lower()
-                    nominated.update(t.strip(b" \t") for t in tokens.split(b","))
+                    tokens = connection_tokens(value)
+                    nominated |= tokens
                     if b"close" in tokens:
                         close = True
                     elif minor == b"0" and b"keep-alive" in tokens:
                         close = False
                 continue
             keep.append(line)
-        nominated -= {b"close", b"keep-alive", b""}
+        if code < 200:
+            return True  # an interim response, checked and dropped: wait for the final one
+        nominated -= {b"close", b"keep-alive"}
         if nominated:
             keep = [line for line in keep if line.partition(b":")[0].lower() not in nominated]
         if chunked and length is not None:
-            self._fail("upstream_malformed", "both Content-Length and chunked")
+            self._fail("upstream_malformed", "both Content-Length and Transfer-Encoding")
             return False
         if self._head_only or code in (204, 304):
             framing, self._remaining = NONE, 0
@@ -298,7 +308,7 @@ class UpstreamProtocol(Protocol):
                 keep.append(b"Content-Length: %d" % length)
         elif chunked:
             framing = CHUNKED
-            self._cstate, self._line, self._trailers = _C_SIZE, b"", 0
+            self._chunks = ChunkedDecoder()
         elif length is not None:
             if length > self._max:
                 self._fail("response_too_large", f"Content-Length {length} over the route's cap")
@@ -352,71 +362,26 @@ class UpstreamProtocol(Protocol):
             handler.upstream_data(data)
 
     def _chunked(self, data: bytes, handler: UpstreamHandler) -> None:
-        raw = self._raw_chunks
-        n = len(data)
-        pos = 0
-        while pos < n:
-            if self._cstate == _C_DATA:
-                take = min(self._remaining, n - pos)
-                if not raw:
-                    handler.upstream_data(data[pos : pos + take])
-                pos += take
-                self._remaining -= take
-                self._payload += take
-                if self._payload > self._max:
-                    self._fail("response_too_large", "body over the route's size cap")
-                    return
-                if self._remaining == 0:
-                    self._cstate = _C_CRLF
-                continue
-            idx = data.find(b"\n", pos)
-            if idx < 0:
-                self._line += data[pos:]
-                if len(self._line) > MAX_CHUNK_LINE:
-                    self._fail("upstream_malformed", "chunk line too long")
-                    return
-                break
-            line = self._line + data[pos:idx] if self._line else data[pos:idx]
-            self._line = b""
-            pos = idx + 1
-            if not line.endswith(b"\r") or len(line) > MAX_CHUNK_LINE:
-                self._fail("upstream_malformed", "malformed chunked framing")
+        decoder = self._chunks
+        try:
+            pieces = decoder.feed(data)
+        except ChunkedError as e:
+            self._fail("upstream_malformed", f"chunked body: {e}")
+            return
+        if pieces:
+            size = len(pieces[0]) if len(pieces) == 1 else sum(map(len, pieces))
+            self._payload += size
+            if self._payload > self._max:
+                self._fail("response_too_large", "body over the route's size cap")
                 return
-            line = line[:-1]
-            state = self._cstate
-            if state == _C_CRLF:
-                if line:
-                    self._fail("upstream_malformed", "chunk data longer than its size")
-                    return
-                self._cstate = _C_SIZE
-            elif state == _C_SIZE:
-                size_text = line.split(b";", 1)[0].rstrip(b" \t")
-                if not _HEX.fullmatch(size_text):
-                    self._fail("upstream_malformed", "malformed chunk size")
-                    return
-                size = int(size_text, 16)
-                if size:
-                    self._remaining = size
-                    self._cstate = _C_DATA
-                else:
-                    self._cstate = _C_TRAILER
-            elif line:
-                self._trailers += 1
-                if self._trailers > MAX_RESPONSE_HEADERS:
-                    self._fail("upstream_malformed", "too many trailer fields")
-                    return
-            else:
-                # The end of the message.
-                if raw:
-                    handler.upstream_data(data[:pos] if pos < n else data)
-                if pos < n:
-                    self._reusable = False
-                self._state = _IDLE
-                if self._handler is handler:
-                    handler.upstream_done()
+            handler.upstream_chunked(pieces, size)
+            if self._handler is not handler:
                 return
-        if raw:
-            handler.upstream_data(data)
+        if decoder.done:
+            if decoder.excess:
+                self._reusable = False  # bytes nobody asked for
+            self._state = _IDLE
+            handler.upstream_done()
 
 
 class UpstreamPool:
@@ -504,6 +469,12 @@ class UpstreamPool:
                 conn.abort()
             if not conns:
                 del self._idle[key]
+
+
+def _show(data: bytes) -> str:
+    """Upstream bytes for an audit record's detail: escaped, at most 64 bytes of them."""
+    text = repr(data[:64])[1:]
+    return text + "..." if len(data) > 64 else text
 
 
 def no_delay(transport: Any) -> None:
