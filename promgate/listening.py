@@ -18,7 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
-from promgate.errors import StartupError
+from promgate.errors import StartupError, os_error_text
 
 __all__ = ["ListenerService", "bind_failure", "where"]
 
@@ -76,11 +76,11 @@ def bind_failure(name: str, description: str, error: BaseException) -> str:
             if isinstance(error.socketError, str):  # Twisted's lock on the path
                 cause = f"already in use (another process holds {path}.lock)"
             else:
-                cause = _cause(error.socketError)
+                cause = os_error_text(error.socketError)
         else:
             host = error.interface or ("::" if description.startswith("tcp6:") else "0.0.0.0")
             address = f"[{host}]:{error.port}" if ":" in host else f"{host}:{error.port}"
-            cause = _cause(error.socketError)
+            cause = os_error_text(error.socketError)
         return f"listener {name}: {address}: {cause}"
     if isinstance(error, OverflowError):
         return f"listener {name}: {description}: port number must be 0-65535"
@@ -89,17 +89,10 @@ def bind_failure(name: str, description: str, error: BaseException) -> str:
         folder = os.path.dirname(path) or "."
         if error.errno == errno.ENOENT and not os.path.isdir(folder):
             return f"listener {name}: {path}: folder {folder} does not exist"
-        return f"listener {name}: {path}: {_cause(error)}"
+        return f"listener {name}: {path}: {os_error_text(error)}"
     if isinstance(error, OSError):
-        return f"listener {name}: {description}: {_cause(error)}"
+        return f"listener {name}: {description}: {os_error_text(error)}"
     return f"listener {name}: {description}: {error}"
-
-
-def _cause(error: object) -> str:
-    """``[Errno 98] Address already in use`` -> ``address already in use``."""
-    code = getattr(error, "errno", None)
-    text = os.strerror(code) if isinstance(code, int) and code in errno.errorcode else str(error)
-    return text[:1].lower() + text[1:] if text[1:2].islower() else text
 
 
 def where(port: IListeningPort) -> str:

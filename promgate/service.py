@@ -18,7 +18,7 @@ from promgate.audit import AuditEvent, AuditLog, load_key
 from promgate.authn import Authenticator, BcryptThreads
 from promgate.config.model import Config, Listener
 from promgate.discovery import Discovery
-from promgate.errors import StartupError
+from promgate.errors import StartupError, os_error_text
 from promgate.listening import ListenerService
 from promgate.metrics import Metrics
 from promgate.proxy.forward import ForwardGateway, ForwardGatewayFactory
@@ -167,7 +167,7 @@ class GatewayService(MultiService):
             self._unbind()
             if self.audit.running:
                 raise
-            raise StartupError(f"audit log {self.audit.path}: {e.strerror or e}") from e
+            raise StartupError(f"audit log {self.audit.path}: {os_error_text(e)}") from e
         for warning in self.config.warnings:
             self.log.warn("configuration: {warning}", warning=warning)
         for listener in [*self.listeners, self.admin]:
