@@ -43,6 +43,7 @@ __all__ = [
     "https_connection",
     "https_get",
     "request",
+    "run_twistd",
 ]
 
 
@@ -231,6 +232,18 @@ class StartFailure:
     returncode: int
     stderr: str
     log: str
+
+
+def run_twistd(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``twistd ARGS...`` to its end, with the same promgate as ours; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args],
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 class GatewayProcess:

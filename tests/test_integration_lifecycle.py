@@ -1,9 +1,10 @@
 """Integration: how the real ``twistd promgate`` starts, refuses to start, and stops.
 
-A second instance on the same ports, an address that is not local, a missing socket folder
-and an unusable audit file each end start-up with one line and a non-zero status, leaving
-the first instance's audit log untouched. SIGTERM with scrapes in flight delivers every
-answer the audit log records, while the admin listener reports the gateway leaving.
+A second instance on the same ports, an address that is not local, a missing socket folder,
+a port number that does not fit and an unusable audit file each end start-up with one line
+and a non-zero status, leaving nothing behind (and the first instance's audit log
+untouched). SIGTERM with scrapes in flight delivers every answer the audit log records,
+while the admin listener reports the gateway leaving. ``--version`` names promgate.
 """
 
 from __future__ import annotations
@@ -26,8 +27,16 @@ from typing import Any, TypeVar
 import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
+import promgate
 from promgate import cli
-from promgate.testing import FakeExporter, GatewayProcess, TestPKI, https_connection
+from promgate.testing import (
+    FakeExporter,
+    GatewayProcess,
+    StartFailure,
+    TestPKI,
+    https_connection,
+    run_twistd,
+)
 
 T = TypeVar("T")
 #: How ``twistd`` ends after SIGTERM: it re-raises the signal once the reactor has stopped.
@@ -298,3 +307,142 @@ class ShutdownReadinessTests(SynchronousTestCase):
         self.assertIn(gateway.wait(30), STOPPED)
         self.assertIsNone(ready_status(gateway))
         self.assertIn("clean stop", verify(self, pki, audit_log))
+
+
+class StartupFailureTests(SynchronousTestCase):
+    """What only start-up can find out ends it with one line on standard error, exit
+    status 1, no traceback, and nothing written: no ready file, no ``start`` record."""
+
+    def setUp(self) -> None:
+        self.directory = workdir("startup")
+        self.pki = TestPKI(self.directory / "pki")
+        self.audit_log = self.directory / "audit.jsonl"
+
+    def refused(self, name: str, config: str) -> StartFailure:
+        """Start a gateway that must refuse to start; its failure, checked for the
+        properties every refused start shares."""
+        failure = GatewayProcess(self.directory / name, config).start_expecting_failure()
+        self.assertNotEqual(failure.returncode, 0)
+        self.assertNotIn("Traceback", failure.stderr + failure.log)
+        self.assertEqual(len(failure.stderr.splitlines()), 1, failure.stderr)
+        return failure
+
+    def assert_no_start_record(self) -> None:
+        starts = [r for r in audit_records(self.audit_log) if r["event"] == "start"]
+        self.assertEqual(starts, [])
+
+    def test_second_instance(self) -> None:
+        """A second gateway on the first one's ports says which listener and address are
+        in use, and leaves the first one's audit log exactly as it was."""
+        exporter = FakeExporter({"/metrics": b"up 1\n"})
+        self.addCleanup(exporter.stop)
+        first = GatewayProcess(
+            self.directory / "first", gateway_config(self.pki, self.audit_log, exporter.address)
+        )
+        self.addCleanup(first.stop)
+        first.start()
+        scrape, admin = first.address("scrape"), first.address("admin")
+        before = self.audit_log.read_bytes()
+        failure = self.refused(
+            "second",
+            gateway_config(
+                self.pki,
+                self.audit_log,
+                exporter.address,
+                scrape="tcp:{}:interface=127.0.0.1".format(scrape.rpartition(":")[2]),
+                admin="tcp:{}:interface=127.0.0.1".format(admin.rpartition(":")[2]),
+            ),
+        )
+        self.assertEqual(failure.stderr, f"listener scrape: {scrape}: address already in use\n")
+        self.assertEqual(self.audit_log.read_bytes(), before)
+        self.assertEqual(ready_status(first), 200)
+        self.assertIn(first.stop(), STOPPED)
+        self.assertIn("clean stop", verify(self, self.pki, self.audit_log))
+
+    def test_address_not_local(self) -> None:
+        """An interface address this host does not have."""
+        failure = self.refused(
+            "gateway",
+            gateway_config(
+                self.pki, self.audit_log, "127.0.0.1:9100", scrape="tcp:9443:interface=10.9.9.9"
+            ),
+        )
+        self.assertEqual(
+            failure.stderr, "listener scrape: 10.9.9.9:9443: cannot assign requested address\n"
+        )
+        self.assert_no_start_record()
+
+    def test_socket_folder_missing(self) -> None:
+        """A unix socket in a folder that does not exist."""
+        folder = self.directory / "missing"
+        failure = self.refused(
+            "gateway",
+            gateway_config(
+                self.pki, self.audit_log, "127.0.0.1:9100", scrape=f"unix:{folder}/scrape.sock"
+            ),
+        )
+        self.assertEqual(
+            failure.stderr,
+            f"listener scrape: {folder}/scrape.sock: folder {folder} does not exist\n",
+        )
+        self.assert_no_start_record()
+
+    def test_port_out_of_range(self) -> None:
+        """A port number that does not fit in 16 bits."""
+        failure = self.refused(
+            "gateway",
+            gateway_config(
+                self.pki, self.audit_log, "127.0.0.1:9100", admin="tcp:99999999999999999999"
+            ),
+        )
+        self.assertEqual(
+            failure.stderr,
+            "listener admin: tcp:99999999999999999999: port number must be 0-65535\n",
+        )
+        self.assert_no_start_record()
+
+    def test_audit_path_is_a_directory(self) -> None:
+        """An audit log path that names a directory: the line names the file."""
+        self.audit_log.mkdir()
+        failure = self.refused(
+            "gateway", gateway_config(self.pki, self.audit_log, "127.0.0.1:9100")
+        )
+        self.assertTrue(failure.stderr.startswith(f"audit log {self.audit_log}"), failure.stderr)
+        self.assertEqual(list(self.audit_log.iterdir()), [])
+
+
+class EntryPointTests(SynchronousTestCase):
+    """Both entry points name promgate's version; the command's help is plain text."""
+
+    def test_twistd_version(self) -> None:
+        """``twistd promgate --version`` prints promgate's version as well as Twisted's."""
+        done = run_twistd("promgate", "--version")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertIn(f"promgate {promgate.__version__}", lines)
+        self.assertTrue(any(line.startswith("Twisted version:") for line in lines), lines)
+
+    def test_cli_version(self) -> None:
+        """``promgate --version``."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as exited:
+            cli.main(["--version"])
+        self.assertEqual(exited.exception.code, 0)
+        self.assertEqual(out.getvalue(), f"promgate {promgate.__version__}\n")
+
+    def test_help_is_plain_text(self) -> None:
+        """``promgate --help`` (and each command's) shows no reStructuredText markup."""
+        top = cli.parser()
+        helps = [top.format_help()]
+        pending = [top]
+        while pending:  # bounded: the parser tree is finite
+            for action in pending.pop()._actions:
+                choices = getattr(action, "choices", None)
+                if isinstance(choices, dict):  # sub-commands
+                    helps.extend(parser.format_help() for parser in choices.values())
+                    pending.extend(choices.values())
+        self.assertGreater(len(helps), 5)
+        for text in helps:
+            for markup in ("``", ":func:", ":class:", ".. "):
+                self.assertNotIn(markup, text)
+        self.assertIn("twistd -n promgate --config FILE", helps[0])
