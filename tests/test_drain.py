@@ -31,6 +31,7 @@ PROMETHEUS = Identity(
 )
 ROUTE = Route("node", (NODE,), allow=("role:scraper",))
 SCRAPE = b"GET /scrape?route=node&target=10.0.0.5%3A9100 HTTP/1.1\r\nHost: gate\r\n\r\n"
+SD = b"GET /sd HTTP/1.1\r\nHost: gate\r\n\r\n"
 METRICS = b"up 1\n"
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(METRICS) + METRICS
 
@@ -158,7 +159,7 @@ class DrainingListenerTests(SynchronousTestCase):
     def test_idle_keep_alive_closed_at_drain_start(self) -> None:
         """An idle keep-alive connection closes when the drain begins, gracefully."""
         proto, transport = self.client()
-        proto.dataReceived(b"GET /sd HTTP/1.1\r\nHost: gate\r\n\r\n")
+        proto.dataReceived(SD)
         self.assertFalse(transport.disconnecting)
         self.gateway.begin_drain()
         self.assertTrue(transport.disconnecting)
@@ -190,20 +191,27 @@ class DrainingListenerTests(SynchronousTestCase):
 
     def test_cut_what_is_unfinished(self) -> None:
         """After the drain, a request still in flight and a half-received request head
-        are cut, and audited as gateway_shutdown; an idle connection is closed."""
+        are cut, and audited as gateway_shutdown; a connection that never had an answer
+        is cut too (nothing to deliver); an idle one after an answer is closed."""
         in_flight, in_flight_transport = self.client(40001)
         in_flight.dataReceived(SCRAPE)
         half, half_transport = self.client(40002)
         half.dataReceived(b"GET /sd HTTP/1.1\r\n")
-        idle, idle_transport = self.client(40003)
+        fresh, fresh_transport = self.client(40003)
+        idle, idle_transport = self.client(40004)
+        idle.dataReceived(SD)
+        self.gateway.begin_drain()
+        self.assertTrue(idle_transport.disconnecting)
+        self.assertFalse(fresh_transport.disconnecting)
         self.gateway.shut_down_connections()
         self.assertTrue(in_flight_transport.disconnected)
         self.assertTrue(half_transport.disconnected)
-        self.assertTrue(idle_transport.disconnecting)
+        self.assertTrue(fresh_transport.disconnected)
         self.assertFalse(idle_transport.disconnected)
         for proto, transport in [
             (in_flight, in_flight_transport),
             (half, half_transport),
+            (fresh, fresh_transport),
             (idle, idle_transport),
         ]:
             self.lose(proto, transport)
@@ -213,6 +221,7 @@ class DrainingListenerTests(SynchronousTestCase):
             [
                 ("198.51.100.7:40001", "gateway_shutdown"),
                 ("198.51.100.7:40002", "gateway_shutdown"),
+                ("198.51.100.7:40004", "ok"),
             ],
         )
 
@@ -220,8 +229,10 @@ class DrainingListenerTests(SynchronousTestCase):
         """A connection closing after its answer whose client never takes the close is
         cut when the deadline comes."""
         proto, transport = self.client()
+        proto.dataReceived(SD)
         self.gateway.begin_drain()
         self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
         self.gateway.abort_connections()
         self.assertTrue(transport.disconnected)
         empty = self.gateway.open.when_empty()

@@ -888,6 +888,9 @@ class DownstreamProtocol(Protocol):
         self._read_closed = False
         #: The request whose credentials are being checked (bcrypt, in a thread), if any.
         self._authenticating: tuple[RequestHead, float] | None = None
+        #: Answers written so far: a connection that has had one is closed, not cut, at
+        #: shutdown, so that its last one is delivered.
+        self._answers = 0
 
     # -- Twisted callbacks ---------------------------------------------------------------
 
@@ -1041,6 +1044,7 @@ class DownstreamProtocol(Protocol):
         if self._lost:
             return
         self._exchange = None
+        self._answers += 1
         assert self.transport is not None
         if not keep_alive or self.gw.phase is Phase.DRAINING:
             self._close()
@@ -1070,18 +1074,19 @@ class DownstreamProtocol(Protocol):
             self._close()
 
     def close_if_idle(self) -> None:
-        """Close now (once what was written is sent) if waiting for a next request."""
-        if self._idle() and not self._closing:
+        """Close now (once what was written is sent) if waiting for a next request after
+        an answer. One that has had none stays until the drain ends, then is cut."""
+        if self._idle() and self._answers and not self._closing:
             self._close()
 
     def shut_down(self) -> None:
-        """The gateway is stopping: close this connection once what was written is sent,
-        or cut it, auditing what that interrupts (a request in flight or half-received,
-        a handshake, a tunnel)."""
+        """The gateway is stopping: close this connection once its answers are sent, or
+        cut it, auditing what that interrupts (a request in flight or half-received, a
+        handshake, a tunnel); one that never had an answer has nothing to deliver."""
         self._shutdown = True
         if self._closing:
             return  # closing already, once its last answer is sent
-        if self._idle():
+        if self._idle() and self._answers:
             self._close()
         else:
             self.abort()
