@@ -12,6 +12,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 
 from promgate.admin import Readiness, admin_site
 from promgate.audit import AuditEvent, AuditLog, load_key
@@ -264,7 +265,7 @@ class GatewayService(MultiService):
         def give_up() -> None:
             for d in waits:
                 d.cancel()
-                d.addErrback(lambda f: f.trap(CancelledError) and None)
+                d.addErrback(_ignore_cancelled)
 
         timer = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()), give_up)
         try:
@@ -287,3 +288,7 @@ class GatewayService(MultiService):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "listeners": self.addresses()}) + "\n")
         tmp.replace(path)
+
+
+def _ignore_cancelled(failure: Failure) -> None:
+    failure.trap(CancelledError)
