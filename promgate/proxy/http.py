@@ -188,6 +188,7 @@ class ReverseGateway:
 
     @property
     def exchanges(self) -> int:
+        """How many scrapes are being relayed now."""
         return self.in_flight.count
 
     def begin_drain(self) -> None:
