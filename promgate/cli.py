@@ -145,8 +145,15 @@ def _test_policy(args: argparse.Namespace) -> int:
     return run_policy_tests(args.files, sys.stdout, sys.stderr)
 
 
+DESCRIPTION = (
+    "Tools for promgate, the gateway between Prometheus and the endpoints it scrapes: "
+    "check a configuration, ask its policy, verify the audit log, make a development PKI. "
+    "The gateway itself runs as: twistd -n promgate --config FILE"
+)
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="promgate", description=__doc__)
+    top = argparse.ArgumentParser(prog="promgate", description=DESCRIPTION)
     top.add_argument("--version", action="version", version=f"promgate {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
 

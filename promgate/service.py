@@ -9,10 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import deferLater
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -22,6 +19,8 @@ from promgate.audit import AuditEvent, AuditLog, load_key
 from promgate.authn import Authenticator, BcryptThreads
 from promgate.config.model import Config, Listener
 from promgate.discovery import Discovery
+from promgate.errors import StartupError, os_error_text
+from promgate.listening import ListenerService
 from promgate.metrics import Metrics
 from promgate.proxy.forward import ForwardGateway, ForwardGatewayFactory
 from promgate.proxy.http import ReverseGateway, ReverseGatewayFactory
@@ -30,15 +29,21 @@ from promgate.proxy.upstream import UpstreamPool
 from promgate.ratelimit import RateLimiter
 from promgate.tls import server_tls
 
-#: How long SIGTERM waits for in-flight scrapes before cutting what is left.
+#: How long SIGTERM waits for in-flight scrapes, and then for the connections that carried
+#: their answers to close, before cutting what is left.
 DRAIN_TIMEOUT = 10.0
+#: How long connections cut at the end of the drain may take to be gone (and audited).
+ABORT_GRACE = 2.0
 
 
 class GatewayService(MultiService):
     """The whole gateway: audit log, listeners, upstream pool and admin listener.
 
-    The audit log starts first and stops last, so the ``start`` and ``stop`` records
-    bracket every request record.
+    Start-up binds every listener first (in ``privilegedStartService``), then opens the
+    audit log and writes ``start``, then the ready file: a start-up that fails writes
+    nothing. The audit log stops last, so ``start`` and ``stop`` bracket every request
+    record. On stop, the listeners close, ``/-/ready`` answers 503 while in-flight work
+    drains and the connections that carried it close, then the admin listener closes.
     """
 
     log = Logger()
@@ -71,7 +76,7 @@ class GatewayService(MultiService):
             reactor,
             on_connect=lambda route: self.metrics.upstream_connections.labels(route).inc(),
         )
-        self._factories: list[tuple[str, str, Any]] = []
+        self.listeners: list[ListenerService] = []
         self.gateways: list[ReverseGateway | TCPGateway] = []
         # One authenticator (and one bcrypt cache) for every listener, with bcrypt on a
         # thread pool of its own.
@@ -102,11 +107,16 @@ class GatewayService(MultiService):
             if listener.tls is not None:
                 factory = TLSMemoryBIOFactory(server_tls(listener.tls), False, factory)
             factory.noisy = False
-            self._factories.append((listener.name, listener.endpoint, factory))
-        self._factories.append(
-            ("admin", config.admin.endpoint, admin_site(self.metrics.registry, self.readiness))
+            self.listeners.append(
+                ListenerService(listener.name, listener.endpoint, factory, reactor)
+            )
+        #: Last to close: it answers /-/ready with 503 while the others drain.
+        self.admin = ListenerService(
+            "admin",
+            config.admin.endpoint,
+            admin_site(self.metrics.registry, self.readiness),
+            reactor,
         )
-        self.ports: dict[str, IListeningPort] = {}
         self._previous_sighup: Any = None
 
     def _add_tcp_listener(self, listener: Listener) -> None:
@@ -127,30 +137,59 @@ class GatewayService(MultiService):
             # No ALPN: the relayed protocol is the client's business, not the gateway's.
             factory = TLSMemoryBIOFactory(server_tls(listener.tls, alpn=None), False, factory)
         factory.noisy = False
-        self._factories.append((listener.name, listener.endpoint, factory))
+        self.listeners.append(
+            ListenerService(listener.name, listener.endpoint, factory, self.reactor)
+        )
+
+    def privilegedStartService(self) -> None:
+        """Bind every listener, before twistd drops privileges and before anything is
+        written; a listener that cannot bind is a StartupError, and none stays bound."""
+        bound: list[ListenerService] = []
+        try:
+            for listener in [*self.listeners, self.admin]:
+                listener.privilegedStartService()
+                bound.append(listener)
+        except StartupError:
+            for listener in bound:
+                listener.stopService()
+            raise
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
+        """Open the audit log (``start``), start the rest, then write the ready file."""
+        if self.admin.port is None:  # started without privilegedStartService
+            self.privilegedStartService()
+        try:
+            super().startService()  # type: ignore[no-untyped-call]
+        except StartupError:
+            self._unbind()
+            raise
+        except OSError as e:
+            self._unbind()
+            if self.audit.running:
+                raise
+            raise StartupError(f"audit log {self.audit.path}: {os_error_text(e)}") from e
         for warning in self.config.warnings:
             self.log.warn("configuration: {warning}", warning=warning)
-        super().startService()  # type: ignore[no-untyped-call]
+        for listener in [*self.listeners, self.admin]:
+            listener.startService()
+            self.log.info(
+                "listener {name} on {address}",
+                name=listener.listener_name,
+                address=listener.address(),
+            )
         self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         self.pool.start()
         self.bcrypt_threads.start()
-        for name, description, factory in self._factories:
-            endpoint = serverFromString(self.reactor, description)
-            result: list[Any] = []
-            endpoint.listen(factory).addBoth(result.append)
-            if not result:
-                raise RuntimeError(f"listener {name}: {description} did not start synchronously")
-            if isinstance(result[0], Failure):
-                result[0].raiseException()
-            self.ports[name] = result[0]
-            self.log.info("listener {name} on {address}", name=name, address=_where(result[0]))
         self.metrics.config_last_reload_successful.set(1)
         self.metrics.config_last_reload_success_timestamp.set(self.reactor.seconds())
         self.readiness.ready = True
         if self.ready_file is not None:
             self._write_ready_file(self.ready_file)
+
+    def _unbind(self) -> None:
+        for listener in [*self.listeners, self.admin]:
+            listener.stopService()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
@@ -160,15 +199,14 @@ class GatewayService(MultiService):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
-        ports = list(self.ports.values())
-        self.ports.clear()
-        for port in ports:
-            await maybeDeferred(port.stopListening)
-        await self._drain()
-        await self._close_connections()
+        deadline = self.reactor.seconds() + DRAIN_TIMEOUT
+        await DeferredList([listener.stopService() for listener in self.listeners])
+        await self._drain(deadline)
+        await self._close_connections(deadline)
+        await self.admin.stopService()
         self.pool.stop()
         self.bcrypt_threads.stop()
-        await maybeDeferred(super().stopService)
+        await super().stopService()  # type: ignore[no-untyped-call]
 
     def _on_sighup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self._sighup)
@@ -181,33 +219,70 @@ class GatewayService(MultiService):
         )
         self.audit.record(AuditEvent(event="reload", decision="deny", reason="reload_unsupported"))
 
-    async def _drain(self) -> None:
-        """Let in-flight scrapes finish, up to DRAIN_TIMEOUT, before the pool closes."""
-        deadline = self.reactor.seconds() + DRAIN_TIMEOUT
-        pending = self._in_flight()
-        if pending:
-            self.log.info("draining {count} in-flight request(s)", count=pending)
-        while pending and self.reactor.seconds() < deadline:
-            await deferLater(self.reactor, 0.05)
-            pending = self._in_flight()
-        if pending:
-            self.log.warn("{count} request(s) still in flight at shutdown", count=pending)
+    async def _drain(self, deadline: float) -> None:
+        """Let relayed requests finish, up to ``deadline``, before connections close.
 
-    async def _close_connections(self) -> None:
-        """Close what is left before the audit log stops, so that it is audited too."""
-        left = sum(gw.shut_down_connections() for gw in self.gateways)
-        deadline = self.reactor.seconds() + 2.0
-        while left and self.reactor.seconds() < deadline:
-            await deferLater(self.reactor, 0.01)
-            left = sum(len(gw.open) for gw in self.gateways)
+        Idle keep-alive connections close at once, and every other one closes once its
+        answer is written. Tunnels and TCP connections live as long as their clients
+        want, so they are not waited for: they are cut, and audited, next.
+        """
+        relaying = [gw for gw in self.gateways if isinstance(gw, ReverseGateway)]
+        for gw in relaying:
+            gw.begin_drain()
+        pending = sum(gw.exchanges for gw in relaying)
+        if not pending:
+            return
+        self.log.info("draining {count} in-flight request(s)", count=pending)
+        if not await self._within([gw.in_flight.when_idle() for gw in relaying], deadline):
+            self.log.warn(
+                "{count} request(s) still in flight at shutdown",
+                count=sum(gw.exchanges for gw in relaying),
+            )
 
-    def _in_flight(self) -> int:
-        """Relayed HTTP requests still running. Tunnels and TCP connections live as long as
-        their clients want, so they are not waited for: they are cut, and audited, next."""
-        return sum(gw.exchanges for gw in self.gateways if isinstance(gw, ReverseGateway))
+    async def _close_connections(self, deadline: float) -> None:
+        """Close every connection before the audit log stops, so that each is audited.
+
+        A connection whose answers are all written closes once they have been sent (over
+        TLS, with a close_notify), up to ``deadline``; what is cut (requests still in
+        flight, tunnels, TCP connections) or left at the deadline is aborted.
+        """
+        for gw in self.gateways:
+            gw.shut_down_connections()
+        if await self._within(self._all_closed(), deadline):
+            return
+        left = sum(len(gw.open) for gw in self.gateways)
+        self.log.warn("{count} connection(s) cut at the shutdown deadline", count=left)
+        for gw in self.gateways:
+            gw.abort_connections()
+        await self._within(self._all_closed(), self.reactor.seconds() + ABORT_GRACE)
+
+    def _all_closed(self) -> list[Deferred[None]]:
+        return [gw.open.when_empty() for gw in self.gateways]
+
+    async def _within(self, waits: list[Deferred[None]], deadline: float) -> bool:
+        """Wait for every one of ``waits`` until ``deadline``; whether they all fired."""
+
+        def give_up() -> None:
+            for d in waits:
+                d.cancel()
+                d.addErrback(_ignore_cancelled)
+
+        timer = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()), give_up)
+        try:
+            for d in waits:
+                await d
+        except CancelledError:
+            return False
+        finally:
+            if timer.active():
+                timer.cancel()
+            give_up()  # forget the ones still waiting (a fired Deferred ignores this)
+        return True
 
     def addresses(self) -> dict[str, str]:
-        return {name: _where(port) for name, port in self.ports.items()}
+        return {
+            listener.listener_name: listener.address() for listener in [*self.listeners, self.admin]
+        }
 
     def _write_ready_file(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -215,9 +290,5 @@ class GatewayService(MultiService):
         tmp.replace(path)
 
 
-def _where(port: IListeningPort) -> str:
-    host: Any = port.getHost()
-    h = getattr(host, "host", None)
-    if h is None:
-        return str(getattr(host, "name", ""))
-    return f"[{h}]:{host.port}" if ":" in h else f"{h}:{host.port}"
+def _ignore_cancelled(failure: Failure) -> None:
+    failure.trap(CancelledError)

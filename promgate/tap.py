@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from twisted.application.service import IService
 from twisted.python import usage
 
+from promgate import __version__
 from promgate.config.errors import ConfigError
 from promgate.config.loader import load_config
 
@@ -20,6 +23,14 @@ class Options(usage.Options):
         ["ready-file", None, None, "Write listener addresses as JSON here once listening."],
     ]
 
+    def opt_version(self) -> NoReturn:
+        """Display promgate's and Twisted's versions and exit."""
+        from twisted import copyright
+
+        print(f"promgate {__version__}")
+        print("Twisted version:", copyright.version)
+        sys.exit(0)
+
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("--config is required")
@@ -30,10 +41,14 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    """Build the gateway service; the only place that touches the global reactor."""
+    """Build the gateway service; the only place that touches the global reactor (and
+    the process's excepthook: a start-up failure ends twistd with one line)."""
     from twisted.internet import reactor
 
+    from promgate.errors import one_line_startup_errors
     from promgate.service import GatewayService
+
+    sys.excepthook = one_line_startup_errors(sys.excepthook)
 
     ready = Path(options["ready-file"]) if options["ready-file"] else None
     return GatewayService(options["loaded"], reactor, ready_file=ready)

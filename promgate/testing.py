@@ -38,10 +38,12 @@ __all__ = [
     "GatewayProcess",
     "MemoryAuditSink",
     "Response",
+    "StartFailure",
     "TestPKI",
     "https_connection",
     "https_get",
     "request",
+    "run_twistd",
 ]
 
 
@@ -222,6 +224,28 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
+@attrs.frozen
+class StartFailure:
+    """How a ``twistd promgate`` that refused to start ended: exit status, what it wrote
+    on standard error, and its log (standard output)."""
+
+    returncode: int
+    stderr: str
+    log: str
+
+
+def run_twistd(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``twistd ARGS...`` to its end, with the same promgate as ours; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args],
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 class GatewayProcess:
     """The real ``twistd promgate`` in a subprocess, on loopback, for integration tests."""
 
@@ -235,42 +259,77 @@ class GatewayProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.addresses: dict[str, str] = {}
 
-    def start(self, timeout: float = 30.0) -> GatewayProcess:
+    def _spawn(self, stderr: Path | None = None) -> subprocess.Popen[bytes]:
+        """Run ``twistd -n promgate``; its output goes to ``log_path`` (standard error too,
+        unless ``stderr`` names a file of its own)."""
         if self.ready_file.exists():
             self.ready_file.unlink()
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "-n",
-                "--pidfile=",
-                "promgate",
-                "--config",
-                str(self.config_path),
-                "--ready-file",
-                str(self.ready_file),
-            ],
-            cwd=self.directory,
-            env=_subprocess_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
+        with contextlib.ExitStack() as files:
+            log = files.enter_context(self.log_path.open("ab"))
+            err: Any = subprocess.STDOUT
+            if stderr is not None:
+                err = files.enter_context(stderr.open("wb"))
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "from twisted.scripts.twistd import run; run()",
+                    "-n",
+                    "--pidfile=",
+                    "promgate",
+                    "--config",
+                    str(self.config_path),
+                    "--ready-file",
+                    str(self.ready_file),
+                ],
+                cwd=self.directory,
+                env=_subprocess_env(),
+                stdout=log,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+            )
+        return self.process
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        process = self._spawn()
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"twistd promgate exited {self.process.returncode}:\n{self.log()}"
-                )
+            if process.poll() is not None:
+                raise RuntimeError(f"twistd promgate exited {process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"twistd promgate not ready after {timeout}s:\n{self.log()}")
             time.sleep(0.02)
         self.addresses = json.loads(self.ready_file.read_text())["listeners"]
         return self
+
+    def start_expecting_failure(self, timeout: float = 30.0) -> StartFailure:
+        """Start ``twistd promgate`` where it must refuse to start; wait for it to exit.
+
+        Raises AssertionError if it becomes ready (it is then stopped) or does not exit in
+        time. Standard error is kept apart from the log, as an operator's terminal or
+        journal shows it.
+        """
+        stderr_path = self.directory / "twistd.stderr"
+        process = self._spawn(stderr=stderr_path)
+        try:
+            returncode = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"twistd promgate still running after {timeout}s") from None
+        if self.ready_file.exists():
+            raise AssertionError("twistd promgate wrote its ready file and then exited")
+        return StartFailure(returncode, stderr_path.read_text(errors="replace"), self.log())
+
+    def terminate(self) -> None:
+        """Send SIGTERM (the gateway drains, then exits) without waiting for the exit."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """Wait for the gateway to exit; its exit status."""
+        assert self.process is not None, "never started"
+        return self.process.wait(timeout)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         proc = self.process
@@ -344,7 +403,8 @@ class FakeExporter:
     """A small HTTP/1.1 server on 127.0.0.1 serving fixed bodies, or misbehaving on purpose.
 
     ``routes`` maps a request path to either bytes (served with Content-Length) or a
-    behaviour: ``"hang"`` (never answers), ``"reset"`` (closes at once),
+    behaviour: ``"hang"`` (never answers), ``"held"`` (the registered body, with a
+    Content-Length, once :meth:`release` is called), ``"reset"`` (closes at once),
     ``"chunked:N"`` (the registered body in N-byte chunks), ``"close"`` (no length,
     close-delimited), ``"garbage"`` (not HTTP), ``"reset_mid_body"`` (the head and the
     first half of the registered body, with the full Content-Length, then a TCP reset),
@@ -376,15 +436,21 @@ class FakeExporter:
         self.port = self._sock.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
         self._stopping = threading.Event()
+        self._released = threading.Event()
         self._threads: list[threading.Thread] = []
         self._open: list[socket.socket] = []
         accept = threading.Thread(target=self._accept, daemon=True)
         accept.start()
         self._threads.append(accept)
 
+    def release(self) -> None:
+        """Let every ``"held"`` answer go, those waiting now and any later ones."""
+        self._released.set()
+
     def stop(self) -> None:
         """Stop accepting and close every connection; the serving threads then end."""
         self._stopping.set()
+        self._released.set()
         for s in [self._sock, *self._open]:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept() or recv()
@@ -459,6 +525,15 @@ class FakeExporter:
         if spec == "hang":
             self._stopping.wait(120)
             return False
+        if spec == "held":
+            self._released.wait(120)
+            if self._stopping.is_set():
+                return False
+            body = self.bodies.get(path, b"")
+            client.sendall(
+                b"HTTP/1.1 200 OK\r\n" + ctype + b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )
+            return True
         if spec == "reset":
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             return False

@@ -34,6 +34,7 @@ from zope.interface import implementer
 from promgate.audit import AuditEvent, IAuditSink
 from promgate.authn import AUTHN_FAILURES, REFUSED_AT_THE_DOOR, Authenticator
 from promgate.config.model import Config, Identity, Listener, Route, Target
+from promgate.drain import InFlight, OpenSet, Phase
 from promgate.identity import Recognition
 from promgate.metrics import Metrics
 from promgate.policy import Decision, Membership, ScrapePolicy, parse_scrape_query
@@ -181,15 +182,34 @@ class ReverseGateway:
         self.resolver = self.authenticator.resolver
         self.open_connections = metrics.open_connections.labels(listener.name)
         self.connections = metrics.connections.labels(listener.name)
-        self.open: set[DownstreamProtocol] = set()
+        self.open: OpenSet[DownstreamProtocol] = OpenSet(clock)
         #: Scrapes relayed right now: what a shutdown drains (tunnels are cut instead).
-        self.exchanges = 0
+        self.in_flight = InFlight(clock)
+        self.phase = Phase.SERVING
+
+    @property
+    def exchanges(self) -> int:
+        """How many scrapes are being relayed now."""
+        return self.in_flight.count
+
+    def begin_drain(self) -> None:
+        """The gateway is stopping: from now on a connection closes once its answer is
+        written, and idle keep-alive connections close now."""
+        self.phase = Phase.DRAINING
+        for conn in list(self.open):
+            conn.close_if_idle()
 
     def shut_down_connections(self) -> int:
-        """Close every open client connection (at shutdown, after draining); how many."""
+        """After the drain: close the connections whose answers are all written (once
+        sent), and cut the others, auditing what they interrupt; how many were open."""
         for conn in list(self.open):
             conn.shut_down()
         return len(self.open)
+
+    def abort_connections(self) -> None:
+        """Cut every connection still open (its answer was not taken in time)."""
+        for conn in list(self.open):
+            conn.abort()
 
     # -- entry points from DownstreamProtocol -------------------------------------------
 
@@ -604,7 +624,7 @@ class Exchange:
         self.client11 = req.version == b"HTTP/1.1"
 
     def start(self) -> None:
-        self.gw.exchanges += 1
+        self.gw.in_flight.begin()
         self.conn.begin_exchange(self)
         self.deadline = self.gw.clock.callLater(self._timeout_seconds(), self._timed_out)
         upstream = self.gw.pool.checkout(self.route, self.target)
@@ -801,7 +821,7 @@ class Exchange:
             return
         self.done = True
         gw = self.gw
-        gw.exchanges -= 1
+        gw.in_flight.end()
         if self.deadline is not None and self.deadline.active():
             self.deadline.cancel()
         self.deadline = None
@@ -876,6 +896,9 @@ class DownstreamProtocol(Protocol):
         self._read_closed = False
         #: The request whose credentials are being checked (bcrypt, in a thread), if any.
         self._authenticating: tuple[RequestHead, float] | None = None
+        #: Answers written so far: a connection that has had one is closed, not cut, at
+        #: shutdown, so that its last one is delivered.
+        self._answers = 0
 
     # -- Twisted callbacks ---------------------------------------------------------------
 
@@ -1029,8 +1052,9 @@ class DownstreamProtocol(Protocol):
         if self._lost:
             return
         self._exchange = None
+        self._answers += 1
         assert self.transport is not None
-        if not keep_alive:
+        if not keep_alive or self.gw.phase is Phase.DRAINING:
             self._close()
             return
         if self._reading_paused:
@@ -1057,10 +1081,33 @@ class DownstreamProtocol(Protocol):
             self._exchange = None
             self._close()
 
+    def close_if_idle(self) -> None:
+        """Close now (once what was written is sent) if waiting for a next request after
+        an answer. One that has had none stays until the drain ends, then is cut."""
+        if self._idle() and self._answers and not self._closing:
+            self._close()
+
     def shut_down(self) -> None:
-        """The gateway is stopping: cut this connection, auditing what it interrupts."""
+        """The gateway is stopping: close this connection once its answers are sent, or
+        cut it, auditing what that interrupts (a request in flight or half-received, a
+        handshake, a tunnel); one that never had an answer has nothing to deliver."""
         self._shutdown = True
-        self.abort()
+        if self._closing:
+            return  # closing already, once its last answer is sent
+        if self._idle() and self._answers:
+            self._close()
+        else:
+            self.abort()
+
+    def _idle(self) -> bool:
+        """Between requests: every answer written, nothing of a next request read."""
+        return (
+            self._ready
+            and self._exchange is None
+            and self._authenticating is None
+            and not self._buf.strip()
+            and not self._lost
+        )
 
     def abort(self) -> None:
         if not self._lost and self.transport is not None:

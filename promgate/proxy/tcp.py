@@ -53,6 +53,7 @@ from zope.interface import Interface, implementer
 
 from promgate.audit import IAuditSink
 from promgate.config.model import Config, Destination, Listener, Route, Target, TCPForwarding
+from promgate.drain import OpenSet
 from promgate.identity import IdentityResolver, Recognition
 from promgate.metrics import Metrics
 from promgate.policy import Verdict, authorize
@@ -903,13 +904,16 @@ class TCPGateway:
         self.connections = metrics.connections.labels(listener.name)
         self.open_connections = metrics.open_connections.labels(listener.name)
         #: Client connections not yet audited (a tunnel's stays until both sides are gone).
-        self.open: set[TCPDownstream] = set()
+        self.open: OpenSet[TCPDownstream] = OpenSet(clock)
 
     def shut_down_connections(self) -> int:
         """Cut every open connection (at shutdown, after draining); how many there were."""
         for conn in list(self.open):
             conn.shut_down()
         return len(self.open)
+
+    def abort_connections(self) -> None:
+        """Nothing more to cut: shut_down_connections cut them all already."""
 
     # -- decisions -----------------------------------------------------------------------------
 
