@@ -9,19 +9,23 @@ reordered and truncated records. Record schema, one JSON object per line::
 
 ``mac`` is ``HMAC-SHA256(key, prev_mac_hex + "\\n" + canonical)`` in hex, where ``canonical`` is
 the record without ``mac`` serialised with sorted keys, and the previous MAC of record 1 is 64
-zeros. The chain continues across restarts and across rotated files.
+zeros. The chain continues across restarts, and into the file that replaces one removed while
+the gateway runs. The file never keeps part of a record: a write that fails halfway, or one cut
+by a crash, is cut back to the last complete line. The byte format is in
+:mod:`promgate.audit_format`, the lock in :mod:`promgate.audit_lock`, verification in
+:mod:`promgate.audit_verify`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import hmac
-import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import attrs
 from twisted.application.service import Service
@@ -31,25 +35,38 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from promgate.audit_format import (
+    CANONICAL,
+    GENESIS_MAC,
+    LINE,
+    TRUNCATION_MARK,
+    is_record_start,
+    mac,
+    not_records_note,
+    parse_record,
+)
+from promgate.audit_lock import LockedFile, describe, lock_audit_file
+from promgate.audit_verify import VerifyGap, VerifyResult, verify_files
+from promgate.errors import StartupError
+
 __all__ = [
+    "GENESIS_MAC",
+    "TRUNCATION_MARK",
     "AuditEvent",
     "AuditLog",
     "IAuditSink",
     "MemoryAuditSink",
+    "VerifyGap",
     "VerifyResult",
     "load_key",
+    "lock_audit_file",
     "verify_files",
 ]
 
-#: The previous MAC of the first record in a chain.
-GENESIS_MAC = "0" * 64
-#: Appended to a string value cut at ``max_field_length`` characters.
-TRUNCATION_MARK = "...[truncated]"
 FSYNC_POLICIES = ("always", "interval", "never")
+#: How often the log checks that its path still names the file it writes.
+WATCH_INTERVAL = 1.0
 
-# Pre-built encoders: json.dumps() with non-default arguments builds a new encoder per call.
-_LINE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _TAIL_BLOCK = 64 * 1024
 _MIN_TAIL_SCAN = 4 * 1024 * 1024
@@ -94,29 +111,12 @@ class AuditEvent:
 _OPTIONAL_FIELDS = tuple(a.name for a in attrs.fields(AuditEvent) if a.name != "event")
 
 
-def _mac(key: bytes, prev_mac: bytes, canonical: bytes) -> str:
-    return hmac.digest(key, prev_mac + b"\n" + canonical, "sha256").hex()
+class _State(Enum):
+    """Where an AuditLog writes."""
 
-
-def _parse_record(body: bytes) -> dict[str, Any] | None:
-    """Parse one line (without its newline) as a record exactly as the writer produces it.
-
-    Anything else is rejected, including equivalent JSON spelled differently (other escapes,
-    whitespace, duplicate keys), so that no byte of a line can change without detection.
-    """
-    try:
-        record = json.loads(body.decode("ascii"))
-    except (ValueError, RecursionError):
-        return None
-    if (
-        type(record) is not dict
-        or _LINE.encode(record).encode("ascii") != body
-        or type(record.get("seq")) is not int
-        or type(record.get("mac")) is not str
-        or not record["mac"].isascii()
-    ):
-        return None
-    return record
+    STOPPED = "stopped"  # not started, or stopped: records are refused
+    OPEN = "open"  # appending to the file its path names
+    DETACHED = "detached"  # the path no longer names a usable file; reopening every second
 
 
 @implementer(IAuditSink)
@@ -125,7 +125,13 @@ class AuditLog(Service):
 
     ``fsync`` is ``"always"`` (before record() returns), ``"interval"`` (every
     ``fsync_interval`` seconds on ``clock`` when something was written) or ``"never"``.
-    ``on_result(ok)`` is called after every write attempt, for metrics.
+    ``on_result(ok)`` is called after every write attempt, for metrics, and ``on_reopen()``
+    each time the file is reopened because its path no longer named it. ``write`` replaces
+    ``os.write`` (tests use it to fill the disk).
+
+    Starting takes the file's exclusive lock (:func:`lock_audit_file`) and raises
+    :class:`~promgate.errors.StartupError` before writing anything if another promgate holds
+    it or it cannot be opened.
     """
 
     log = Logger()
@@ -139,6 +145,8 @@ class AuditLog(Service):
         fsync_interval: float = 1.0,
         max_field_length: int = 1024,
         on_result: Callable[[bool], None] | None = None,
+        on_reopen: Callable[[], None] | None = None,
+        write: Callable[[int, bytes], int] | None = None,
     ) -> None:
         if not key:
             raise ValueError("audit key must not be empty")
@@ -155,14 +163,22 @@ class AuditLog(Service):
         self._fsync_interval = fsync_interval
         self._max = max_field_length
         self._on_result = on_result
-        self._fd: int | None = None
+        self._on_reopen = on_reopen
+        self._write = write
+        self._state = _State.STOPPED
+        self._file: LockedFile | None = None
         self._seq = 0
         self._prev = GENESIS_MAC.encode("ascii")
         self._healthy = True
         self._failures = 0  # failed attempts since the log last became unhealthy
         self._dirty = False  # written since the last fsync
-        self._torn = False  # the file may end mid-line (a partial write failed)
+        # The end of the last complete record (None: a device or pipe, never cut back), and
+        # where the file still has to be cut back to after a failed write and a failed cut.
+        self._end: int | None = None
+        self._cut: int | None = None
+        self._lead = b""  # b"\n" while the file ends with a line that is not ours, unfinished
         self._sync_loop: LoopingCall | None = None
+        self._watch_loop: LoopingCall | None = None
 
     @property
     def healthy(self) -> bool:
@@ -172,48 +188,80 @@ class AuditLog(Service):
     # -- service lifecycle -----------------------------------------------------------------
 
     def startService(self) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        file = lock_audit_file(self.path)
         try:
-            notes = self._recover()
+            notes = self._recover(file.fd)
+        except OSError as e:
+            file.close()
+            raise StartupError(f"audit log {self.path}: {describe(e)}") from None
         except BaseException:
-            os.close(fd)
+            file.close()
             raise
-        self._fd = fd
+        self._opened(file)
         Service.startService(self)
         self.record(AuditEvent("start", detail="; ".join(notes) or None))
         if self._fsync == "interval":
-            loop = self._sync_loop = LoopingCall(self._sync)
-            loop.clock = self._clock
-            loop.start(self._fsync_interval, now=False).addErrback(self._sync_loop_failed)
+            self._sync_loop = self._every(self._fsync_interval, self._sync)
+        self._watch_loop = self._every(WATCH_INTERVAL, self._watch)
 
     def stopService(self) -> None:
         Service.stopService(self)
-        if self._sync_loop is not None and self._sync_loop.running:
-            self._sync_loop.stop()
-        self._sync_loop = None
-        if self._fd is None:
+        for loop in (self._sync_loop, self._watch_loop):
+            if loop is not None and loop.running:
+                loop.stop()
+        self._sync_loop = self._watch_loop = None
+        if self._state is _State.STOPPED:
             return
-        self.record(AuditEvent("stop"))
-        self._sync()
-        os.close(self._fd)
-        self._fd = None
+        self._watch()  # the stop record goes where the path leads now
+        if self._file is not None:
+            self.record(AuditEvent("stop"))
+            self._sync()
+            self._file.close()
+            self._file = None
+        self._state = _State.STOPPED
 
-    def _recover(self) -> list[str]:
-        """Continue the chain from the file's last intact record; return notes for "start"."""
-        self._seq, self._prev, self._torn = 0, GENESIS_MAC.encode("ascii"), False
-        with self.path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:  # a new log (or a device such as /dev/full)
-                return []
-            f.seek(size - 1)
-            self._torn = f.read(1) != b"\n"
-            # A record holds 15 capped strings of up to 12 bytes per character, plus numbers.
-            limit = max(_MIN_TAIL_SCAN, 4 * 16 * 12 * (self._max + len(TRUNCATION_MARK)))
-            last = _last_record(f, size, limit)
+    def _every(self, interval: float, work: Callable[[], None]) -> LoopingCall:
+        loop = LoopingCall(work)
+        loop.clock = self._clock
+        loop.start(interval, now=False).addErrback(self._loop_failed)
+        return loop
+
+    def _opened(self, file: LockedFile) -> None:
+        self._file = file
+        self._state = _State.OPEN
+        self._cut = None
+        self._end = os.lseek(file.fd, 0, os.SEEK_END) if file.regular else None
+
+    def _recover(self, fd: int) -> list[str]:
+        """Continue the chain from the file's last intact record; return notes for "start".
+
+        An unfinished record at the end (a crash mid-write) is cut off. Lines after the last
+        intact record that are not records (nor ours) are left, counted in a note that
+        ``verify`` accepts as their explanation.
+        """
+        self._seq, self._prev, self._lead = 0, GENESIS_MAC.encode("ascii"), b""
+        size = os.fstat(fd).st_size
+        if size == 0:  # a new log (or a device such as /dev/full)
+            return []
+        # A record holds 15 capped strings of up to 12 bytes per character, plus numbers.
+        limit = max(_MIN_TAIL_SCAN, 4 * 16 * 12 * (self._max + len(TRUNCATION_MARK)))
+        tail = _scan_tail(lambda offset, n: os.pread(fd, n, offset), size, limit)
         notes = []
-        if self._torn:
-            notes.append("previous run ended mid-record; the incomplete line was terminated")
+        junk = tail.junk_lines
+        if tail.fragment and tail.fragment_ours:
+            os.ftruncate(fd, size - tail.fragment)
+            size -= tail.fragment
+            notes.append(
+                "previous run ended mid-record; "
+                f"dropped its incomplete last record ({tail.fragment} bytes)"
+            )
+        elif tail.fragment:
+            self._lead = b"\n"  # close the line before the start record
+            junk += 1
+        last = tail.record
         if last is None:
+            if size == 0:  # nothing but an unfinished first record
+                return notes
             self.log.error(
                 "no intact audit record in the last {limit} bytes of {path}; "
                 "starting a new chain at seq 1, which will not verify against the old one",
@@ -224,17 +272,98 @@ class AuditLog(Service):
             return notes
         self._seq = last["seq"]
         self._prev = last["mac"].encode("ascii")
+        if junk:
+            notes.append(not_records_note(self._seq, junk))
         if last.get("event") != "stop":
             notes.append(f"previous run ended without a stop record (last seq {self._seq})")
         return notes
+
+    # -- the path removed or replaced ------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Reopen the path if it no longer names the open file (removed, moved, replaced)."""
+        if self._state is _State.OPEN and not self._names_open_file():
+            self._detach()
+        if self._state is _State.DETACHED:
+            self._reopen()
+
+    def _names_open_file(self) -> bool:
+        assert self._file is not None
+        try:
+            named = os.stat(self.path)
+            open_ = os.fstat(self._file.fd)
+        except OSError:
+            return False
+        return (named.st_dev, named.st_ino) == (open_.st_dev, open_.st_ino)
+
+    def _detach(self) -> None:
+        """Let go of a file the path no longer names, with what was written to it on disk."""
+        file, self._file = self._file, None
+        self._state = _State.DETACHED
+        assert file is not None
+        self.log.warn(
+            "audit log {path} was removed or replaced while open (last seq {seq}); reopening it",
+            path=str(self.path),
+            seq=self._seq,
+        )
+        # Its records are where the path no longer leads (if anywhere); the new file says so.
+        with contextlib.suppress(OSError):
+            self._fsync_now(file.fd)
+        file.close()
+
+    def _reopen(self) -> None:
+        try:
+            file = lock_audit_file(self.path)
+        except StartupError as e:
+            self._unusable(str(e))
+            return
+        try:
+            size = os.fstat(file.fd).st_size
+            unfinished = bool(size) and file.regular and os.pread(file.fd, 1, size - 1) != b"\n"
+        except OSError as e:
+            file.close()
+            self._unusable(f"audit log {self.path}: {describe(e)}")
+            return
+        self._opened(file)
+        self._lead = b"\n" if unfinished else b""
+        seq = self._seq + 1
+        self.log.warn(
+            "audit log {path} reopened; continuing the chain at seq {seq}",
+            path=str(self.path),
+            seq=seq,
+        )
+        if self._on_reopen is not None:
+            self._on_reopen()
+        detail = (
+            f"audit log {self.path} was removed or replaced while open; "
+            f"reopened, continuing the chain at seq {seq}"
+        )
+        if size:
+            detail += f"; the file found there already held {size} bytes"
+        self.record(AuditEvent("reopen", detail=detail))
+
+    def _unusable(self, error: str) -> None:
+        """The path cannot be reopened yet: unhealthy, logged once per outage."""
+        self._failures = self._failures + 1 if not self._healthy else 1
+        if self._healthy:
+            self._healthy = False
+            self.log.error(
+                "{error}; records are being lost until it can be reopened "
+                "(retrying every {interval}s)",
+                error=error,
+                interval=WATCH_INTERVAL,
+            )
 
     # -- writing ---------------------------------------------------------------------------
 
     def record(self, event: AuditEvent) -> bool:
         """Append one record; False (and ``healthy`` False) if it could not be written."""
-        fd = self._fd
-        if fd is None:
-            self.log.error("audit log {path} is not open; record dropped", path=str(self.path))
+        file = self._file
+        if file is None:
+            if self._state is _State.DETACHED:
+                self._failures += 1
+            else:
+                self.log.error("audit log {path} is not open; record dropped", path=str(self.path))
             return self._result(False)
         limit = self._max
         seq = self._seq + 1
@@ -258,22 +387,34 @@ class AuditLog(Service):
             elif isinstance(value, float):
                 value = round(value, 6)
             record[name] = value
-        mac = _mac(self._key, self._prev, _CANONICAL.encode(record).encode("ascii"))
-        record["mac"] = mac
-        data = (_LINE.encode(record) + "\n").encode("ascii")
-        if self._torn:
-            data = b"\n" + data
+        record_mac = mac(self._key, self._prev, CANONICAL.encode(record).encode("ascii"))
+        record["mac"] = record_mac
+        data = (LINE.encode(record) + "\n").encode("ascii")
+        fd = file.fd
+        if self._cut is not None:
+            try:
+                os.ftruncate(fd, self._cut)
+            except OSError as e:
+                return self._failed("truncate", e)
+            self._end, self._cut = self._cut, None
+        data = self._lead + data
         written = 0
         try:
             while written < len(data):
-                written += os.write(fd, data[written:] if written else data)
+                count = (self._write or os.write)(fd, data[written:] if written else data)
+                if count <= 0:  # no progress: do not spin
+                    raise OSError(errno.EIO, "write wrote nothing")
+                written += count
         except OSError as e:
-            if written:
-                self._torn = data[written - 1] != 0x0A
+            self._cut_back(fd, len(data))
             return self._failed("write", e)
-        self._torn = False
+        self._lead = b""
+        if self._end is not None:
+            # One lseek per record (no I/O) keeps the offset to cut back to exact, even
+            # after the file was truncated in place (copytruncate).
+            self._end = os.lseek(fd, 0, os.SEEK_CUR)
         self._seq = seq
-        self._prev = mac.encode("ascii")
+        self._prev = record_mac.encode("ascii")
         self._dirty = True
         if self._fsync == "always":
             try:
@@ -288,6 +429,40 @@ class AuditLog(Service):
                 failures=self._failures,
             )
         return self._result(True)
+
+    def _cut_back(self, fd: int, attempted: int) -> None:
+        """After a failed write, cut off whatever part of the record reached the file.
+
+        The cut is at the end of the last complete record, tracked after every write; if the
+        file changed under the log (truncated in place), at the last newline before the
+        partial record (a record holds no newline but its last byte). If the cut fails too,
+        it is tried again before the next record.
+        """
+        end = self._end
+        if end is None:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size == end:
+                return  # nothing reached the file
+            if end < size and (end == 0 or os.pread(fd, 1, end - 1) == b"\n"):
+                cut = end
+            else:
+                tail = os.pread(fd, min(size, attempted), size - min(size, attempted))
+                newline = tail.rfind(b"\n")
+                if newline < 0 and len(tail) < size:
+                    return  # not a record of ours: leave it
+                cut = size - len(tail) + newline + 1
+        except OSError:
+            return
+        if cut > end:
+            self._lead = b""  # the line it had to close was closed
+        try:
+            os.ftruncate(fd, cut)
+        except OSError:
+            self._cut = cut
+            return
+        self._end = cut
 
     def _result(self, ok: bool) -> bool:
         if self._on_result is not None:
@@ -317,35 +492,63 @@ class AuditLog(Service):
 
     def _sync(self) -> None:
         """Flush to disk if anything was written since the last flush."""
-        if self._fd is None or not self._dirty:
+        if self._file is None or not self._dirty:
             return
         try:
-            self._fsync_now(self._fd)
+            self._fsync_now(self._file.fd)
         except OSError as e:
             self._failed("fsync", e)
 
-    def _sync_loop_failed(self, failure: Failure) -> None:
-        self.log.failure("audit fsync loop stopped", failure)
+    def _loop_failed(self, failure: Failure) -> None:
+        self.log.failure("audit log timer stopped", failure)
 
 
-def _last_record(f: BinaryIO, size: int, limit: int) -> dict[str, Any] | None:
-    """The last complete, parseable record in the final ``limit`` bytes of ``f``."""
+@attrs.frozen
+class _Tail:
+    """What the end of an existing audit file holds."""
+
+    record: dict[str, Any] | None  # the last intact record
+    junk_lines: int  # complete lines after it that are not records
+    fragment: int  # bytes after the last newline: a line left unfinished
+    fragment_ours: bool  # that line is the start of a record as the writer writes them
+
+
+def _scan_tail(read: Callable[[int, int], bytes], size: int, limit: int) -> _Tail:
+    """Read back from the end of a file (at most ``limit`` bytes) for its last intact record."""
+    end: int | None = None  # the end of the last complete line
     pos = size
-    carry = b""  # the start of what was read: the end of a line whose beginning is not read yet
-    tail_open = True  # the last segment has no newline after it (the torn tail, or b"")
     while pos > 0 and size - pos < limit:
         start = max(0, pos - _TAIL_BLOCK)
-        f.seek(start)
-        lines = (f.read(pos - start) + carry).split(b"\n")
+        newline = read(start, pos - start).rfind(b"\n")
+        if newline >= 0:
+            end = start + newline + 1
+            break
         pos = start
-        for body in reversed(lines[1 if pos else 0 : len(lines) - 1 if tail_open else None]):
-            record = _parse_record(body)
-            if record is not None:
-                return record
-        if len(lines) > 1:
-            tail_open = False
-        carry = lines[0] if pos else b""
-    return None
+    else:
+        end = 0 if pos == 0 else None
+    if end is None:  # no line ends within the limit: not a record of ours
+        return _Tail(None, 0, size, False)
+    fragment = size - end
+    ours = fragment > 0 and is_record_start(read(end, min(fragment, 16)))
+    junk = 0
+    for body in _lines_before(read, end, limit - fragment):
+        record = parse_record(body)
+        if record is not None:
+            return _Tail(record, junk, fragment, ours)
+        junk += 1
+    return _Tail(None, junk, fragment, ours)
+
+
+def _lines_before(read: Callable[[int, int], bytes], end: int, limit: int) -> Iterator[bytes]:
+    """The complete lines that end at or before ``end`` (just after a newline), last first."""
+    pos = end
+    carry = b""  # the end of a line whose beginning is not read yet, with its newline
+    while pos > 0 and end - pos < limit:
+        start = max(0, pos - _TAIL_BLOCK)
+        lines = (read(start, pos - start) + carry).split(b"\n")
+        pos = start
+        yield from reversed(lines[1 if pos else 0 : -1])
+        carry = lines[0] + b"\n" if pos else b""
 
 
 @implementer(IAuditSink)
@@ -369,68 +572,3 @@ def load_key(path: Path) -> bytes:
     if not key:
         raise ValueError(f"audit key file {path} is empty")
     return key.encode("utf-8")
-
-
-@attrs.frozen
-class VerifyResult:
-    """The outcome of checking an audit chain, with where it first went wrong."""
-
-    ok: bool
-    count: int  # records verified good
-    first_bad_seq: int | None  # the seq expected where the chain first breaks
-    message: str  # what is wrong and where (file and line number)
-    ended_cleanly: bool  # the last record is a "stop" event
-
-
-def verify_files(key: bytes, files: Sequence[Path]) -> VerifyResult:
-    """Check one audit chain spread over ``files`` (oldest first), stopping at the first fault."""
-    prev = GENESIS_MAC.encode("ascii")
-    count = 0
-    last_event: object = None
-
-    def bad(path: Path, lineno: int, what: str) -> VerifyResult:
-        return VerifyResult(
-            ok=False,
-            count=count,
-            first_bad_seq=count + 1,
-            message=f"{path}:{lineno}: {what} (seq {count + 1} expected; "
-            f"{count} records before it verified)",
-            ended_cleanly=False,
-        )
-
-    for path in files:
-        try:
-            f = path.open("rb")
-        except OSError as e:
-            return bad(path, 0, f"cannot read: {e.strerror}")
-        with f:
-            for lineno, raw in enumerate(f, 1):
-                if raw[-1:] != b"\n":
-                    return bad(path, lineno, "truncated: the last line is incomplete")
-                record = _parse_record(raw[:-1])
-                if record is None:
-                    return bad(path, lineno, "not a well-formed audit record")
-                seq = record["seq"]
-                mac = record.pop("mac")
-                good = hmac.compare_digest(
-                    mac, _mac(key, prev, _CANONICAL.encode(record).encode("ascii"))
-                )
-                if seq != count + 1:
-                    what = "records missing" if seq > count + 1 else "out of order or repeated"
-                    edited = "" if good else " (or this record was edited)"
-                    return bad(path, lineno, f"found seq {seq}: {what}{edited}")
-                if not good:
-                    what = "wrong key, or the record was edited" if count == 0 else "edited"
-                    return bad(path, lineno, f"MAC mismatch: {what}")
-                prev = mac.encode("ascii")
-                count += 1
-                last_event = record.get("event")
-    ended_cleanly = last_event == "stop"
-    return VerifyResult(
-        ok=True,
-        count=count,
-        first_bad_seq=None,
-        message=f"{count} records verified in {len(files)} file{'' if len(files) == 1 else 's'}"
-        + ("" if ended_cleanly or not count else "; no stop record at the end (still running?)"),
-        ended_cleanly=ended_cleanly,
-    )

@@ -107,12 +107,17 @@ def _audit_verify(args: argparse.Namespace) -> int:
         print(f"{key_file}: cannot use key: {e}", file=sys.stderr)
         return 2
     result = verify_files(key, files)
+    for gap in result.gaps:
+        print(f"GAP: {gap.describe()}")
     if not result.ok:
         print(f"FAIL: {result.message}", file=sys.stderr)
         return 1
     ending = (
         "ends with a clean stop" if result.ended_cleanly else "no stop record yet (still running?)"
     )
+    gaps = len(result.gaps)
+    if gaps:
+        ending += f"; {gaps} gap{'' if gaps == 1 else 's'} explained by a start record (above)"
     print(f"OK: {result.count} record(s) verified; {ending}")
     return 0
 

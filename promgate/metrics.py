@@ -138,6 +138,11 @@ class Metrics:
         self.audit_write_errors = Counter(
             "promgate_audit_write_errors", "Audit records that could not be written.", registry=r
         )
+        self.audit_reopens = Counter(
+            "promgate_audit_reopens",
+            "Times the audit log was reopened because its path no longer named the open file.",
+            registry=r,
+        )
         self.config_last_reload_successful = Gauge(
             "promgate_config_last_reload_successful",
             "Whether the last configuration load succeeded.",

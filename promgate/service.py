@@ -63,6 +63,7 @@ class GatewayService(MultiService):
             fsync_interval=audit_cfg.fsync_interval,
             max_field_length=audit_cfg.max_field_length,
             on_result=self.metrics.audit_result,
+            on_reopen=self.metrics.audit_reopens.inc,
         )
         self.audit.setServiceParent(self)  # type: ignore[no-untyped-call]
         # Discovery starts before the listeners (file_sd is read at once), and keeps the

@@ -258,17 +258,25 @@ class RestartTests(AuditTestCase):
         self.assertTrue(verify_files(KEY, [path]).ok)
 
     def test_restart_after_torn_write(self) -> None:
-        """A half-written last line is terminated, noted, and still reported by verify."""
+        """A half-written last record is cut off at start, the start record says how much."""
         path = self.write_log(requests=2)
-        data = path.read_bytes()
-        path.write_bytes(data[: -len(self.lines(path)[-1]) // 2])
+        original = self.lines(path)
+        torn = original[-1][: len(original[-1]) // 2]
+        path.write_bytes(b"".join(original[:-1]) + torn)
         self.open_log(path).stopService()
         lines = self.lines(path)
-        self.assertEqual(len(lines), 6)
-        start = json.loads(lines[4])
+        self.assertEqual(lines[:3], original[:3])
+        self.assertEqual(len(lines), 5)
+        start = json.loads(lines[3])
         self.assertEqual((start["seq"], start["event"]), (4, "start"))
-        self.assertIn("incomplete line", start["detail"])
-        self.assertBad(verify_files(KEY, [path]), 4, ":4:", "not a well-formed")
+        self.assertEqual(
+            start["detail"],
+            f"previous run ended mid-record; dropped its incomplete last record "
+            f"({len(torn)} bytes); previous run ended without a stop record (last seq 3)",
+        )
+        result = verify_files(KEY, [path])
+        self.assertTrue(result.ok, result.message)
+        self.assertEqual((result.count, result.gaps), (5, ()))
 
     def test_restart_with_records_larger_than_a_read(self) -> None:
         """Recovery reads back past a torn tail and a last record both longer than one read."""
@@ -279,11 +287,12 @@ class RestartTests(AuditTestCase):
         start, big, _ = self.lines(path)
         path.write_bytes(start + big + big[:140_000])  # crashed while writing seq 3
         self.open_log(path, max_field_length=300_000).stopService()
-        restart = json.loads(self.lines(path)[3])
+        restart = json.loads(self.lines(path)[2])
         self.assertEqual((restart["seq"], restart["event"]), (3, "start"))
-        self.assertIn("incomplete line", restart["detail"])
+        self.assertIn("dropped its incomplete last record (140000 bytes)", restart["detail"])
         self.assertIn("without a stop record (last seq 2)", restart["detail"])
-        self.assertBad(verify_files(KEY, [path]), 3, ":3:")
+        self.assertEqual(self.lines(path)[:2], [start, big])
+        self.assertTrue(verify_files(KEY, [path]).ok)
 
     def test_restart_on_unrecognisable_file(self) -> None:
         """A file with no intact record starts a new chain, and the start record says so."""
@@ -440,7 +449,7 @@ class DurabilityTests(AuditTestCase):
         log = self.open_log(Path(self.mktemp()), fsync="interval", fsync_interval=2.0)
         log.record(request())
         self.assertEqual(self.synced, [])
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # fsync, and the path watch
         self.clock.advance(1.9)
         self.assertEqual(len(self.synced), 0)
         self.clock.advance(0.1)
@@ -460,7 +469,9 @@ class DurabilityTests(AuditTestCase):
         self.assertEqual(len(self.synced), 1)
         log.record(request())
         self.assertEqual(len(self.synced), 2)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # only the path watch
+        self.clock.advance(60)
+        self.assertEqual(len(self.synced), 2)
 
     def test_fsync_never(self) -> None:
         """With "never", only stopping the service syncs."""
@@ -511,7 +522,7 @@ class DurabilityTests(AuditTestCase):
         self.assertTrue(verify_files(KEY, [path]).ok)
 
     def test_partial_write(self) -> None:
-        """A write that fails halfway leaves a visible torn line; later records stay readable."""
+        """A write that fails halfway is cut off; the file holds only whole records."""
         path = Path(self.mktemp())
         log = self.open_log(path)
         real_write = os.write
@@ -528,10 +539,10 @@ class DurabilityTests(AuditTestCase):
         self.patch(os, "write", real_write)
         self.assertTrue(log.record(request(2)))
         log.stopService()
-        lines = self.lines(path)
-        self.assertEqual(len(lines), 4)
-        self.assertEqual(json.loads(lines[2])["seq"], 2)
-        self.assertBad(verify_files(KEY, [path]), 2, ":2:", "not a well-formed")
+        records = self.records(path)
+        self.assertEqual([r["seq"] for r in records], [1, 2, 3])
+        self.assertEqual(records[1]["peer"], "10.0.0.2:40002")
+        self.assertTrue(verify_files(KEY, [path]).ok)
 
     def test_partial_writes_are_completed(self) -> None:
         """Short writes without an error are continued until the whole line is out."""

@@ -1,0 +1,83 @@
+"""The audit record's byte format and MAC, shared by the writer and the verifier.
+
+A record is one line of compact JSON ending with ``\\n``; its MAC is
+``HMAC-SHA256(key, prev_mac_hex + "\\n" + canonical)`` where ``canonical`` is the record
+without ``mac`` with sorted keys. Also here: the notes a ``start`` record's ``detail`` uses to
+account for lines in the file that are not records, which the verifier accepts as
+explanations (they are inside a MAC, so only the key holder can write them).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from typing import Any
+
+#: The previous MAC of the first record in a chain.
+GENESIS_MAC = "0" * 64
+#: Appended to a string value cut at ``max_field_length`` characters.
+TRUNCATION_MARK = "...[truncated]"
+#: How every record line starts; an incomplete line that starts so (or is a prefix of it) is
+#: a record the writer did not finish.
+RECORD_PREFIX = b'{"seq":'
+
+# Pre-built encoders: json.dumps() with non-default arguments builds a new encoder per call.
+LINE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+#: The note with which earlier versions explained the one line they left when a run ended
+#: in the middle of a record (they closed the partial line with a newline at the next start).
+TERMINATED_NOTE = "previous run ended mid-record; the incomplete line was terminated"
+_NOT_RECORDS = re.compile(r"lines after seq (\d+) that are not audit records: (\d+); left in place")
+
+
+def mac(key: bytes, prev_mac: bytes, canonical: bytes) -> str:
+    """The record's MAC in lowercase hex, chained to ``prev_mac`` (hex, as ASCII bytes)."""
+    return hmac.digest(key, prev_mac + b"\n" + canonical, "sha256").hex()
+
+
+def parse_record(body: bytes) -> dict[str, Any] | None:
+    """Parse one line (without its newline) as a record exactly as the writer produces it.
+
+    Anything else is rejected, including equivalent JSON spelled differently (other escapes,
+    whitespace, duplicate keys), so that no byte of a line can change without detection.
+    """
+    try:
+        record = json.loads(body.decode("ascii"))
+    except (ValueError, RecursionError):
+        return None
+    if (
+        type(record) is not dict
+        or LINE.encode(record).encode("ascii") != body
+        or type(record.get("seq")) is not int
+        or type(record.get("mac")) is not str
+        or not record["mac"].isascii()
+    ):
+        return None
+    return record
+
+
+def is_record_start(fragment: bytes) -> bool:
+    """Whether an incomplete line is the beginning of a record as the writer writes them."""
+    return fragment.startswith(RECORD_PREFIX) or RECORD_PREFIX.startswith(fragment)
+
+
+def not_records_note(seq: int, lines: int) -> str:
+    """The ``start`` note for ``lines`` lines after record ``seq`` that are not records."""
+    return f"lines after seq {seq} that are not audit records: {lines}; left in place"
+
+
+def explained_lines(detail: object, seq: int) -> tuple[int, str] | None:
+    """How many non-record lines after record ``seq`` a ``start`` detail accounts for, and how.
+
+    ``None`` when the detail accounts for none.
+    """
+    if not isinstance(detail, str):
+        return None
+    found = _NOT_RECORDS.search(detail)
+    if found is not None and int(found.group(1)) == seq:
+        return int(found.group(2)), found.group(0)
+    if TERMINATED_NOTE in detail:
+        return 1, TERMINATED_NOTE
+    return None

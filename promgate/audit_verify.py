@@ -1,0 +1,171 @@
+"""Checking an audit chain: ``promgate audit verify``.
+
+The files are read as one chain, oldest first; verification stops at the first record that
+does not continue it. Lines that are not records are a failure, except a run of them that the
+next record explains: a ``start`` record whose ``detail`` says how many such lines the
+previous run left (see :func:`promgate.audit_format.explained_lines`), and which itself
+continues the chain from the last good record. The chain check is the same across such a gap,
+so it cannot hide a removed record; only the bytes of the lines themselves are tolerated.
+Reading takes no lock: it works while a gateway writes the file.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+from promgate.audit_format import CANONICAL, GENESIS_MAC, explained_lines, mac, parse_record
+from promgate.audit_lock import close_reader
+
+__all__ = ["VerifyGap", "VerifyResult", "verify_files"]
+
+
+@attrs.frozen
+class VerifyGap:
+    """Lines that are not records, followed by a ``start`` record that explains them."""
+
+    path: Path  # the file of the first such line
+    first_line: int
+    lines: int
+    start_path: Path  # where the explaining start record is
+    start_line: int
+    start_seq: int
+    explanation: str  # the part of its detail that explains the gap
+
+    def describe(self) -> str:
+        """One line for the operator: where the gap is and what explains it."""
+        span = f"{self.first_line}" + (
+            f"-{self.first_line + self.lines - 1}" if self.lines > 1 else ""
+        )
+        what = (
+            "1 line that is not a record"
+            if self.lines == 1
+            else f"{self.lines} lines that are not records"
+        )
+        return (
+            f"{self.path}:{span}: {what}, explained by the start record at "
+            f"{self.start_path}:{self.start_line} (seq {self.start_seq}): {self.explanation}"
+        )
+
+
+@attrs.frozen
+class VerifyResult:
+    """The outcome of checking an audit chain, with where it first went wrong."""
+
+    ok: bool
+    count: int  # records verified good
+    first_bad_seq: int | None  # the seq expected where the chain first breaks
+    message: str  # what is wrong and where (file and line number)
+    ended_cleanly: bool  # the last record is a "stop" event
+    gaps: tuple[VerifyGap, ...] = ()  # explained runs of lines that are not records
+
+
+@attrs.define
+class _Pending:
+    """Lines that are not records, not yet explained."""
+
+    path: Path
+    first_line: int
+    what: str
+    lines: int = 1
+
+
+def verify_files(key: bytes, files: Sequence[Path]) -> VerifyResult:
+    """Check one audit chain spread over ``files`` (oldest first), stopping at the first fault."""
+    prev = GENESIS_MAC.encode("ascii")
+    count = 0
+    last_event: object = None
+    gaps: list[VerifyGap] = []
+    pending: _Pending | None = None
+
+    def bad(path: Path, lineno: int, what: str) -> VerifyResult:
+        return VerifyResult(
+            ok=False,
+            count=count,
+            first_bad_seq=count + 1,
+            message=f"{path}:{lineno}: {what} (seq {count + 1} expected; "
+            f"{count} records before it verified)",
+            ended_cleanly=False,
+            gaps=tuple(gaps),
+        )
+
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            return bad(path, 0, f"cannot read: {e.strerror}")
+        f = os.fdopen(fd, "rb", closefd=False)
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(f, 1):
+                record = parse_record(raw[:-1]) if raw[-1:] == b"\n" else None
+                if record is None:
+                    if pending is not None:
+                        pending.lines += 1
+                    elif raw[-1:] != b"\n":
+                        pending = _Pending(path, lineno, "truncated: the last line is incomplete")
+                    else:
+                        pending = _Pending(path, lineno, "not a well-formed audit record")
+                    continue
+                seq = record["seq"]
+                explained = None
+                if pending is not None:
+                    explained = (
+                        explained_lines(record.get("detail"), count)
+                        if record.get("event") == "start"
+                        else None
+                    )
+                    if explained is None or explained[0] != pending.lines:
+                        return bad(pending.path, pending.first_line, pending.what)
+                record_mac = record.pop("mac")
+                good = hmac.compare_digest(
+                    record_mac, mac(key, prev, CANONICAL.encode(record).encode("ascii"))
+                )
+                if seq != count + 1:
+                    what = "records missing" if seq > count + 1 else "out of order or repeated"
+                    edited = "" if good else " (or this record was edited)"
+                    return bad(path, lineno, f"found seq {seq}: {what}{edited}")
+                if not good:
+                    what = "wrong key, or the record was edited" if count == 0 else "edited"
+                    return bad(path, lineno, f"MAC mismatch: {what}")
+                if pending is not None and explained is not None:  # an explained gap
+                    gaps.append(
+                        VerifyGap(
+                            pending.path,
+                            pending.first_line,
+                            pending.lines,
+                            path,
+                            lineno,
+                            seq,
+                            explained[1],
+                        )
+                    )
+                    pending = None
+                prev = record_mac.encode("ascii")
+                count += 1
+                last_event = record.get("event")
+        except OSError as e:
+            return bad(path, lineno, f"cannot read: {e.strerror}")
+        finally:
+            f.close()
+            close_reader(fd)
+    if pending is not None:
+        return bad(pending.path, pending.first_line, pending.what)
+    ended_cleanly = last_event == "stop"
+    suffix = ""
+    if gaps:
+        suffix = f"; {len(gaps)} gap{'' if len(gaps) == 1 else 's'} explained by a start record"
+    return VerifyResult(
+        ok=True,
+        count=count,
+        first_bad_seq=None,
+        message=f"{count} records verified in {len(files)} file{'' if len(files) == 1 else 's'}"
+        + ("" if ended_cleanly or not count else "; no stop record at the end (still running?)")
+        + suffix,
+        ended_cleanly=ended_cleanly,
+        gaps=tuple(gaps),
+    )
