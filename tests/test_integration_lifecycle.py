@@ -359,6 +359,28 @@ class StartupFailureTests(SynchronousTestCase):
         self.assertIn(first.stop(), STOPPED)
         self.assertIn("clean stop", verify(self, self.pki, self.audit_log))
 
+    def test_audit_log_in_use(self) -> None:
+        """A second gateway on other ports but the same audit log is refused by the log's
+        lock, names the running gateway's pid, and writes not one byte into the log."""
+        exporter = FakeExporter({"/metrics": b"up 1\n"})
+        self.addCleanup(exporter.stop)
+        first = GatewayProcess(
+            self.directory / "first", gateway_config(self.pki, self.audit_log, exporter.address)
+        )
+        self.addCleanup(first.stop)
+        first.start()
+        assert first.process is not None
+        before = self.audit_log.read_bytes()
+        failure = self.refused("second", gateway_config(self.pki, self.audit_log, exporter.address))
+        self.assertEqual(
+            failure.stderr,
+            f"audit log {self.audit_log} is in use by another promgate (pid {first.process.pid})\n",
+        )
+        self.assertEqual(self.audit_log.read_bytes(), before)
+        self.assertEqual(ready_status(first), 200)
+        self.assertIn(first.stop(), STOPPED)
+        self.assertIn("clean stop", verify(self, self.pki, self.audit_log))
+
     def test_address_not_local(self) -> None:
         """An interface address this host does not have."""
         failure = self.refused(
