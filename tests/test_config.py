@@ -1188,12 +1188,16 @@ class UnitsTests(SynchronousTestCase):
         self.assertRaises(ValueError, parse_duration, 30)
 
     def test_sizes(self) -> None:
-        """Decimal and binary units, plain integers and bytes."""
+        """Units as Prometheus reads them (KB and KiB are both 1024 bytes), plain integers
+        and bytes."""
         for value, size in [
             ("64MiB", 64 * 1024**2),
-            ("512KB", 512_000),
+            ("64MB", 64 * 1024**2),
+            ("512KB", 512 * 1024),
             ("1GiB", 1024**3),
-            ("1GB", 10**9),
+            ("1GB", 1024**3),
+            ("2TB", 2 * 1024**4),
+            ("1EiB", 1024**6),
             ("10B", 10),
             ("10", 10),
             (" 3 KiB ", 3072),
@@ -1201,6 +1205,22 @@ class UnitsTests(SynchronousTestCase):
             (0, 0),
         ]:
             self.assertEqual(parse_size(value), size, value)
+
+    def test_size_limit(self) -> None:
+        """A size above the key's limit is refused, and the message names the limit."""
+        self.assertEqual(parse_size("4GiB", 4 * 1024**3), 4 * 1024**3)
+        for value in ["1EB", "100TB", "4097MiB", 4 * 1024**3 + 1]:
+            with self.assertRaises(ValueError) as cm:
+                parse_size(value, 4 * 1024**3)
+            self.assertIn("larger than the limit of 4GiB", str(cm.exception))
+
+    def test_duration_limit(self) -> None:
+        """Durations beyond a year are refused with the limit (a timer cannot be that far)."""
+        self.assertEqual(parse_duration("1y"), 365 * 86400.0)
+        for text in ["100000y", "1y1ms", "53w"]:
+            with self.assertRaises(ValueError) as cm:
+                parse_duration(text)
+            self.assertIn("longer than the limit of 1y", str(cm.exception))
 
     def test_bad_sizes(self) -> None:
         """Negative, fractional, boolean and unknown-unit sizes are refused."""
@@ -1236,25 +1256,34 @@ class UnitsTests(SynchronousTestCase):
 
     @given(st.lists(st.integers(0, 10_000), min_size=7, max_size=7).filter(any))
     def test_duration_round_trip(self, parts: list[int]) -> None:
-        """Any composition of units in Prometheus order parses to the sum of its parts."""
+        """Any composition of units in Prometheus order parses to the sum of its parts, up
+        to the one-year limit; beyond it, a refusal."""
         units = ["y", "w", "d", "h", "m", "s", "ms"]
         scale = [365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001]
         text = "".join(f"{n}{u}" for n, u in zip(parts, units, strict=True) if n)
         expected = sum(n * s for n, s in zip(parts, scale, strict=True))
-        self.assertAlmostEqual(parse_duration(text), expected, places=6)
+        if expected > 365 * 86400:
+            self.assertRaises(ValueError, parse_duration, text)
+        else:
+            self.assertAlmostEqual(parse_duration(text), expected, places=6)
 
-    @given(st.integers(0, 2**40), st.sampled_from(["", "B", "KB", "MB", "GB", "KiB", "MiB", "GiB"]))
+    @given(
+        st.integers(0, 2**40),
+        st.sampled_from(["", "B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"]),
+    )
     def test_size_round_trip(self, n: int, unit: str) -> None:
-        """N followed by a unit is N times the unit's bytes."""
+        """N followed by a unit is N times the unit's bytes, base 2 as in Prometheus."""
         scale = {
             "": 1,
             "B": 1,
-            "KB": 1000,
-            "MB": 10**6,
-            "GB": 10**9,
+            "KB": 1024,
+            "MB": 1024**2,
+            "GB": 1024**3,
+            "TB": 1024**4,
             "KiB": 1024,
             "MiB": 1024**2,
             "GiB": 1024**3,
+            "TiB": 1024**4,
         }
         self.assertEqual(parse_size(f"{n}{unit}"), n * scale[unit])
 

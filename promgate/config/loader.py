@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -28,6 +27,7 @@ from promgate.config.errors import ConfigError, Problem
 from promgate.config.model import (
     DEFAULT_MAX_RESPONSE,
     DEFAULT_TIMEOUT,
+    MAX_RESPONSE_LIMIT,
     Admin,
     Audit,
     BasicCredential,
@@ -49,6 +49,7 @@ from promgate.config.model import (
     UpstreamTLS,
 )
 from promgate.config.units import parse_duration, parse_rate, parse_size
+from promgate.config.yaml_source import MAX_FILES, Item, Source, join_key, parse_file
 from promgate.paths import PathRefused, normalize_path
 from promgate.spiffe import is_spiffe, spiffe_id_error, spiffe_pattern_error
 
@@ -116,140 +117,6 @@ _SELECTOR_KEYS = ("match", "port", "address")
 _ADDRESS_FIELDS = re.compile(r"\{([^{}]*)\}")
 
 
-@attrs.frozen
-class _Source:
-    """One parsed YAML file and the line of every key path in it."""
-
-    file: Path
-    lines: dict[str, int]
-
-    def line(self, key: str) -> int | None:
-        while key:
-            if key in self.lines:
-                return self.lines[key]
-            cut = max(key.rfind("."), key.rfind("["))
-            key = key[:cut] if cut > 0 else ""
-        return None
-
-    def resolve(self, name: str) -> Path:
-        try:
-            path = Path(name).expanduser()
-        except RuntimeError:  # "~user/..." naming no known user: keep it literal
-            path = Path(name)
-        return path if path.is_absolute() else self.file.parent / path
-
-
-@attrs.frozen
-class _Item:
-    """A value with where it came from."""
-
-    value: Any
-    src: _Source
-    key: str
-
-
-def _join(parent: str, key: str) -> str:
-    return f"{parent}.{key}" if parent else key
-
-
-class _YAML:
-    """Turns a YAML node tree into plain values while noting each key's line."""
-
-    def __init__(self, file: Path, problems: list[Problem]) -> None:
-        self.file = file
-        self.problems = problems
-        self.lines: dict[str, int] = {}
-        self._scalars = yaml.constructor.SafeConstructor()
-
-    def convert(self, node: yaml.Node, path: str) -> Any:
-        if isinstance(node, yaml.MappingNode):
-            out: dict[str, Any] = {}
-            for knode, vnode in node.value:
-                if knode.tag == "tag:yaml.org,2002:merge":
-                    self.problems.append(
-                        Problem(
-                            self.file,
-                            knode.start_mark.line + 1,
-                            path,
-                            "YAML merge keys (<<) are not supported",
-                        )
-                    )
-                    continue
-                key = (
-                    self._scalars.construct_object(knode)
-                    if isinstance(knode, yaml.ScalarNode)
-                    else None
-                )
-                if not isinstance(key, str):
-                    self.problems.append(
-                        Problem(
-                            self.file,
-                            knode.start_mark.line + 1,
-                            path,
-                            "mapping keys must be strings",
-                        )
-                    )
-                    continue
-                sub = _join(path, key)
-                if key in out:
-                    self.problems.append(
-                        Problem(
-                            self.file,
-                            knode.start_mark.line + 1,
-                            sub,
-                            "duplicate key in the same mapping",
-                        )
-                    )
-                    continue
-                self.lines[sub] = knode.start_mark.line + 1
-                out[key] = self.convert(vnode, sub)
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            items = []
-            for i, child in enumerate(node.value):
-                sub = f"{path}[{i}]"
-                self.lines[sub] = child.start_mark.line + 1
-                items.append(self.convert(child, sub))
-            return items
-        return self._scalars.construct_object(node)
-
-
-def _parse_file(file: Path, problems: list[Problem]) -> tuple[Any, _Source] | None:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as e:
-        problems.append(Problem(file, None, "", f"cannot read file: {e.strerror or e}"))
-        return None
-    except UnicodeDecodeError:
-        problems.append(Problem(file, None, "", "file is not UTF-8 text"))
-        return None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except RecursionError:
-        problems.append(Problem(file, None, "", "YAML error: nested too deeply"))
-        return None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark is not None else None
-        problems.append(Problem(file, line, "", f"YAML syntax error: {e.problem or e}"))
-        return None
-    except yaml.YAMLError as e:
-        problems.append(Problem(file, None, "", f"YAML error: {e}"))
-        return None
-    conv = _YAML(file, problems)
-    try:
-        data = conv.convert(node, "") if node is not None else {}
-    except yaml.YAMLError as e:
-        problems.append(Problem(file, None, "", f"YAML error: {e}"))
-        return None
-    except RecursionError:
-        problems.append(
-            Problem(file, None, "", "YAML error: nested too deeply (or a recursive alias)")
-        )
-        return None
-    return data, _Source(file, conv.lines)
-
-
 class _Loader:
     """Collects sections from the main file and its drop-ins, then validates them."""
 
@@ -258,24 +125,24 @@ class _Loader:
         self.errors: list[Problem] = []
         self.warnings: list[Problem] = []
         self.files: list[Path] = []
-        self.singletons: dict[str, _Item] = {}
-        self.listeners: list[_Item] = []
-        self.web_configs: list[_Item] = []
-        self.named: dict[str, dict[str, _Item]] = {"identities": {}, "templates": {}, "routes": {}}
+        self.singletons: dict[str, Item] = {}
+        self.listeners: list[Item] = []
+        self.web_configs: list[Item] = []
+        self.named: dict[str, dict[str, Item]] = {"identities": {}, "templates": {}, "routes": {}}
         # Header credentials seen so far, for "configured twice" errors: where, and whose.
-        self._bearer_seen: dict[bytes, tuple[str, _Item]] = {}
-        self._users_seen: dict[str, tuple[str, _Item]] = {}
+        self._bearer_seen: dict[bytes, tuple[str, Item]] = {}
+        self._users_seen: dict[str, tuple[str, Item]] = {}
 
     # -- reporting -------------------------------------------------------------------
 
-    def error(self, src: _Source | None, key: str, message: str) -> None:
+    def error(self, src: Source | None, key: str, message: str) -> None:
         file = src.file if src else self.main
         problem = Problem(file, src.line(key) if src else None, key, message)
         # A template is checked once per route using it: report each problem once.
         if problem not in self.errors:
             self.errors.append(problem)
 
-    def warn(self, src: _Source | None, key: str, message: str) -> None:
+    def warn(self, src: Source | None, key: str, message: str) -> None:
         file = src.file if src else self.main
         problem = Problem(file, src.line(key) if src else None, key, message)
         if problem not in self.warnings:
@@ -287,8 +154,15 @@ class _Loader:
         real = file.resolve()
         if real in seen:
             return
+        if len(seen) >= MAX_FILES:
+            self.error(
+                None,
+                "include",
+                f"more than {MAX_FILES} files to read; the rest are not read",
+            )
+            return
         seen.add(real)
-        parsed = _parse_file(file, self.errors)
+        parsed = parse_file(file, self.errors)
         if parsed is None:
             return
         data, src = parsed
@@ -309,14 +183,14 @@ class _Loader:
                         src, key, f"defined twice (first at {first.src.file}:{first.src.line(key)})"
                     )
                 else:
-                    self.singletons[key] = _Item(data[key], src, key)
+                    self.singletons[key] = Item(data[key], src, key)
         if "listeners" in data:
             listeners = data["listeners"]
             if not isinstance(listeners, list):
                 self.error(src, "listeners", "must be a list")
             else:
                 self.listeners.extend(
-                    _Item(v, src, f"listeners[{i}]") for i, v in enumerate(listeners)
+                    Item(v, src, f"listeners[{i}]") for i, v in enumerate(listeners)
                 )
         if "web_configs" in data:
             web_configs = data["web_configs"]
@@ -324,7 +198,7 @@ class _Loader:
                 self.error(src, "web_configs", "must be a list of {path, roles} mappings")
             else:
                 self.web_configs.extend(
-                    _Item(v, src, f"web_configs[{i}]") for i, v in enumerate(web_configs)
+                    Item(v, src, f"web_configs[{i}]") for i, v in enumerate(web_configs)
                 )
         for section, table in self.named.items():
             if section not in data:
@@ -347,11 +221,11 @@ class _Loader:
                         f"defined twice (first at {first.src.file}:{first.src.line(first.key)})",
                     )
                     continue
-                table[name] = _Item(value, src, key)
+                table[name] = Item(value, src, key)
         for pattern_item in self._includes(data, src):
             self.read(pattern_item, seen)
 
-    def _includes(self, data: dict[str, Any], src: _Source) -> Iterable[Path]:
+    def _includes(self, data: dict[str, Any], src: Source) -> Iterable[Path]:
         includes = data.get("include", [])
         if isinstance(includes, str):
             includes = [includes]
@@ -374,68 +248,68 @@ class _Loader:
     # -- typed field helpers -----------------------------------------------------------
 
     def fields(
-        self, item: _Item, allowed: Iterable[str], required: Iterable[str] = ()
-    ) -> dict[str, _Item] | None:
+        self, item: Item, allowed: Iterable[str], required: Iterable[str] = ()
+    ) -> dict[str, Item] | None:
         if not isinstance(item.value, dict):
             self.error(item.src, item.key, "must be a mapping")
             return None
         allowed = set(allowed)
         out = {}
         for key, value in item.value.items():
-            sub = _join(item.key, key)
+            sub = join_key(item.key, key)
             if key not in allowed:
                 self.error(
                     item.src, sub, f"unknown key (expected one of: {', '.join(sorted(allowed))})"
                 )
             else:
-                out[key] = _Item(value, item.src, sub)
+                out[key] = Item(value, item.src, sub)
         for key in required:
             if key not in item.value:
                 self.error(item.src, item.key, f"missing required key {key!r}")
         return out
 
-    def typed(self, item: _Item, convert: Callable[[Any], T]) -> T | None:
+    def typed(self, item: Item, convert: Callable[[Any], T]) -> T | None:
         try:
             return convert(item.value)
         except (ValueError, TypeError) as e:
             self.error(item.src, item.key, str(e))
             return None
 
-    def string(self, item: _Item) -> str | None:
+    def string(self, item: Item) -> str | None:
         if not isinstance(item.value, str) or not item.value:
             self.error(item.src, item.key, "must be a non-empty string")
             return None
         return item.value
 
-    def strings(self, item: _Item) -> list[str] | None:
+    def strings(self, item: Item) -> list[str] | None:
         if not isinstance(item.value, list):
             self.error(item.src, item.key, "must be a list of strings")
             return None
         out = []
         for i, v in enumerate(item.value):
-            s = self.string(_Item(v, item.src, f"{item.key}[{i}]"))
+            s = self.string(Item(v, item.src, f"{item.key}[{i}]"))
             if s is not None:
                 out.append(s)
         return out
 
-    def integer(self, item: _Item, minimum: int) -> int | None:
+    def integer(self, item: Item, minimum: int) -> int | None:
         value = item.value
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             self.error(item.src, item.key, f"must be an integer >= {minimum}")
             return None
         return value
 
-    def choice(self, item: _Item, choices: Iterable[str]) -> str | None:
+    def choice(self, item: Item, choices: Iterable[str]) -> str | None:
         choices = tuple(choices)
         if item.value not in choices:
             self.error(item.src, item.key, f"must be one of: {', '.join(choices)}")
             return None
         return str(item.value)
 
-    def duration(self, item: _Item) -> float | None:
+    def duration(self, item: Item) -> float | None:
         return self.typed(item, parse_duration)
 
-    def positive(self, item: _Item, convert: Callable[[Any], T]) -> T | None:
+    def positive(self, item: Item, convert: Callable[[Any], T]) -> T | None:
         """Convert, then refuse zero: a zero timeout, size or interval is never meant."""
         value = self.typed(item, convert)
         if value is not None and not value:
@@ -443,7 +317,7 @@ class _Loader:
             return None
         return value
 
-    def existing_file(self, item: _Item) -> Path | None:
+    def existing_file(self, item: Item) -> Path | None:
         name = self.string(item)
         if name is None:
             return None
@@ -453,13 +327,13 @@ class _Loader:
             return None
         return path
 
-    def labels(self, item: _Item) -> dict[str, str]:
+    def labels(self, item: Item) -> dict[str, str]:
         if not isinstance(item.value, dict):
             self.error(item.src, item.key, "must be a mapping of label names to values")
             return {}
         out = {}
         for name, value in item.value.items():
-            sub = _join(item.key, name)
+            sub = join_key(item.key, name)
             if not _LABEL.match(name) or name.startswith("__"):
                 self.error(
                     item.src, sub, "not a valid label name (and names starting __ are reserved)"
@@ -470,7 +344,7 @@ class _Loader:
                 out[name] = str(value)
         return out
 
-    def endpoint(self, item: _Item) -> str | None:
+    def endpoint(self, item: Item) -> str | None:
         text = self.string(item)
         if text is None:
             return None
@@ -495,7 +369,7 @@ class _Loader:
 
     # -- sections ----------------------------------------------------------------------
 
-    def tls_files(self, item: _Item) -> TLSFiles | None:
+    def tls_files(self, item: Item) -> TLSFiles | None:
         f = self.fields(
             item, ("certificate", "key", "client_ca"), ("certificate", "key", "client_ca")
         )
@@ -528,7 +402,7 @@ class _Loader:
             )
         return TLSFiles(cert_path, key_path, ca_path)
 
-    def _certificates(self, item: _Item, path: Path) -> list[x509.Certificate]:
+    def _certificates(self, item: Item, path: Path) -> list[x509.Certificate]:
         try:
             certs = x509.load_pem_x509_certificates(path.read_bytes())
         except (ValueError, OSError) as e:
@@ -546,7 +420,7 @@ class _Loader:
                 )
         return certs
 
-    def _private_key(self, item: _Item, path: Path) -> Any:
+    def _private_key(self, item: Item, path: Path) -> Any:
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except (ValueError, TypeError, OSError) as e:
@@ -559,9 +433,7 @@ class _Loader:
             return None
         return key
 
-    def listener(
-        self, item: _Item, default_tls: TLSFiles | None, have_tls: bool
-    ) -> Listener | None:
+    def listener(self, item: Item, default_tls: TLSFiles | None, have_tls: bool) -> Listener | None:
         f = self.fields(
             item,
             ("name", "protocol", "endpoint", "advertise", "tls", "tunnel_idle", *_TCP_KEYS),
@@ -651,7 +523,7 @@ class _Loader:
         )
 
     def tcp_settings(
-        self, item: _Item, f: dict[str, _Item], tls: TLSFiles | None
+        self, item: Item, f: dict[str, Item], tls: TLSFiles | None
     ) -> TCPForwarding | None:
         """The tcp keys of one listener. Route and target names are checked later, in
         tcp_destinations, once the routes are known."""
@@ -679,7 +551,7 @@ class _Loader:
         if "proxy_protocol" in f:
             proxy_protocol = self.choice(f["proxy_protocol"], ("v2",))
             ok = ok and proxy_protocol is not None
-        pending: list[tuple[str, _Item, _Item | None, bool]] = []
+        pending: list[tuple[str, Item, Item | None, bool]] = []
         destination = None
         sni: dict[str, Destination] = {}
         sni_default = None
@@ -711,7 +583,7 @@ class _Loader:
                 )
                 return None
             for server_name, value in entries.value.items():
-                key = _join(entries.key, server_name)
+                key = join_key(entries.key, server_name)
                 pattern = _sni_pattern(server_name)
                 if pattern is None:
                     self.error(entries.src, key, "not a server name (a DNS name, or *.parent.name)")
@@ -721,7 +593,7 @@ class _Loader:
                     self.error(entries.src, key, f"server name {pattern!r} given twice")
                     ok = False
                     continue
-                dest = self.tcp_destination(_Item(value, entries.src, key), None, pending, True)
+                dest = self.tcp_destination(Item(value, entries.src, key), None, pending, True)
                 if dest is not None:
                     sni[pattern] = dest
             if "sni_default" in f:
@@ -741,9 +613,9 @@ class _Loader:
 
     def tcp_destination(
         self,
-        item: _Item,
-        target_item: _Item | None,
-        pending: list[tuple[str, _Item, _Item | None, bool]],
+        item: Item,
+        target_item: Item | None,
+        pending: list[tuple[str, Item, Item | None, bool]],
         nested: bool,
     ) -> Destination | None:
         """A route name, or (in ``sni``) a route name or {route, target}; the target is
@@ -803,8 +675,8 @@ class _Loader:
     def _resolve_destination(
         self,
         name: str,
-        route_item: _Item,
-        target_item: _Item | None,
+        route_item: Item,
+        target_item: Item | None,
         nested: bool,
         routes: dict[str, Route],
         passthrough: bool,
@@ -842,7 +714,7 @@ class _Loader:
             )
         return Destination(name, address)
 
-    def identity(self, name: str, item: _Item) -> Identity | None:
+    def identity(self, name: str, item: Item) -> Identity | None:
         f = self.fields(item, _IDENTITY_KEYS)
         if f is None:
             return None
@@ -852,7 +724,7 @@ class _Loader:
             entries = raw if isinstance(raw, list) else [raw]
             for i, entry in enumerate(entries):
                 key = f"{f['cert'].key}[{i}]" if isinstance(raw, list) else f["cert"].key
-                sub = self.fields(_Item(entry, item.src, key), _CERT_RULES)
+                sub = self.fields(Item(entry, item.src, key), _CERT_RULES)
                 if sub is None:
                     continue
                 if len(sub) != 1:
@@ -902,15 +774,15 @@ class _Loader:
             basic=tuple(basic),
         )
 
-    def one_or_many(self, item: _Item) -> list[_Item]:
+    def one_or_many(self, item: Item) -> list[Item]:
         """A value that may be given once, or as a list: its items, each with its key."""
         if isinstance(item.value, list):
             if not item.value:
                 self.error(item.src, item.key, "must not be an empty list")
-            return [_Item(v, item.src, f"{item.key}[{i}]") for i, v in enumerate(item.value)]
+            return [Item(v, item.src, f"{item.key}[{i}]") for i, v in enumerate(item.value)]
         return [item]
 
-    def sha256_hex(self, item: _Item) -> str | None:
+    def sha256_hex(self, item: Item) -> str | None:
         """A SHA-256 digest written as 64 hexadecimal characters; returned in lower case."""
         text = item.value
         if not isinstance(text, str) or not _SHA256_HEX.match(text):
@@ -923,7 +795,7 @@ class _Loader:
             return None
         return text.lower()
 
-    def token_file(self, item: _Item) -> bytes | None:
+    def token_file(self, item: Item) -> bytes | None:
         """Read a bearer token file (the token itself) and return the SHA-256 of the token;
         the token is not kept."""
         path = self.existing_file(item)
@@ -954,7 +826,7 @@ class _Loader:
             )
         return hashlib.sha256(token).digest()
 
-    def bearer(self, name: str, item: _Item, digest: bytes) -> bytes:
+    def bearer(self, name: str, item: Item, digest: bytes) -> bytes:
         """Note a bearer token digest of identity ``name``; one token names one identity."""
         first = self._bearer_seen.setdefault(digest, (name, item))
         if first[0] != name:
@@ -966,7 +838,7 @@ class _Loader:
             )
         return digest
 
-    def basic_user(self, name: str, item: _Item) -> bool:
+    def basic_user(self, name: str, item: Item) -> bool:
         """Note a basic-auth user of identity ``name``; one user names one identity."""
         user = str(item.value)
         first = self._users_seen.setdefault(user, (name, item))
@@ -980,7 +852,7 @@ class _Loader:
             return False
         return True
 
-    def bcrypt_hash(self, item: _Item) -> bytes | None:
+    def bcrypt_hash(self, item: Item) -> bytes | None:
         text = item.value
         if not isinstance(text, str) or not _BCRYPT.match(text):
             self.error(
@@ -999,7 +871,7 @@ class _Loader:
             )
         return text.encode("ascii")
 
-    def web_config_identities(self, known: dict[str, _Item]) -> dict[str, Identity]:
+    def web_config_identities(self, known: dict[str, Item]) -> dict[str, Identity]:
         """Identities from exporter-toolkit ``web-config.yml`` files: each user of
         ``basic_auth_users`` becomes an identity of that name, with the entry's roles."""
         out: dict[str, Identity] = {}
@@ -1011,7 +883,7 @@ class _Loader:
             path = self.existing_file(f["path"])
             if path is None:
                 continue
-            parsed = _parse_file(path, self.errors)
+            parsed = parse_file(path, self.errors)
             if parsed is None:
                 continue
             data, src = parsed
@@ -1044,7 +916,7 @@ class _Loader:
                 continue
             for user, hashed in users.items():
                 key = f"basic_auth_users.{user}"
-                user_item = _Item(user, src, key)
+                user_item = Item(user, src, key)
                 if not _NAME.match(user):
                     self.error(
                         src,
@@ -1063,18 +935,18 @@ class _Loader:
                     )
                     continue
                 known[user] = user_item
-                digest = self.bcrypt_hash(_Item(hashed, src, key))
+                digest = self.bcrypt_hash(Item(hashed, src, key))
                 if digest is None or not self.basic_user(user, user_item):
                     continue
                 out[user] = Identity(name=user, roles=roles, basic=(BasicCredential(user, digest),))
         return out
 
-    def route(self, name: str, item: _Item, templates: dict[str, _Item]) -> Route | None:
+    def route(self, name: str, item: Item, templates: dict[str, Item]) -> Route | None:
         allowed = _ROUTE_KEYS | {"template", "targets"}
         own = self.fields(item, allowed, ("targets",))
         if own is None:
             return None
-        merged: dict[str, _Item] = {}
+        merged: dict[str, Item] = {}
         if "template" in own:
             tname = self.string(own["template"])
             if tname is not None:
@@ -1100,7 +972,7 @@ class _Loader:
                 merged["paths"].value if isinstance(merged["paths"].value, list) else []
             ):
                 checked = self.upstream_path(
-                    _Item(p, merged["paths"].src, f"{merged['paths'].key}[{i}]")
+                    Item(p, merged["paths"].src, f"{merged['paths'].key}[{i}]")
                 )
                 if checked and checked not in paths:
                     paths.append(checked)
@@ -1133,7 +1005,10 @@ class _Loader:
             kw["timeout"] = self.positive(merged["timeout"], parse_duration) or DEFAULT_TIMEOUT
         if "max_response_size" in merged:
             kw["max_response_size"] = (
-                self.positive(merged["max_response_size"], parse_size) or DEFAULT_MAX_RESPONSE
+                self.positive(
+                    merged["max_response_size"], lambda v: parse_size(v, MAX_RESPONSE_LIMIT)
+                )
+                or DEFAULT_MAX_RESPONSE
             )
         if "tls" in merged:
             upstream_tls = self.upstream_tls(merged["tls"])
@@ -1178,7 +1053,7 @@ class _Loader:
 
     # -- upstream TLS and credentials (per route) ---------------------------------------
 
-    def upstream_tls(self, item: _Item) -> UpstreamTLS | None:
+    def upstream_tls(self, item: Item) -> UpstreamTLS | None:
         """A route's ``tls``: how the upstream is verified, and the client certificate shown."""
         t = self.fields(item, ("ca", "server_name", "cert", "key", "identity"))
         if t is None:
@@ -1198,7 +1073,7 @@ class _Loader:
         return UpstreamTLS(ca=ca, server_name=server_name, cert=cert, key=key, identity=identity)
 
     def client_certificate(
-        self, cert_item: _Item, key_item: _Item
+        self, cert_item: Item, key_item: Item
     ) -> tuple[Path | None, Path | None]:
         """The certificate and key the gateway shows an upstream: both parse, and match."""
         cert_path = self.existing_file(cert_item)
@@ -1229,7 +1104,7 @@ class _Loader:
             )
         return cert_path, key_path
 
-    def upstream_identity(self, item: _Item) -> UpstreamIdentity | None:
+    def upstream_identity(self, item: Item) -> UpstreamIdentity | None:
         """``{dns: NAME}`` or ``{uri: URI}``: what the upstream's certificate must name."""
         f = self.fields(item, ("dns", "uri"))
         if f is None:
@@ -1262,7 +1137,7 @@ class _Loader:
             return None
         return UpstreamIdentity(uri=text)
 
-    def authorization(self, item: _Item) -> UpstreamAuth | None:
+    def authorization(self, item: Item) -> UpstreamAuth | None:
         """``authorization: {type, credentials_file}``, as in a Prometheus scrape config."""
         f = self.fields(item, ("type", "credentials_file", "credentials"))
         if f is None:
@@ -1310,7 +1185,7 @@ class _Loader:
         header = b"Authorization: %s %s\r\n" % (scheme.encode("ascii"), token.encode("ascii"))
         return UpstreamAuth(scheme=scheme, source=path, header=header)
 
-    def basic_auth(self, item: _Item) -> UpstreamAuth | None:
+    def basic_auth(self, item: Item) -> UpstreamAuth | None:
         """``basic_auth: {username, password_file}``, as in a Prometheus scrape config."""
         f = self.fields(item, ("username", "password_file", "password"), ("username",))
         if f is None:
@@ -1345,7 +1220,7 @@ class _Loader:
             scheme="Basic", source=path, header=b"Authorization: Basic " + token + b"\r\n"
         )
 
-    def secret_file(self, item: _Item) -> tuple[Path, str] | None:
+    def secret_file(self, item: Item) -> tuple[Path, str] | None:
         """A credentials file's text, surrounding whitespace stripped; never empty.
 
         Problems name the file, never what is in it.
@@ -1369,7 +1244,7 @@ class _Loader:
             self.warn(item.src, item.key, f"{path} is readable by others; chmod 600 it")
         return path, text
 
-    def upstream_path(self, item: _Item) -> str | None:
+    def upstream_path(self, item: Item) -> str | None:
         """A configured path must already be what ``normalize_path`` makes of it: the
         form a request's ``path=`` is compared in (see docs/policy.md)."""
         path = self.string(item)
@@ -1389,7 +1264,7 @@ class _Loader:
             return None
         return path
 
-    def limits(self, item: _Item) -> Limits | None:
+    def limits(self, item: Item) -> Limits | None:
         f = self.fields(item, ("rate", "burst", "per", "max_concurrent"))
         if f is None:
             return None
@@ -1404,7 +1279,7 @@ class _Loader:
             max_concurrent=conc,
         )
 
-    def targets(self, item: _Item) -> tuple[list[Target], tuple[ProviderSpec, ...], Selector]:
+    def targets(self, item: Item) -> tuple[list[Target], tuple[ProviderSpec, ...], Selector]:
         """A route's static targets, its discovery providers and its selector."""
         f = self.fields(item, _PROVIDERS + _SELECTOR_KEYS)
         if f is None:
@@ -1426,21 +1301,21 @@ class _Loader:
     # -- discovery providers -------------------------------------------------------------
 
     def _settings(
-        self, item: _Item, list_key: str, allowed: Iterable[str]
-    ) -> dict[str, _Item] | None:
+        self, item: Item, list_key: str, allowed: Iterable[str]
+    ) -> dict[str, Item] | None:
         """A provider's settings: a bare list is short for ``{list_key: [...]}``."""
         if isinstance(item.value, list):
             return {list_key: item}
         f = self.fields(item, (list_key, *allowed), (list_key,))
         return f if f is not None and list_key in f else None
 
-    def _interval(self, f: dict[str, _Item], key: str, out: dict[str, Any]) -> None:
+    def _interval(self, f: dict[str, Item], key: str, out: dict[str, Any]) -> None:
         if key in f:
             value = self.positive(f[key], parse_duration)
             if value is not None:
                 out[key] = value
 
-    def file_sd(self, item: _Item) -> list[ProviderSpec]:
+    def file_sd(self, item: Item) -> list[ProviderSpec]:
         f = self._settings(item, "files", ("refresh_interval", "poll_interval"))
         if f is None:
             return []
@@ -1462,7 +1337,7 @@ class _Loader:
         self._interval(f, "poll_interval", settings)
         return [ProviderSpec("file_sd", "file_sd", settings, item.src.file.parent)]
 
-    def dns_srv(self, item: _Item) -> list[ProviderSpec]:
+    def dns_srv(self, item: Item) -> list[ProviderSpec]:
         f = self._settings(item, "names", ("servers", "refresh_interval", "min_interval"))
         if f is None:
             return []
@@ -1490,7 +1365,7 @@ class _Loader:
         self._interval(f, "min_interval", settings)
         return [ProviderSpec("dns_srv", "dns_srv", settings, item.src.file.parent)]
 
-    def plugins(self, item: _Item) -> list[ProviderSpec]:
+    def plugins(self, item: Item) -> list[ProviderSpec]:
         from promgate.discovery import discovery_factories
 
         entries = self.one_or_many(item)
@@ -1510,7 +1385,7 @@ class _Loader:
                 known = ", ".join(sorted(factories)) or "none installed"
                 self.error(
                     entry.src,
-                    _join(entry.key, "name"),
+                    join_key(entry.key, "name"),
                     f"no discovery plugin named {name!r} (known: {known})",
                 )
                 continue
@@ -1520,12 +1395,12 @@ class _Loader:
             except Exception as e:
                 problems = [("", f"plugin {name!r} failed checking its settings: {e}")]
             for key, message in problems:
-                self.error(entry.src, _join(entry.key, key) if key else entry.key, message)
+                self.error(entry.src, join_key(entry.key, key) if key else entry.key, message)
             if not problems:
                 out.append(ProviderSpec("plugin", name, settings, entry.src.file.parent))
         return out
 
-    def selector(self, f: dict[str, _Item]) -> Selector:
+    def selector(self, f: dict[str, Item]) -> Selector:
         kw: dict[str, Any] = {}
         if "match" in f:
             m = f["match"]
@@ -1534,7 +1409,7 @@ class _Loader:
             else:
                 match = {}
                 for name, rx in m.value.items():
-                    sub = _join(m.key, str(name))
+                    sub = join_key(m.key, str(name))
                     if not isinstance(name, str) or not _LABEL.match(name):
                         self.error(m.src, sub, "not a valid label name")
                     elif not isinstance(rx, (str, int)) or isinstance(rx, bool):
@@ -1573,7 +1448,7 @@ class _Loader:
                     kw["address"] = text
         return Selector(**kw)
 
-    def static_targets(self, f: dict[str, _Item]) -> list[Target]:
+    def static_targets(self, f: dict[str, Item]) -> list[Target]:
         out: list[Target] = []
         if "static" not in f:
             return out
@@ -1588,7 +1463,7 @@ class _Loader:
         for i, entry in enumerate(static.value):
             key = f"{static.key}[{i}]"
             if isinstance(entry, dict):
-                g = self.fields(_Item(entry, static.src, key), ("targets", "labels"), ("targets",))
+                g = self.fields(Item(entry, static.src, key), ("targets", "labels"), ("targets",))
                 if g is None or "targets" not in g:
                     continue
                 labels = self.labels(g["labels"]) if "labels" in g else {}
@@ -1597,11 +1472,11 @@ class _Loader:
                 for j, addr in enumerate(
                     g["targets"].value if isinstance(g["targets"].value, list) else []
                 ):
-                    t = self.target(_Item(addr, static.src, f"{key}.targets[{j}]"), labels)
+                    t = self.target(Item(addr, static.src, f"{key}.targets[{j}]"), labels)
                     if t:
                         out.append(t)
             else:
-                t = self.target(_Item(entry, static.src, key), {})
+                t = self.target(Item(entry, static.src, key), {})
                 if t:
                     out.append(t)
         seen: set[str] = set()
@@ -1611,7 +1486,7 @@ class _Loader:
             seen.add(t.address)
         return out
 
-    def target(self, item: _Item, labels: dict[str, str]) -> Target | None:
+    def target(self, item: Item, labels: dict[str, str]) -> Target | None:
         text = self.string(item)
         if text is None:
             return None
@@ -1622,7 +1497,7 @@ class _Loader:
             return None
         return Target(address=text, labels=labels)
 
-    def audit(self, item: _Item) -> Audit | None:
+    def audit(self, item: Item) -> Audit | None:
         f = self.fields(
             item,
             ("path", "key_file", "fsync", "fsync_interval", "on_failure", "max_field_length"),
@@ -1663,9 +1538,9 @@ class _Loader:
     # -- whole configuration -------------------------------------------------------------
 
     def build(self) -> Config | None:
-        self._allow_refs: list[tuple[_Item, tuple[str, ...]]] = []
+        self._allow_refs: list[tuple[Item, tuple[str, ...]]] = []
         self._tcp_pending: list[
-            tuple[TCPForwarding, list[tuple[str, _Item, _Item | None, bool]]]
+            tuple[TCPForwarding, list[tuple[str, Item, Item | None, bool]]]
         ] = []
         tls = self.tls_files(self.singletons["tls"]) if "tls" in self.singletons else None
         admin = Admin()
@@ -1676,7 +1551,7 @@ class _Loader:
                 if endpoint is not None:
                     admin = Admin(endpoint=endpoint)
         listeners: list[Listener] = []
-        names: dict[str, _Item] = {}
+        names: dict[str, Item] = {}
         for item in self.listeners:
             lst = self.listener(item, tls, "tls" in self.singletons)
             if lst is None:

@@ -13,6 +13,9 @@ from promgate.config.units import parse_duration, parse_size
 #: Hard defaults, the safe values DESIGN.md lists.
 DEFAULT_TIMEOUT = parse_duration("30s")
 DEFAULT_MAX_RESPONSE = parse_size("64MiB")
+#: The largest ``max_response_size`` accepted: one scrape is relayed, not stored, but a
+#: cap beyond what a process could ever count up to is a typo.
+MAX_RESPONSE_LIMIT = parse_size("4GiB")
 
 
 @attrs.frozen
