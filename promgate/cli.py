@@ -14,7 +14,7 @@ from promgate import __version__
 def _check_config(args: argparse.Namespace) -> int:
     from promgate.config.loader import check_config
 
-    config, errors, warnings = check_config(Path(args.file))
+    config, errors, warnings = check_config(Path(args.file), host_checks=True)
     for warning in warnings:
         print(f"{warning} (warning)", file=sys.stderr)
     if config is None:

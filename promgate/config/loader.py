@@ -24,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from service_identity.hazmat import DNS_ID
 
 from promgate.config.errors import ConfigError, Problem
+from promgate.config.host_checks import Finding, audit_path_findings, endpoint_findings
 from promgate.config.model import (
     DEFAULT_MAX_RESPONSE,
     DEFAULT_TIMEOUT,
@@ -120,8 +121,9 @@ _ADDRESS_FIELDS = re.compile(r"\{([^{}]*)\}")
 class _Loader:
     """Collects sections from the main file and its drop-ins, then validates them."""
 
-    def __init__(self, main: Path) -> None:
+    def __init__(self, main: Path, *, host_checks: bool = False) -> None:
         self.main = main
+        self.host_checks = host_checks
         self.errors: list[Problem] = []
         self.warnings: list[Problem] = []
         self.files: list[Path] = []
@@ -365,7 +367,14 @@ class _Loader:
         except (ValueError, TypeError, KeyError, RuntimeError) as e:  # "tcp:1\\": RuntimeError
             self.error(item.src, item.key, f"invalid endpoint {text!r}: {e}")
             return None
+        if self.host_checks:
+            self.report(item, endpoint_findings(text))
         return text
+
+    def report(self, item: Item, findings: Iterable[Finding]) -> None:
+        """Host check findings about ``item``, as errors or warnings."""
+        for finding in findings:
+            (self.error if finding.error else self.warn)(item.src, item.key, finding.message)
 
     # -- sections ----------------------------------------------------------------------
 
@@ -1509,6 +1518,8 @@ class _Loader:
         path = f["path"].src.resolve(name) if name else None
         if path is not None and not path.parent.is_dir():
             self.error(f["path"].src, f["path"].key, f"directory {path.parent} does not exist")
+        elif path is not None and self.host_checks:
+            self.report(f["path"], audit_path_findings(path))
         key_file = self.existing_file(f["key_file"])
         if key_file is not None:
             try:
@@ -1672,10 +1683,17 @@ def _sni_pattern(text: str) -> str | None:
     return name
 
 
-def check_config(path: str | Path) -> tuple[Config | None, list[Problem], list[Problem]]:
-    """Load and validate ``path``; return the config (None if invalid), errors, warnings."""
+def check_config(
+    path: str | Path, *, host_checks: bool = False
+) -> tuple[Config | None, list[Problem], list[Problem]]:
+    """Load and validate ``path``; return the config (None if invalid), errors, warnings.
+
+    With ``host_checks``, also check listener endpoints and the audit path against this
+    host (``promgate check-config`` does; start-up finds the same by binding, and says so
+    in one line).
+    """
     main = Path(path)
-    loader = _Loader(main)
+    loader = _Loader(main, host_checks=host_checks)
     loader.read(main, set())
     config = loader.build() if loader.files else None
     return config, loader.errors, loader.warnings
