@@ -141,7 +141,9 @@ def _pki_init(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from promgate.policy_cli import explain
 
-    return explain(args.config, args.identity, args.url, sys.stdout, sys.stderr)
+    return explain(
+        args.config, args.identity, args.url, sys.stdout, sys.stderr, listener=args.listener
+    )
 
 
 def _test_policy(args: argparse.Namespace) -> int:
@@ -192,6 +194,11 @@ def parser() -> argparse.ArgumentParser:
         description="Exit status: 0 allow, 1 deny, 2 unusable input. See docs/policy.md.",
     )
     explain.add_argument("--config", required=True, help="the configuration file")
+    explain.add_argument(
+        "--listener",
+        metavar="NAME",
+        help="the http listener asked (default: the first); it sees only the routes it serves",
+    )
     explain.add_argument(
         "--as", dest="identity", required=True, help="the identity asking (its name)"
     )

@@ -130,7 +130,28 @@ def render(answer: Answer, identity: Identity, out: TextIO) -> None:
         )
 
 
-def explain(config_file: str, identity_name: str, url: str, out: TextIO, err: TextIO) -> int:
+def listener_policy(config: Config, listener: str | None) -> ScrapePolicy:
+    """The scrape policy of ``listener`` (default: the first ``http`` listener), over the
+    routes it serves: what ``/scrape`` and ``/sd`` on that listener decide."""
+    http = [li.name for li in config.listeners if li.protocol == "http"]
+    if listener is None:
+        if not http:
+            raise UnusableInputError("the configuration has no http listener")
+        listener = http[0]
+    elif listener not in http:
+        known = ", ".join(http) or "none"
+        raise UnusableInputError(f"no http listener {listener!r} (http listeners: {known})")
+    return ScrapePolicy(config.routes_of(listener), config.identities)
+
+
+def explain(
+    config_file: str,
+    identity_name: str,
+    url: str,
+    out: TextIO,
+    err: TextIO,
+    listener: str | None = None,
+) -> int:
     """``promgate explain``: 0 allow, 1 deny, 2 unusable input."""
     config = load_config(Path(config_file), err)
     if config is None:
@@ -144,7 +165,7 @@ def explain(config_file: str, identity_name: str, url: str, out: TextIO, err: Te
         )
         return 2
     try:
-        answer = ask(ScrapePolicy(config.routes, config.identities), identity, url)
+        answer = ask(listener_policy(config, listener), identity, url)
     except UnusableInputError as e:
         print(f"promgate explain: {e}", file=err)
         return 2
@@ -155,7 +176,7 @@ def explain(config_file: str, identity_name: str, url: str, out: TextIO, err: Te
 # -- test-policy ----------------------------------------------------------------------------
 
 _TOP_KEYS = ("config", "tests")
-_CASE_KEYS = ("name", "as", "url", "expect", "status", "reason")
+_CASE_KEYS = ("name", "as", "listener", "url", "expect", "status", "reason")
 
 
 @attrs.frozen
@@ -197,7 +218,7 @@ class Case:
 class _TestFile:
     """Reads one test file, collecting every problem with its line."""
 
-    def __init__(self, file: Path, configs: dict[Path, ScrapePolicy | None], err: TextIO) -> None:
+    def __init__(self, file: Path, configs: dict[Path, Config | None], err: TextIO) -> None:
         self.file = file
         self.configs = configs
         self.err = err
@@ -242,7 +263,7 @@ class _TestFile:
                 cases.append(case)
         return cases
 
-    def config(self, value: Any, line: int | None) -> ScrapePolicy | None:
+    def config(self, value: Any, line: int | None) -> Config | None:
         if not isinstance(value, str) or not value:
             self.problem(line, "config", "give the configuration file (relative to this file)")
             return None
@@ -251,16 +272,13 @@ class _TestFile:
             path = self.file.parent / path
         key = path.resolve()
         if key not in self.configs:
-            config = load_config(path, self.err)
-            self.configs[key] = ScrapePolicy(config.routes, config.identities) if config else None
-        policy = self.configs[key]
-        if policy is None:
+            self.configs[key] = load_config(path, self.err)
+        config = self.configs[key]
+        if config is None:
             self.problem(line, "config", f"{path} is not a valid configuration")
-        return policy
+        return config
 
-    def case(
-        self, index: int, raw: Any, node: yaml.Node, policy: ScrapePolicy | None
-    ) -> Case | None:
+    def case(self, index: int, raw: Any, node: yaml.Node, config: Config | None) -> Case | None:
         line = node.start_mark.line + 1
         key = f"tests[{index}]"
         lines: dict[Any, int] = {}
@@ -313,6 +331,17 @@ class _TestFile:
         if reason is not None and not isinstance(reason, str):
             self.problem(at("reason"), f"{key}.reason", "must be a string")
             ok = False
+        policy = None
+        listener = raw.get("listener")
+        if listener is not None and not isinstance(listener, str):
+            self.problem(at("listener"), f"{key}.listener", "must be a listener name")
+            ok = False
+        elif config is not None:
+            try:
+                policy = listener_policy(config, listener)
+            except UnusableInputError as e:
+                self.problem(at("listener"), f"{key}.listener", str(e))
+                ok = False
         identity = None
         if "as" in raw and policy is not None:
             identity = policy.identities.get(str(raw["as"]))
@@ -329,7 +358,7 @@ class _TestFile:
 
 def run_policy_tests(files: Sequence[str], out: TextIO, err: TextIO) -> int:
     """``promgate test-policy``: 0 all cases pass, 1 any mismatch, 2 unusable input."""
-    configs: dict[Path, ScrapePolicy | None] = {}
+    configs: dict[Path, Config | None] = {}
     runs: list[Case] = []
     problems: list[str] = []
     for name in files:

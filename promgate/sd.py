@@ -13,6 +13,8 @@ def render_http_sd(
     advertise: str,
     scheme: str,
     members: Mapping[str, Mapping[str, Target]] | None = None,
+    *,
+    route_label: str | None = "route",
 ) -> bytes:
     """Target groups rewritten to go through the gateway at ``advertise``.
 
@@ -22,6 +24,9 @@ def render_http_sd(
     target), the route's labels, the target's labels (so an operator may override
     ``instance``; discovered ``__meta_*`` labels only if the route keeps them), then the
     gateway's own ``__``-prefixed labels, which nothing can override.
+
+    ``route_label`` (unless None) names the route, so that two routes sharing a target
+    stay two series in Prometheus; like the gateway's own labels, it is set last.
     """
     groups = []
     for route in sorted(routes, key=lambda r: r.name):
@@ -36,6 +41,8 @@ def render_http_sd(
                     route.keep_meta_labels and name.startswith("__meta_")
                 ):
                     labels[name] = value
+            if route_label is not None:
+                labels[route_label] = route.name
             labels["__scheme__"] = scheme
             labels["__metrics_path__"] = "/scrape"
             labels["__param_route"] = route.name

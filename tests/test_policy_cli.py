@@ -298,7 +298,7 @@ class TestPolicyTests(PolicyCLITestCase):
                 f"{cases}:6: tests[0].expect: must be allow or deny",
                 f"{cases}:4: tests[0].as: no identity 'nobody' (known: ops, prometheus)",
                 f"{cases}:7: tests[1].extra: unknown key "
-                "(expected name, as, url, expect, status, reason)",
+                "(expected name, as, listener, url, expect, status, reason)",
                 f"{cases}:7: tests[1].url: URL 'ftp://x/sd': "
                 "give https://HOST/scrape?... or /scrape?...",
                 f"{cases}:7: tests[1].status: must be an HTTP status code",
@@ -358,3 +358,58 @@ class ShippedPolicyTests(SynchronousTestCase):
         self.assertEqual(code, 0, out)
         self.assertIn("rule: routes.self.allow: role:scraper\n", out)
         self.assertIn("rate 5/s, burst 10, per identity_target, max_concurrent 50", out)
+
+
+TWO_LISTENERS = CONFIG.replace(
+    'listeners: [{name: scrape, protocol: http, endpoint: "tcp:9443"}]',
+    'listeners: [{name: scrape, protocol: http, endpoint: "tcp:9443"},'
+    ' {name: inner, protocol: http, endpoint: "tcp:9444"}]',
+).replace(
+    "    allow: [prometheus, ops]\n", "    allow: [prometheus, ops]\n    listeners: [inner]\n"
+)
+
+
+class ListenerTests(PolicyCLITestCase):
+    """explain and test-policy ask one listener, which sees only the routes it serves."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.config = self.write("promgate.yaml", TWO_LISTENERS)
+
+    def test_explain_listener(self) -> None:
+        """A route served by another listener is an unknown route (404) to this one."""
+        url = "https://gate:9443/scrape?route=blackbox&target=127.0.0.1%3A9115&module=x"
+        base = ("explain", "--config", str(self.config), "--as", "ops")
+        code, out, _ = run(*base, url)
+        self.assertEqual(code, 1)
+        self.assertIn("404", out)
+        code, out, _ = run(*base, "--listener", "inner", url)
+        self.assertEqual(code, 0, out)
+
+    def test_explain_unknown_listener(self) -> None:
+        """A listener that is not an http listener of the configuration: exit 2."""
+        code, _, err = run(
+            "explain", "--config", str(self.config), "--as", "ops", "--listener", "nope", "/sd"
+        )
+        self.assertEqual(code, 2)
+        self.assertIn("no http listener 'nope' (http listeners: scrape, inner)", err)
+
+    def test_policy_cases_name_listener(self) -> None:
+        """``listener:`` in a case picks the listener; without it, the first http one."""
+        tests = self.write(
+            "tests.yaml",
+            """\
+            config: promgate.yaml
+            tests:
+              - as: ops
+                url: /scrape?route=blackbox&target=127.0.0.1%3A9115&module=x
+                expect: deny
+                status: 404
+              - as: ops
+                listener: inner
+                url: /scrape?route=blackbox&target=127.0.0.1%3A9115&module=x
+                expect: allow
+            """,
+        )
+        code, out, err = run("test-policy", str(tests))
+        self.assertEqual(code, 0, out + err)

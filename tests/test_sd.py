@@ -35,6 +35,7 @@ class RenderHTTPSDTests(SynchronousTestCase):
                     "targets": [ADVERTISE],
                     "labels": {
                         "instance": "10.0.0.5:9100",
+                        "route": "node",
                         "__scheme__": "https",
                         "__metrics_path__": "/scrape",
                         "__param_route": "node",
@@ -67,7 +68,7 @@ class RenderHTTPSDTests(SynchronousTestCase):
         groups = _render([route])
         self.assertEqual(
             {k: v for k, v in groups[0]["labels"].items() if not k.startswith("__")},
-            {"instance": "a:1", "team": "b", "az": "1", "env": "prod"},
+            {"instance": "a:1", "team": "b", "az": "1", "env": "prod", "route": "node"},
         )
         self.assertEqual(groups[1]["labels"]["team"], "a")
 
@@ -105,3 +106,38 @@ class RenderHTTPSDTests(SynchronousTestCase):
             [("alpha", "z:1"), ("alpha", "a:1"), ("beta", "m:1")],
         )
         self.assertEqual(first, json.dumps(groups, sort_keys=True, separators=(",", ":")).encode())
+
+
+class RouteLabelTests(SynchronousTestCase):
+    """Every group's label set is unique per (route, target), so Prometheus keeps one
+    series per route even where routes share a target."""
+
+    def test_shared_target_two_label_sets(self) -> None:
+        """Two routes with the same target: two groups whose visible labels differ."""
+        routes = [Route("node", (Target("h:9100"),)), Route("node-tls", (Target("h:9100"),))]
+        groups = _render(routes)
+        visible = [
+            tuple(sorted((k, v) for k, v in g["labels"].items() if not k.startswith("__")))
+            for g in groups
+        ]
+        self.assertEqual(len(set(visible)), 2, visible)
+        self.assertEqual([g["labels"]["route"] for g in groups], ["node", "node-tls"])
+
+    def test_label_name_configurable(self) -> None:
+        """The listener may name the label otherwise."""
+        route = Route("node", (Target("h:9100"),))
+        body = render_http_sd([route], ADVERTISE, "https", route_label="gate_route")
+        labels = json.loads(body)[0]["labels"]
+        self.assertEqual(labels["gate_route"], "node")
+        self.assertNotIn("route", labels)
+
+    def test_label_off(self) -> None:
+        """``route_label=None`` adds no label (for operators who relabel themselves)."""
+        route = Route("node", (Target("h:9100"),))
+        body = render_http_sd([route], ADVERTISE, "https", route_label=None)
+        self.assertNotIn("route", json.loads(body)[0]["labels"])
+
+    def test_gateway_label_wins(self) -> None:
+        """A discovered target's own ``route`` label cannot make two groups collide."""
+        route = Route("node", (Target("h:9100", {"route": "other"}),))
+        self.assertEqual(_render([route])[0]["labels"]["route"], "node")

@@ -48,6 +48,7 @@ from promgate.config.model import (
     UpstreamAuth,
     UpstreamIdentity,
     UpstreamTLS,
+    route_listeners,
 )
 from promgate.config.units import parse_duration, parse_rate, parse_size
 from promgate.config.yaml_source import MAX_FILES, Item, Source, join_key, parse_file
@@ -99,6 +100,7 @@ _ROUTE_KEYS = {
     "authorization",
     "basic_auth",
     "keep_meta_labels",
+    "listeners",
 }
 #: Route keys giving the gateway's own credentials for the upstream; at most one applies.
 _UPSTREAM_AUTH_KEYS = ("authorization", "basic_auth")
@@ -445,7 +447,7 @@ class _Loader:
     def listener(self, item: Item, default_tls: TLSFiles | None, have_tls: bool) -> Listener | None:
         f = self.fields(
             item,
-            ("name", "protocol", "endpoint", "advertise", "tls", "tunnel_idle", *_TCP_KEYS),
+            ("name", "protocol", "endpoint", "advertise", "sd", "tls", "tunnel_idle", *_TCP_KEYS),
             ("name", "endpoint"),
         )
         if f is None:
@@ -473,6 +475,11 @@ class _Loader:
                 self.error(item.src, f["advertise"].key, "must be host:port")
             if protocol != "http":
                 self.error(item.src, f["advertise"].key, "only http listeners advertise (/sd)")
+        sd_route_label: str | None = "route"
+        if "sd" in f:
+            if protocol != "http":
+                self.error(item.src, f["sd"].key, "only http listeners serve /sd")
+            sd_route_label = self.sd_settings(f["sd"])
         deadlines = Deadlines()
         if "tunnel_idle" in f:
             if protocol not in ("forward", "tcp"):
@@ -529,7 +536,93 @@ class _Loader:
             advertise=advertise,
             deadlines=deadlines,
             tcp=tcp,
+            sd_route_label=sd_route_label,
         )
+
+    def check_route_listeners(self, listeners: list[Listener], routes: dict[str, Route]) -> None:
+        """Which listeners serve which route (``route_listeners``), checked both ways, and
+        ``/sd`` label sets that stay unique per route and target."""
+        by_name = {li.name: li for li in listeners}
+        items = {
+            it.value["name"]: it
+            for it in self.listeners
+            if isinstance(it.value, dict) and isinstance(it.value.get("name"), str)
+        }
+        for name, route in routes.items():
+            item = self.named["routes"][name]
+            for listener_name in route.listeners:
+                listener = by_name.get(listener_name)
+                if listener is None:
+                    self.error(
+                        item.src, f"{item.key}.listeners", f"unknown listener {listener_name!r}"
+                    )
+                elif listener.protocol == "tcp" and name not in listener.named_routes():
+                    self.error(
+                        item.src,
+                        f"{item.key}.listeners",
+                        f"tcp listener {listener_name!r} does not forward to this route "
+                        "(name it in the listener's route: or sni:)",
+                    )
+        served = route_listeners(tuple(listeners), routes)
+        for listener in listeners:
+            for name in sorted(listener.named_routes()):
+                if name in routes and listener.name not in served[name]:
+                    at = items.get(listener.name)
+                    self.error(
+                        at.src if at else None,
+                        at.key if at else "listeners",
+                        f"route {name!r} leaves this listener out of its listeners:",
+                    )
+        for name in sorted(routes):
+            if not served[name]:
+                item = self.named["routes"][name]
+                self.warn(item.src, item.key, "no listener serves this route")
+        for listener in listeners:
+            if listener.protocol != "http":
+                continue
+            mine = [routes[n] for n in sorted(routes) if listener.name in served[n]]
+            label = listener.sd_route_label
+            if label is None:
+                seen: dict[str, str] = {}
+                for route in mine:
+                    for target in route.targets:
+                        first = seen.setdefault(target.address, route.name)
+                        if first != route.name:
+                            at = items.get(listener.name)
+                            self.warn(
+                                at.src if at else None,
+                                f"{at.key}.sd" if at else "listeners",
+                                f"routes {first!r} and {route.name!r} share target "
+                                f"{target.address}: without a route label their /sd label "
+                                "sets collide",
+                            )
+                continue
+            for route in mine:
+                if label in route.labels:
+                    item = self.named["routes"][route.name]
+                    self.error(
+                        item.src,
+                        f"{item.key}.labels",
+                        f"label {label!r} is the route label /sd adds on listener "
+                        f"{listener.name!r}; rename it or set that listener's sd.route_label",
+                    )
+
+    def sd_settings(self, item: Item) -> str | None:
+        """``sd: {route_label: NAME}``: the label naming the route, or null/false for none."""
+        f = self.fields(item, ("route_label",))
+        if f is None or "route_label" not in f:
+            return "route"
+        value = f["route_label"].value
+        if value is None or value is False:
+            return None
+        if not isinstance(value, str) or not _LABEL.match(value) or value.startswith("__"):
+            self.error(
+                item.src,
+                f["route_label"].key,
+                "must be a Prometheus label name not starting with '__', or null for none",
+            )
+            return "route"
+        return value
 
     def tcp_settings(
         self, item: Item, f: dict[str, Item], tls: TLSFiles | None
@@ -1055,6 +1148,12 @@ class _Loader:
             else:
                 item_k = merged["keep_meta_labels"]
                 self.error(item_k.src, item_k.key, "must be true or false")
+        if "listeners" in merged:
+            names = self.strings(merged["listeners"])
+            if names is not None and not names:
+                item_l = merged["listeners"]
+                self.error(item_l.src, item_l.key, "name at least one listener, or leave it out")
+            kw["listeners"] = tuple(names or ())
         targets: list[Target] = []
         if "targets" in merged:
             targets, kw["providers"], kw["selector"] = self.targets(merged["targets"])
@@ -1594,6 +1693,7 @@ class _Loader:
             if route is not None:
                 routes[name] = route
         listeners = self.tcp_destinations(listeners, routes)
+        self.check_route_listeners(listeners, routes)
         roles = {r for i in identities.values() for r in i.roles}
         for item, allow in self._allow_refs:
             for entry in allow:

@@ -75,6 +75,16 @@ class Listener:
     advertise: str | None = None
     deadlines: Deadlines = Deadlines()
     tcp: TCPForwarding | None = None
+    #: The label ``/sd`` adds with the route's name, so that two routes sharing a target
+    #: give Prometheus two series; None leaves it out (``http`` listeners only).
+    sd_route_label: str | None = "route"
+
+    def named_routes(self) -> frozenset[str]:
+        """The routes a ``tcp`` listener names (its route, SNI map and default)."""
+        if self.tcp is None:
+            return frozenset()
+        destinations = [self.tcp.destination, self.tcp.sni_default, *self.tcp.sni.values()]
+        return frozenset(d.route for d in destinations if d is not None)
 
 
 @attrs.frozen
@@ -229,6 +239,9 @@ class Route:
     selector: Selector = Selector()
     #: Pass discovered ``__meta_*`` labels on in ``/sd`` (dropped by default).
     keep_meta_labels: bool = False
+    #: The listeners that serve this route, as configured (empty: the default rule of
+    #: :func:`route_listeners`).
+    listeners: tuple[str, ...] = ()
 
     def has_target(self, address: str) -> bool:
         return any(t.address == address for t in self.targets)
@@ -265,3 +278,34 @@ class Config:
     audit: Audit
     files: tuple[Path, ...] = ()
     warnings: tuple[str, ...] = ()
+
+    def routes_of(self, listener: str) -> Mapping[str, Route]:
+        """The routes listener ``listener`` serves; to it, any other route does not exist."""
+        served = route_listeners(self.listeners, self.routes)
+        return {name: r for name, r in self.routes.items() if listener in served[name]}
+
+
+def route_listeners(
+    listeners: tuple[Listener, ...], routes: Mapping[str, Route]
+) -> dict[str, frozenset[str]]:
+    """Which listeners serve each route: the one rule ``/scrape``, ``/sd``, the forward
+    proxy, ``tcp`` listeners, ``explain`` and ``test-policy`` all follow.
+
+    A route's own ``listeners:`` decide when given. Otherwise a route that ``tcp``
+    listeners name (``route:`` or ``sni:``) is served by those ``tcp`` listeners only, and
+    any other route by every ``http`` and ``forward`` listener.
+    """
+    named: dict[str, set[str]] = {}
+    for listener in listeners:
+        for route_name in listener.named_routes():
+            named.setdefault(route_name, set()).add(listener.name)
+    http = frozenset(li.name for li in listeners if li.protocol in ("http", "forward"))
+    out: dict[str, frozenset[str]] = {}
+    for name, route in routes.items():
+        if route.listeners:
+            out[name] = frozenset(route.listeners)
+        elif name in named:
+            out[name] = frozenset(named[name])
+        else:
+            out[name] = http
+    return out

@@ -388,7 +388,7 @@ class ForwardGateway(ReverseGateway):
         super().__init__(listener, config, **kw)
         self.reactor = reactor
         self.forward_policy = ForwardPolicy(
-            config.routes,
+            config.routes_of(listener.name),
             challenge=self.authenticator.accepts_headers,
             membership=self.policy.membership,
         )

@@ -177,7 +177,9 @@ class ReverseGateway:
         self.pool = pool
         #: ``membership`` is the routes' current (discovered) targets, shared by every
         #: listener; without it, the configuration's static targets.
-        self.policy = ScrapePolicy(config.routes, membership=membership)
+        #: Only the routes this listener serves: to it, the others do not exist.
+        self.policy = ScrapePolicy(config.routes_of(listener.name), membership=membership)
+        self.sd_route_label = listener.sd_route_label
         self.authenticator = authenticator or Authenticator(config.identities)
         self.resolver = self.authenticator.resolver
         self.open_connections = metrics.open_connections.labels(listener.name)
@@ -417,6 +419,7 @@ class ReverseGateway:
             self.advertise(conn, req),
             "https" if self.tls else "http",
             self.policy.targets,
+            route_label=self.sd_route_label,
         )
         self.answer(
             conn,

@@ -899,7 +899,7 @@ class TCPGateway:
         self.deny_unaudited = config.audit.on_failure == "deny"
         self.metrics = metrics
         self.connector = connector
-        self.policy = ConnectionPolicy(self.settings, config.routes)
+        self.policy = ConnectionPolicy(self.settings, config.routes_of(listener.name))
         self.resolver = IdentityResolver(config.identities)
         self.connections = metrics.connections.labels(listener.name)
         self.open_connections = metrics.open_connections.labels(listener.name)
