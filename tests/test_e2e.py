@@ -10,6 +10,7 @@ unless ``CI`` is set (CI installs them, so there a missing binary is a failure).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import textwrap
 import time
 import urllib.error
 import urllib.parse
@@ -26,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from promgate import cli
@@ -920,6 +923,147 @@ audit:
             code = cli.main(["audit", "verify", "--key-file", str(pki.audit_key), str(audit_path)])
         self.assertEqual(code, 0, f"audit verify failed: {out.getvalue()}{err.getvalue()}")
         self.assertIn(f"OK: {len(records)} record(s) verified", out.getvalue())
+
+
+class PrometheusSeesEveryRouteTests(SynchronousTestCase):
+    """/sd label sets are unique per (route, target): two routes sharing one target are two
+    ``up`` series in the real Prometheus, so a failing route cannot hide behind a healthy
+    one. The harness is borrowed from PrometheusThroughGatewayTests."""
+
+    setUp = PrometheusThroughGatewayTests.setUp
+    logs = PrometheusThroughGatewayTests.logs
+    logs_on_failure = PrometheusThroughGatewayTests.logs_on_failure
+    daemon = PrometheusThroughGatewayTests.daemon
+    wait_for = PrometheusThroughGatewayTests.wait_for
+    prometheus_api = PrometheusThroughGatewayTests.prometheus_api
+    start_node_exporter = PrometheusThroughGatewayTests.start_node_exporter
+    start_prometheus = PrometheusThroughGatewayTests.start_prometheus
+
+    def test_two_routes_one_target_two_series(self) -> None:
+        """Route ``node`` serves /metrics; route ``node-missing`` asks node_exporter for a
+        path it does not have (404): Prometheus keeps ``up`` 1 and 0, told apart by the
+        ``route`` label."""
+        with self.logs_on_failure():
+            pki = TestPKI(self.dir / "pki")
+            exporter = self.start_node_exporter()
+            config = f"""\
+tls: {{certificate: {pki.gate_cert}, key: {pki.gate_key}, client_ca: {pki.ca_cert}}}
+admin: {{endpoint: "tcp:0:interface=127.0.0.1"}}
+listeners:
+  - {{name: scrape, protocol: http, endpoint: "tcp:0:interface=127.0.0.1"}}
+identities:
+  prometheus: {{cert: {{uri: "spiffe://promgate.local/prometheus"}}}}
+routes:
+  node: {{allow: [prometheus], targets: {{static: ["{exporter}"]}}}}
+  node-missing:
+    metrics_path: /missing
+    allow: [prometheus]
+    targets: {{static: ["{exporter}"]}}
+audit: {{path: audit.jsonl, key_file: {pki.audit_key}}}
+"""
+            gate = GatewayProcess(self.dir / "gate", config)
+            self.gate = gate
+            self.addCleanup(gate.stop)
+            gate.start()
+            self.start_prometheus(pki, gate.address("scrape"))
+
+            def both() -> dict[str, str] | None:
+                result = self.prometheus_api("/api/v1/query", query=f'up{{job="{JOB}"}}')
+                values = {r["metric"].get("route", ""): r["value"][1] for r in result["result"]}
+                return values if len(result["result"]) == 2 else None
+
+            values = self.wait_for("two up series", both, TARGET_UP, every=0.25)
+            self.assertEqual(values, {"node": "1", "node-missing": "0"})
+
+
+class BearerHTTPSDExampleTests(SynchronousTestCase):
+    """The bearer-token example of docs/http-api.md, read from the document itself, works
+    with the real Prometheus: discovery and scrapes both carry the token."""
+
+    setUp = PrometheusThroughGatewayTests.setUp
+    logs = PrometheusThroughGatewayTests.logs
+    logs_on_failure = PrometheusThroughGatewayTests.logs_on_failure
+    daemon = PrometheusThroughGatewayTests.daemon
+    wait_for = PrometheusThroughGatewayTests.wait_for
+    prometheus_api = PrometheusThroughGatewayTests.prometheus_api
+    start_node_exporter = PrometheusThroughGatewayTests.start_node_exporter
+
+    def documented_job(self) -> dict[str, Any]:
+        """The YAML block after "With a bearer token" in docs/http-api.md, as a mapping."""
+        text = (Path(__file__).resolve().parent.parent / "docs" / "http-api.md").read_text()
+        after = text[text.index("With a bearer token") :]
+        block = after[after.index("```yaml\n") + len("```yaml\n") :]
+        block = block[: block.index("```")]
+        job: dict[str, Any] = yaml.safe_load(textwrap.dedent(block))
+        return job
+
+    def test_documented_bearer_example(self) -> None:
+        """Prometheus configured with the documented snippet discovers and scrapes."""
+        with self.logs_on_failure():
+            pki = TestPKI(self.dir / "pki")
+            exporter = self.start_node_exporter()
+            token = "bearer-e2e-" + "x" * 20
+            token_file = self.dir / "agent.token"
+            token_file.write_text(token + "\n")
+            digest = hashlib.sha256(token.encode()).hexdigest()
+            config = f"""\
+tls: {{certificate: {pki.gate_cert}, key: {pki.gate_key}, client_ca: {pki.ca_cert}}}
+admin: {{endpoint: "tcp:0:interface=127.0.0.1"}}
+listeners:
+  - {{name: scrape, protocol: http, endpoint: "tcp:0:interface=127.0.0.1"}}
+identities:
+  agent:
+    cert: {{uri: "spiffe://promgate.local/prometheus"}}
+    bearer_sha256: "{digest}"
+routes:
+  node: {{allow: [agent], targets: {{static: ["{exporter}"]}}}}
+audit: {{path: audit.jsonl, key_file: {pki.audit_key}}}
+"""
+            gate = GatewayProcess(self.dir / "gate", config)
+            self.gate = gate
+            self.addCleanup(gate.stop)
+            gate.start()
+            job = self.documented_job()
+            documented_file = job["authorization"]["credentials_file"]
+            self.assertEqual(
+                job["http_sd_configs"][0]["authorization"]["credentials_file"], documented_file
+            )
+            text = json.dumps(job).replace(documented_file, str(token_file))
+            text = text.replace("gate.example.org:9443", gate.address("scrape"))
+            job = json.loads(text)
+            cert, key = pki.client("prometheus")
+            tls = {
+                "ca_file": str(pki.ca_cert),
+                "cert_file": str(cert),
+                "key_file": str(key),
+                "server_name": "localhost",
+            }
+            job.update(job_name=JOB, scheme="https", scrape_interval="1s", tls_config=tls)
+            job["http_sd_configs"][0].update(refresh_interval="1s", tls_config=tls)
+            config_path = self.dir / "prometheus.yml"
+            config_path.write_text(json.dumps({"scrape_configs": [job]}, indent=2))
+            self.prom_address = f"127.0.0.1:{free_port()}"
+            storage = self.dir / "tsdb"
+            self.daemon(
+                "prometheus",
+                [
+                    PROMETHEUS,
+                    f"--config.file={config_path}",
+                    f"--storage.tsdb.path={storage}",
+                    f"--web.listen-address={self.prom_address}",
+                    "--log.level=debug",
+                ],
+            )
+
+            def up() -> bool | None:
+                result = self.prometheus_api("/api/v1/query", query=f'up{{job="{JOB}"}} == 1')
+                return True if result["result"] else None
+
+            self.wait_for("up == 1 with the documented bearer example", up, TARGET_UP)
+            records = gate.audit_records(gate.directory / "audit.jsonl")
+            requests = [r for r in records if r["event"] == "request"]
+            self.assertTrue(any(r.get("path", "").startswith("/sd") for r in requests))
+            self.assertEqual({r.get("identity") for r in requests}, {"agent"}, requests)
 
 
 def _executable(path: str) -> bool:
