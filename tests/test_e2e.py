@@ -942,7 +942,8 @@ class PrometheusSeesEveryRouteTests(SynchronousTestCase):
     def test_two_routes_one_target_two_series(self) -> None:
         """Route ``node`` serves /metrics; route ``node-missing`` asks node_exporter for a
         path it does not have (404): Prometheus keeps ``up`` 1 and 0, told apart by the
-        ``route`` label."""
+        ``route`` label. Route ``node-raw``, which only a ``tcp`` listener serves, is not
+        offered by /sd at all."""
         with self.logs_on_failure():
             pki = TestPKI(self.dir / "pki")
             exporter = self.start_node_exporter()
@@ -951,10 +952,17 @@ tls: {{certificate: {pki.gate_cert}, key: {pki.gate_key}, client_ca: {pki.ca_cer
 admin: {{endpoint: "tcp:0:interface=127.0.0.1"}}
 listeners:
   - {{name: scrape, protocol: http, endpoint: "tcp:0:interface=127.0.0.1"}}
+  - name: raw
+    protocol: tcp
+    endpoint: "tcp:0:interface=127.0.0.1"
+    route: node-raw
+    target: "{exporter}"
+    proxy_protocol: v2
 identities:
   prometheus: {{cert: {{uri: "spiffe://promgate.local/prometheus"}}}}
 routes:
   node: {{allow: [prometheus], targets: {{static: ["{exporter}"]}}}}
+  node-raw: {{allow: [prometheus], targets: {{static: ["{exporter}"]}}}}
   node-missing:
     metrics_path: /missing
     allow: [prometheus]
@@ -970,10 +978,14 @@ audit: {{path: audit.jsonl, key_file: {pki.audit_key}}}
             def both() -> dict[str, str] | None:
                 result = self.prometheus_api("/api/v1/query", query=f'up{{job="{JOB}"}}')
                 values = {r["metric"].get("route", ""): r["value"][1] for r in result["result"]}
-                return values if len(result["result"]) == 2 else None
+                return values if len(result["result"]) >= 2 else None
 
             values = self.wait_for("two up series", both, TARGET_UP, every=0.25)
             self.assertEqual(values, {"node": "1", "node-missing": "0"})
+            # Discovered from the same /sd document as those two: node-raw is not there.
+            active = self.prometheus_api("/api/v1/targets", state="active")["activeTargets"]
+            routes = sorted(t["labels"].get("route") for t in active if t["scrapePool"] == JOB)
+            self.assertEqual(routes, ["node", "node-missing"])
 
 
 class BearerHTTPSDExampleTests(SynchronousTestCase):
