@@ -575,6 +575,24 @@ class PluginTests(SynchronousTestCase):
     def test_found(self) -> None:
         self.assertIn("listed-for-test", discovery_factories())
 
+    def test_plugin_folder_left_as_it_was(self) -> None:
+        """Finding plugins writes nothing into their folder (no ``dropin.cache``): it may
+        be a checkout, or a read-only ``/etc``."""
+        folder = Path(sys.path[0]) / "twisted" / "plugins"
+        before = sorted(p.name for p in folder.iterdir() if p.name != "__pycache__")
+        discovery_factories()
+        discovery_factories()
+        after = sorted(p.name for p in folder.iterdir() if p.name != "__pycache__")
+        self.assertEqual(after, before)
+
+    def test_broken_plugin_module(self) -> None:
+        """A plugin module that fails to import is logged and skipped; the others load."""
+        folder = Path(sys.path[0]) / "twisted" / "plugins"
+        (folder / "broken_for_test.py").write_text("raise RuntimeError('broken')\n")
+        self.addCleanup(sys.modules.pop, "twisted.plugins.broken_for_test", None)
+        self.assertIn("listed-for-test", discovery_factories())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_shipped_example(self) -> None:
         """The example plugin under etc/plugins checks its settings and lists its hosts."""
         factory = discovery_factories()["example-list"]

@@ -407,14 +407,21 @@ class StaticTargets(BaseProvider):
 
 # -- plugins ---------------------------------------------------------------------------------
 
+_log = Logger()
+
 
 def discovery_factories() -> dict[str, IDiscoveryProviderFactory]:
     """The installed third-party providers by name.
 
     Directories added to ``sys.path`` since ``twisted.plugins`` was imported are looked
-    at too (``twisted.plugins`` computes its search path once, at import).
+    at too (``twisted.plugins`` computes its search path once, at import). Each plugin
+    module is imported and its module-level providers collected, as
+    ``twisted.plugin.getPlugins`` does, but without its ``dropin.cache``: that cache is
+    written into every plugin folder, which may be a checkout or a read-only ``/etc``.
     """
-    from twisted.plugin import getPlugins, pluginPackagePaths
+    import importlib
+
+    from twisted.plugin import pluginPackagePaths
 
     from twisted import plugins
 
@@ -422,11 +429,20 @@ def discovery_factories() -> dict[str, IDiscoveryProviderFactory]:
     for extra in pluginPackagePaths(plugins.__name__):
         if extra not in path:
             path.append(extra)
+    stems = sorted({f.stem for d in path for f in Path(d).glob("*.py") if f.stem != "__init__"})
     found: dict[str, IDiscoveryProviderFactory] = {}
-    for factory in getPlugins(IDiscoveryProviderFactory, plugins):
-        name = getattr(factory, "name", None)
-        if isinstance(name, str) and name not in found:
-            found[name] = factory
+    for stem in stems:
+        try:
+            module = importlib.import_module(f"{plugins.__name__}.{stem}")
+        except Exception:
+            _log.failure("plugin module {module} failed to import", module=stem)
+            continue
+        for value in vars(module).values():
+            if not IDiscoveryProviderFactory.providedBy(value):
+                continue
+            name = getattr(value, "name", None)
+            if isinstance(name, str) and name not in found:
+                found[name] = value
     return found
 
 
