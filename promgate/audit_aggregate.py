@@ -26,7 +26,6 @@ like any other.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 
 import attrs
@@ -35,6 +34,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
 from promgate.audit import AuditEvent, IAuditSink
+from promgate.peers import peer_prefix
 
 #: How many distinct keys are held before further ones fall into the overflow key.
 MAX_KEYS = 4096
@@ -51,26 +51,6 @@ _CONNECTION_REASONS = frozenset(
 )
 
 Key = tuple[str, str, str]  # (event, reason, peer prefix); prefix "" is the overflow key
-
-
-def peer_prefix(peer: str | None) -> str:
-    """The network a peer address belongs to for aggregation: ``a.b.c.0/24`` for IPv4,
-    the ``/64`` for IPv6, the text itself for anything else (a UNIX socket)."""
-    if not peer:
-        return ""
-    host = peer
-    if peer.startswith("["):
-        host = peer[1:].partition("]")[0]
-    elif peer.count(":") == 1:
-        host = peer.partition(":")[0]
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return peer
-    if address.version == 6 and address.ipv4_mapped is not None:  # type: ignore[union-attr]
-        address = address.ipv4_mapped  # type: ignore[union-attr]
-    bits = 24 if address.version == 4 else 64
-    return str(ipaddress.ip_network(f"{address}/{bits}", strict=False))
 
 
 def aggregation_key(event: AuditEvent) -> Key | None:

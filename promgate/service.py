@@ -93,7 +93,13 @@ class GatewayService(MultiService):
         # One authenticator (and one bcrypt cache) for every listener, with bcrypt on a
         # thread pool of its own.
         self.bcrypt_threads = BcryptThreads(reactor)
-        self.authenticator = Authenticator(config.identities, run_in_thread=self.bcrypt_threads)
+        self.authenticator = Authenticator(
+            config.identities,
+            run_in_thread=self.bcrypt_threads,
+            clock=reactor,
+            metrics=self.metrics,
+            concurrency=self.bcrypt_threads.size,
+        )
         for listener in config.listeners:
             if listener.protocol == "tcp":
                 self._add_tcp_listener(listener)

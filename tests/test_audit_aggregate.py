@@ -8,11 +8,14 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from promgate.audit import AuditEvent, AuditLog, MemoryAuditSink, verify_files
-from promgate.audit_aggregate import AggregatingSink, aggregation_key, peer_prefix
+from promgate.audit_aggregate import AggregatingSink, aggregation_key
+from promgate.peers import peer_prefix
 from promgate.proxy.http import handshake_failure_event
 
 
-def _failure(peer: str, reason: str = "no_client_certificate", listener: str = "scrape") -> AuditEvent:
+def _failure(
+    peer: str, reason: str = "no_client_certificate", listener: str = "scrape"
+) -> AuditEvent:
     return handshake_failure_event(listener, peer, reason, "detail", None)
 
 
@@ -120,10 +123,13 @@ class AggregatingSinkTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(self.agg.held, 0)
         self.agg.record(_failure("203.0.113.9:2"))
-        self.assertEqual([(e.peer, e.count) for e in self.sink.events], [
-            ("203.0.113.7:1", 1),
-            ("203.0.113.9:2", 1),
-        ])
+        self.assertEqual(
+            [(e.peer, e.count) for e in self.sink.events],
+            [
+                ("203.0.113.7:1", 1),
+                ("203.0.113.9:2", 1),
+            ],
+        )
 
     def test_reasons_and_prefixes_apart(self) -> None:
         """Another reason or another prefix is another key, written at once."""

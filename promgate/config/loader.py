@@ -1665,7 +1665,9 @@ class _Loader:
         if "max_field_length" in f:
             kw["max_field_length"] = self.integer(f["max_field_length"], 16) or 1024
         if "aggregate_interval" in f:
-            kw["aggregate_interval"] = self.positive(f["aggregate_interval"], parse_duration) or 10.0
+            kw["aggregate_interval"] = (
+                self.positive(f["aggregate_interval"], parse_duration) or 10.0
+            )
         if path is None or key_file is None:
             return None
         return Audit(path=path, key_file=key_file, **kw)
