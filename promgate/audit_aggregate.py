@@ -91,8 +91,8 @@ class _Window:
 class AggregatingSink(Service):
     """An audit sink in front of another, folding unauthenticated refusals (see module).
 
-    ``on_aggregated(n)`` is called with the number of records folded into a summary each
-    time one is written (for ``promgate_audit_records_aggregated_total``).
+    ``on_aggregated()`` is called for each record counted rather than written (for
+    ``promgate_audit_records_aggregated_total``).
     """
 
     def __init__(
@@ -102,7 +102,7 @@ class AggregatingSink(Service):
         interval: float = 10.0,
         *,
         max_keys: int = MAX_KEYS,
-        on_aggregated: Callable[[int], None] | None = None,
+        on_aggregated: Callable[[], None] | None = None,
     ) -> None:
         if not interval > 0:
             raise ValueError(f"interval must be positive, not {interval!r}")
@@ -142,6 +142,8 @@ class AggregatingSink(Service):
         window.count += 1
         if event.listener != window.listener:
             window.several_listeners = True
+        if self._on_aggregated is not None:
+            self._on_aggregated()
         return bool(self._sink.healthy)
 
     def flush(self) -> None:
@@ -201,8 +203,6 @@ class AggregatingSink(Service):
                 count=window.count,
             )
         )
-        if self._on_aggregated is not None:
-            self._on_aggregated(window.count)
 
 
 __all__ = ["MAX_KEYS", "AggregatingSink", "aggregation_key", "peer_prefix"]
