@@ -187,11 +187,13 @@ class HandshakeFloodTests(FloodTestCase):
         legit.start()
         began = time.monotonic()
         for _ in range(HANDSHAKE_FLOOD):
-            with socket.create_connection(address, timeout=10) as sock:
-                with contextlib.suppress(ssl.SSLError, OSError):
-                    with nobody.wrap_socket(sock, server_hostname=address[0]) as tls:
-                        tls.sendall(b"GET /sd HTTP/1.1\r\nHost: gate\r\n\r\n")
-                        tls.recv(1024)
+            with (
+                socket.create_connection(address, timeout=10) as sock,
+                contextlib.suppress(ssl.SSLError, OSError),
+                nobody.wrap_socket(sock, server_hostname=address[0]) as tls,
+            ):
+                tls.sendall(b"GET /sd HTTP/1.1\r\nHost: gate\r\n\r\n")
+                tls.recv(1024)
         flood_time = time.monotonic() - began
         legit.finish()
         _eventually(
