@@ -105,6 +105,7 @@ class AuditEvent:
     duration: float | None = None  # seconds
     detail: str | None = None
     server_name: str | None = None  # TLS SNI, on ``connection`` records of tcp listeners
+    count: int | None = None  # how many refusals an aggregated record stands for
 
 
 #: Record fields after seq, time and event, in the order they are written.

@@ -15,6 +15,13 @@ Bearer tokens are compared as SHA-256 digests with ``hmac.compare_digest`` again
 configured digest (no early exit). bcrypt is slow by design, so it runs in a thread (the
 runner is injected: tests pass a synchronous one) and successes are cached, keyed by user
 and the SHA-256 of the password, so a steady scrape costs one hash, not one bcrypt.
+
+What wrong passwords may cost is bounded (:mod:`promgate.authn_limits`): a password not in
+the cache is refused without a bcrypt check when its peer's network (IPv4 /24, IPv6 /64)
+or its user name failed too often lately, or has too many checks pending
+(``auth_throttled``, 429 with ``Retry-After``), or when the bcrypt queue is full
+(``auth_overloaded``, 503 with ``Retry-After``); a check whose client went away before it
+started is dropped (cancel the Deferred). A cached password is never refused so.
 """
 
 from __future__ import annotations
@@ -25,22 +32,34 @@ import hashlib
 import hmac
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import attrs
 import bcrypt
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from promgate.authn_limits import OVERLOADED_RETRY_AFTER, BcryptQueue, FailureBackoff
 from promgate.config.model import Identity
 from promgate.identity import IdentityResolver, Recognition
+from promgate.peers import peer_prefix
 from promgate.tls import PeerCertificate
 
+if TYPE_CHECKING:
+    from promgate.metrics import Metrics
+
 #: Reasons that refuse a request before routing, with the status each answers.
-REFUSED_AT_THE_DOOR = {"authn_missing": 401, "authn_failed": 401, "authn_conflict": 403}
+REFUSED_AT_THE_DOOR = {
+    "authn_missing": 401,
+    "authn_failed": 401,
+    "authn_conflict": 403,
+    "auth_throttled": 429,
+    "auth_overloaded": 503,
+}
 #: Every reason counted by ``promgate_authn_failures_total`` (a bounded label set).
 AUTHN_FAILURES = frozenset(
     {
@@ -70,6 +89,7 @@ class BcryptThreads:
 
     def __init__(self, reactor: IReactorFromThreads, size: int = 2) -> None:
         self.reactor = reactor
+        self.size = size
         self.pool = ThreadPool(minthreads=0, maxthreads=size, name="promgate-bcrypt")
 
     def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -82,8 +102,27 @@ class BcryptThreads:
         self.pool.stop()
 
 
+@attrs.frozen
+class Refused(Recognition):
+    """A password refused without a bcrypt check: try again in ``retry_after`` seconds."""
+
+    retry_after: int = 1
+
+
 def _failed(detail: str) -> Recognition:
     return Recognition(None, "authn_failed", detail)
+
+
+def door_headers(
+    recognition: Recognition, challenges: tuple[tuple[bytes, bytes], ...]
+) -> tuple[tuple[bytes, bytes], ...]:
+    """The headers of a refusal at the door: the challenges of a 401, ``Retry-After``
+    of a throttled or overloaded check."""
+    if isinstance(recognition, Refused):
+        return ((b"Retry-After", str(recognition.retry_after).encode()),)
+    if REFUSED_AT_THE_DOOR.get(recognition.reason) == 401:
+        return challenges
+    return ()
 
 
 def parse_basic(credentials: bytes) -> tuple[str, bytes] | None:
@@ -105,7 +144,9 @@ class Authenticator:
     """Checks header credentials and combines them with the connection's certificate.
 
     ``run_in_thread(f, *args)`` runs ``f`` off the reactor thread and returns a Deferred
-    of its result (``deferToThread`` by default).
+    of its result (``deferToThread`` by default); at most ``concurrency`` run at once.
+    ``clock`` drives the failure backoff; without one there is none (tests of other
+    things). ``metrics`` counts checks, the queue and refusals.
     """
 
     log = Logger()
@@ -116,9 +157,33 @@ class Authenticator:
         *,
         run_in_thread: ThreadRunner = deferToThread,
         cache_size: int = 1024,
+        clock: IReactorTime | None = None,
+        metrics: Metrics | None = None,
+        concurrency: int = 2,
+        queue_limit: int | None = None,
     ) -> None:
         self.resolver = IdentityResolver(identities)
-        self._run_in_thread = run_in_thread
+        self._metrics = metrics
+        queue_kw: dict[str, Any] = {} if queue_limit is None else {"limit": queue_limit}
+        self.checks = BcryptQueue(
+            run_in_thread,
+            concurrency=concurrency,
+            on_start=metrics.auth_bcrypt_checks.inc if metrics is not None else None,
+            on_length=metrics.auth_bcrypt_queue_length.set if metrics is not None else None,
+            **queue_kw,
+        )
+        #: Per peer network: the main lever against one source guessing; at most 4
+        #: checks pending, then 5 failures before a backoff of 1s, doubling up to 30s.
+        self.peer_backoff = (
+            FailureBackoff(clock, threshold=5, cap=30.0, max_pending=4)
+            if clock is not None
+            else None
+        )
+        #: Per user name: slows guessing from many networks, briefly (at most 5s), so
+        #: that it cannot keep a user out for long; cached passwords never wait.
+        self.user_backoff = (
+            FailureBackoff(clock, threshold=10, cap=5.0) if clock is not None else None
+        )
         self._cache_size = cache_size
         self._cache: OrderedDict[tuple[str, bytes], Recognition] = OrderedDict()
         bearer: list[tuple[bytes, Recognition]] = []
@@ -154,12 +219,14 @@ class Authenticator:
         return found
 
     def authenticate(
-        self, connection: Recognition, header: bytes
+        self, connection: Recognition, header: bytes, peer: str = ""
     ) -> Recognition | Deferred[Recognition]:
-        """Check one ``Authorization`` header and combine it with ``connection``.
+        """Check one ``Authorization`` header from ``peer`` and combine it with
+        ``connection``.
 
         Returns at once, except for a basic-auth password not in the cache: then a
-        Deferred that fires (never fails) when bcrypt has answered.
+        Deferred that fires (never fails) when bcrypt has answered. Cancel it when the
+        client goes away: a check that has not started then never runs.
         """
         scheme, _, credentials = header.partition(b" ")
         scheme = scheme.lower()
@@ -167,7 +234,7 @@ class Authenticator:
         if scheme == b"bearer" and self._bearer:
             return combine(connection, self._bearer_token(credentials))
         if scheme == b"basic" and self._basic:
-            return self._basic_auth(connection, credentials)
+            return self._basic_auth(connection, credentials, peer)
         shown = scheme[:16].decode("ascii", "replace")
         return _failed(f"Authorization scheme {shown!r} not accepted")
 
@@ -188,7 +255,7 @@ class Authenticator:
     # -- basic -------------------------------------------------------------------------
 
     def _basic_auth(
-        self, connection: Recognition, credentials: bytes
+        self, connection: Recognition, credentials: bytes, peer: str
     ) -> Recognition | Deferred[Recognition]:
         parsed = parse_basic(credentials)
         if parsed is None:
@@ -201,11 +268,26 @@ class Authenticator:
         if cached is not None:
             self._cache.move_to_end(key)
             return combine(connection, cached)
+        network = peer_prefix(peer)
+        refused = self._throttled(user, network)
+        if refused is not None:
+            return refused
         entry = self._basic.get(user)
         hashed = entry[0] if entry is not None else self._decoy
-        d: Deferred[bool] = self._run_in_thread(bcrypt.checkpw, password, hashed)
+        d: Deferred[bool] | None = self.checks.submit(bcrypt.checkpw, password, hashed)
+        if d is None:
+            self._rejected("auth_overloaded")
+            return Refused(
+                None,
+                "auth_overloaded",
+                f"basic auth user {user[:64]!r}: bcrypt queue full",
+                OVERLOADED_RETRY_AFTER,
+            )
+        self._started(user, network)
 
         def checked(ok: bool) -> Recognition:
+            failed = entry is None or not ok
+            self._finished(user, network, failed=failed)
             if entry is None:
                 return _failed(f"basic auth: unknown user {user[:64]!r}")
             if not ok:
@@ -214,10 +296,49 @@ class Authenticator:
             return combine(connection, entry[1])
 
         def broken(failure: Failure) -> Recognition:
+            self._finished(user, network, failed=False)
+            if failure.check(CancelledError):
+                return _failed(f"basic auth user {user[:64]!r}: client gone, check dropped")
             self.log.failure("bcrypt check for user {user!r} failed", failure, user=user[:64])
             return _failed(f"basic auth user {user[:64]!r}: bcrypt check failed")
 
         return d.addCallbacks(checked, broken)
+
+    def _throttled(self, user: str, network: str) -> Refused | None:
+        """A refusal if ``network`` or ``user`` must wait before its next check."""
+        for backoff, key, what in (
+            (self.peer_backoff, network, f"peer network {network}"),
+            (self.user_backoff, user, f"user {user[:64]!r}"),
+        ):
+            if backoff is None:
+                continue
+            wait = backoff.retry_after(key)
+            if wait:
+                self._rejected("auth_throttled")
+                return Refused(
+                    None,
+                    "auth_throttled",
+                    f"basic auth user {user[:64]!r}: {what} failed too often, "
+                    f"checks held back {wait}s",
+                    wait,
+                )
+        return None
+
+    def _started(self, user: str, network: str) -> None:
+        if self.peer_backoff is not None:
+            self.peer_backoff.started(network)
+        if self.user_backoff is not None:
+            self.user_backoff.started(user)
+
+    def _finished(self, user: str, network: str, *, failed: bool) -> None:
+        if self.peer_backoff is not None:
+            self.peer_backoff.finished(network, failed=failed)
+        if self.user_backoff is not None:
+            self.user_backoff.finished(user, failed=failed)
+
+    def _rejected(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.auth_rejections.labels(reason).inc()
 
     def _remember(self, key: tuple[str, bytes], recognition: Recognition) -> None:
         self._cache[key] = recognition

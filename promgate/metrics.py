@@ -143,6 +143,29 @@ class Metrics:
             "Times the audit log was reopened because its path no longer named the open file.",
             registry=r,
         )
+        self.audit_records_aggregated = Counter(
+            "promgate_audit_records_aggregated",
+            "Refusals of unauthenticated peers counted into an aggregated audit record "
+            "rather than written one record each.",
+            registry=r,
+        )
+        self.auth_bcrypt_checks = Counter(
+            "promgate_auth_bcrypt_checks",
+            "bcrypt password checks started (basic auth not answered from the cache).",
+            registry=r,
+        )
+        self.auth_bcrypt_queue_length = Gauge(
+            "promgate_auth_bcrypt_queue_length",
+            "bcrypt password checks waiting for a thread or running.",
+            registry=r,
+        )
+        self.auth_rejections = Counter(
+            "promgate_auth_rejections",
+            "Basic-auth checks refused without running bcrypt, by reason (auth_throttled, "
+            "auth_overloaded).",
+            ["reason"],
+            registry=r,
+        )
         self.config_last_reload_successful = Gauge(
             "promgate_config_last_reload_successful",
             "Whether the last configuration load succeeded.",

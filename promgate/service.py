@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from promgate.admin import Readiness, admin_site
 from promgate.audit import AuditEvent, AuditLog, load_key
+from promgate.audit_aggregate import AggregatingSink
 from promgate.authn import Authenticator, BcryptThreads
 from promgate.config.model import Config, Listener
 from promgate.discovery import Discovery
@@ -66,6 +67,16 @@ class GatewayService(MultiService):
             on_reopen=self.metrics.audit_reopens.inc,
         )
         self.audit.setServiceParent(self)  # type: ignore[no-untyped-call]
+        # What the listeners write to: refusals of unauthenticated peers are counted, not
+        # written one by one. Stopped before the audit log, so pending counts come before
+        # its ``stop`` record.
+        self.records = AggregatingSink(
+            self.audit,
+            reactor,
+            audit_cfg.aggregate_interval,
+            on_aggregated=self.metrics.audit_records_aggregated.inc,
+        )
+        self.records.setServiceParent(self)  # type: ignore[no-untyped-call]
         # Discovery starts before the listeners (file_sd is read at once), and keeps the
         # routes' current targets in one Membership that every listener checks.
         self.discovery = Discovery(config.routes, reactor, metrics=self.metrics)
@@ -82,7 +93,13 @@ class GatewayService(MultiService):
         # One authenticator (and one bcrypt cache) for every listener, with bcrypt on a
         # thread pool of its own.
         self.bcrypt_threads = BcryptThreads(reactor)
-        self.authenticator = Authenticator(config.identities, run_in_thread=self.bcrypt_threads)
+        self.authenticator = Authenticator(
+            config.identities,
+            run_in_thread=self.bcrypt_threads,
+            clock=reactor,
+            metrics=self.metrics,
+            concurrency=self.bcrypt_threads.size,
+        )
         for listener in config.listeners:
             if listener.protocol == "tcp":
                 self._add_tcp_listener(listener)
@@ -90,7 +107,7 @@ class GatewayService(MultiService):
             shared: dict[str, Any] = dict(
                 clock=reactor,
                 limiter=self.limiter,
-                audit=self.audit,
+                audit=self.records,
                 metrics=self.metrics,
                 pool=self.pool,
                 authenticator=self.authenticator,
@@ -126,7 +143,7 @@ class GatewayService(MultiService):
             self.config,
             clock=self.reactor,
             limiter=self.limiter,
-            audit=self.audit,
+            audit=self.records,
             metrics=self.metrics,
             connector=EndpointConnector(
                 self.reactor, connect_timeout=listener.deadlines.upstream_connect

@@ -796,6 +796,29 @@ class ValueErrorTests(_ProblemAssertions):
             "must be one of: deny, allow",
         )
 
+    def test_audit_aggregate_interval(self) -> None:
+        """audit.aggregate_interval is a duration, 10s unless said, never zero."""
+        self.tree.standard()
+        config, errors, _ = self.tree.check()
+        self.assertEqual(errors, [])
+        assert config is not None
+        self.assertEqual(config.audit.aggregate_interval, 10.0)
+        text = self.tree.texts["main.yaml"]
+        self.tree.write("main.yaml", text.replace("fsync: always", "aggregate_interval: 1m"))
+        config, errors, _ = self.tree.check()
+        self.assertEqual(errors, [])
+        assert config is not None
+        self.assertEqual(config.audit.aggregate_interval, 60.0)
+        self.tree.write("main.yaml", text.replace("fsync: always", "aggregate_interval: 0s"))
+        _, errors, _ = self.tree.check()
+        self.assertProblem(
+            errors,
+            "main.yaml",
+            self.tree.line("main.yaml", "aggregate_interval"),
+            "audit.aggregate_interval",
+            "must be greater than zero",
+        )
+
     def test_no_listeners(self) -> None:
         """A configuration without listeners is refused."""
         self.tree.standard()

@@ -308,7 +308,9 @@ routes:
     paths: [/chunked]
     max_response_size: 1KiB
     targets: {{static: ["{capped}"]}}
-audit: {{path: {q(self.audit_log)}, key_file: {q(self.pki.audit_key)}}}
+# Each refused handshake is looked for by its peer: an interval short enough that no
+# two of them are folded into one counted record.
+audit: {{path: {q(self.audit_log)}, key_file: {q(self.pki.audit_key)}, aggregate_interval: 1ms}}
 """
         )
         self.gateway = GatewayProcess(self.dir / "gateway", config)

@@ -91,7 +91,8 @@ identities:
   by-cn: {{cert: {{cn: dotdot}}, roles: [scraper]}}
 routes:
   node: {{allow: ["role:scraper"], targets: {{static: ["{self.exporter.address}"]}}}}
-audit: {{path: {_q(self.audit_log)}, key_file: {_q(pki.audit_key)}}}
+# Refused handshakes are counted one by one: no two folded into one counted record.
+audit: {{path: {_q(self.audit_log)}, key_file: {_q(pki.audit_key)}, aggregate_interval: 1ms}}
 """
         gateway = self.gateway = GatewayProcess(self.dir / "gateway", config)
         _cleanups.append(gateway.stop)

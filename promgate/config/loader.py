@@ -1608,7 +1608,15 @@ class _Loader:
     def audit(self, item: Item) -> Audit | None:
         f = self.fields(
             item,
-            ("path", "key_file", "fsync", "fsync_interval", "on_failure", "max_field_length"),
+            (
+                "path",
+                "key_file",
+                "fsync",
+                "fsync_interval",
+                "on_failure",
+                "max_field_length",
+                "aggregate_interval",
+            ),
             ("path", "key_file"),
         )
         if f is None or "path" not in f or "key_file" not in f:
@@ -1641,6 +1649,10 @@ class _Loader:
             kw["on_failure"] = self.choice(f["on_failure"], ("deny", "allow")) or "deny"
         if "max_field_length" in f:
             kw["max_field_length"] = self.integer(f["max_field_length"], 16) or 1024
+        if "aggregate_interval" in f:
+            kw["aggregate_interval"] = (
+                self.positive(f["aggregate_interval"], parse_duration) or 10.0
+            )
         if path is None or key_file is None:
             return None
         return Audit(path=path, key_file=key_file, **kw)

@@ -264,6 +264,7 @@ class Audit:
     fsync_interval: float = 1.0
     on_failure: str = "deny"
     max_field_length: int = 1024
+    aggregate_interval: float = 10.0
 
 
 @attrs.frozen

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from promgate.authn import REFUSED_AT_THE_DOOR
+from promgate.authn import REFUSED_AT_THE_DOOR, door_headers
 from promgate.config.loader import split_address
 from promgate.config.model import Config, Listener, Route, Target
 from promgate.identity import Recognition
@@ -339,6 +339,10 @@ class ForwardPolicy:
             rule = f"identities: caller not recognised ({why})"
             if self.challenge and needs_credentials(recognition):
                 return _refusal(407, recognition.reason, "identity", rule, _PROXY_AUTH)
+            status = REFUSED_AT_THE_DOOR.get(recognition.reason)
+            if status == 429 or status == 503:  # throttled or overloaded: try again later
+                body = refusal_body(status, recognition.reason)
+                return _refusal(status, recognition.reason, "identity", rule, body)
             return _refusal(403, recognition.reason, "identity", rule, FORBIDDEN)
         checks: tuple[Check, ...] = (Check("identity", True, f"identities.{identity.name}"),)
         members = [(r, t) for r, t in self._index().get(address, ()) if r.scheme == scheme]
@@ -455,11 +459,11 @@ class ForwardGateway(ReverseGateway):
         if header is None:
             then(conn.recognition)
             return
-        result = self.authenticator.authenticate(conn.recognition, header)
+        result = self.authenticator.authenticate(conn.recognition, header, conn.peer)
         if not isinstance(result, Deferred):
             then(result)
             return
-        conn.begin_authentication(req, start)
+        conn.begin_authentication(req, start, result)
 
         def authenticated(recognition: Recognition) -> None:
             if conn.end_authentication():
@@ -544,7 +548,7 @@ class ForwardGateway(ReverseGateway):
             decision.reason,
             route=decision.route,
             target=address,
-            extra=self.challenges if decision.status == 407 else (),
+            extra=self.challenges if decision.status == 407 else door_headers(recognition, ()),
             rule=decision.rule,
             recognition=recognition,
         )

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from promgate.audit import AuditEvent, IAuditSink
-from promgate.authn import AUTHN_FAILURES, REFUSED_AT_THE_DOOR, Authenticator
+from promgate.authn import AUTHN_FAILURES, REFUSED_AT_THE_DOOR, Authenticator, door_headers
 from promgate.config.model import Config, Identity, Listener, Route, Target
 from promgate.drain import InFlight, OpenSet, Phase
 from promgate.identity import Recognition
@@ -250,11 +250,11 @@ class ReverseGateway:
     ) -> None:
         """Check an ``Authorization`` header, then serve. A bcrypt check runs in a thread;
         meanwhile the connection reads no further request."""
-        result = self.authenticator.authenticate(conn.recognition, header)
+        result = self.authenticator.authenticate(conn.recognition, header, conn.peer)
         if not isinstance(result, Deferred):
             self.serve(conn, req, path, query, start, result)
             return
-        conn.begin_authentication(req, start)
+        conn.begin_authentication(req, start, result)
 
         def authenticated(recognition: Recognition) -> None:
             if conn.end_authentication():
@@ -282,7 +282,7 @@ class ReverseGateway:
                 start,
                 status,
                 recognition.reason,
-                extra=self.authenticator.challenges if status == 401 else (),
+                extra=door_headers(recognition, self.authenticator.challenges),
                 rule=recognition.detail,
                 recognition=recognition,
             )
@@ -899,6 +899,7 @@ class DownstreamProtocol(Protocol):
         self._read_closed = False
         #: The request whose credentials are being checked (bcrypt, in a thread), if any.
         self._authenticating: tuple[RequestHead, float] | None = None
+        self._check: Deferred[Recognition] | None = None
         #: Answers written so far: a connection that has had one is closed, not cut, at
         #: shutdown, so that its last one is delivered.
         self._answers = 0
@@ -988,6 +989,10 @@ class DownstreamProtocol(Protocol):
                 detail="connection lost while credentials were being checked",
                 recognition=_UNCHECKED,
             )
+            # A check that has not started yet is dropped: nobody waits for its answer.
+            check, self._check = self._check, None
+            if check is not None:
+                check.cancel()
         elif self._buf.strip() and (not self._closing or self._shutdown):
             self.gw.record(
                 self,
@@ -1029,12 +1034,17 @@ class DownstreamProtocol(Protocol):
     def begin_exchange(self, exchange: ClientRelay) -> None:
         self._exchange = exchange
 
-    def begin_authentication(self, req: RequestHead, start: float) -> None:
-        """Credentials of ``req`` are being checked: read no further request meanwhile."""
+    def begin_authentication(
+        self, req: RequestHead, start: float, check: Deferred[Recognition] | None = None
+    ) -> None:
+        """Credentials of ``req`` are being checked: read no further request meanwhile.
+        ``check`` is cancelled if the connection is lost first."""
         self._authenticating = (req, start)
+        self._check = check
 
     def end_authentication(self) -> bool:
         """The check is over; False if the connection was lost meanwhile (and audited)."""
+        self._check = None
         if self._authenticating is None:
             return False
         self._authenticating = None

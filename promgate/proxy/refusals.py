@@ -33,6 +33,8 @@ BY_REASON: dict[tuple[int, str], bytes] = {
     (400, "param_refused"): b"query parameter not allowed on this route\n",
     (429, "rate_limited"): b"rate limited\n",
     (429, "concurrency_limited"): b"too many concurrent requests\n",
+    (429, "auth_throttled"): b"too many failed logins, try later\n",
+    (503, "auth_overloaded"): b"authentication busy, try later\n",
     (503, "audit_unavailable"): b"audit log unavailable\n",
     (502, "upstream_refused"): b"upstream connection failed\n",
     (502, "upstream_reset"): b"upstream closed the connection\n",
