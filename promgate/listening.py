@@ -18,6 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
+from promgate.addresses import peer_address
 from promgate.errors import StartupError, os_error_text
 
 __all__ = ["ListenerService", "bind_failure", "where"]
@@ -97,9 +98,4 @@ def bind_failure(name: str, description: str, error: BaseException) -> str:
 
 def where(port: IListeningPort) -> str:
     """A listening port's address as operators write it."""
-    host: Any = port.getHost()
-    h = getattr(host, "host", None)
-    if h is None:
-        name = getattr(host, "name", "")
-        return os.fsdecode(name) if isinstance(name, bytes) else str(name)
-    return f"[{h}]:{host.port}" if ":" in h else f"{h}:{host.port}"
+    return peer_address(port.getHost())

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from promgate import cli
+from promgate.addresses import split_address
 from promgate.config.errors import ConfigError, Problem
-from promgate.config.loader import check_config, load_config, split_address
+from promgate.config.loader import check_config, load_config
 from promgate.config.model import (
     Admin,
     Audit,

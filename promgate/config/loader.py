@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from service_identity.hazmat import DNS_ID
 
+from promgate.addresses import HOSTNAME as _HOSTNAME
+from promgate.addresses import split_address
 from promgate.config.errors import ConfigError, Problem
 from promgate.config.host_checks import Finding, audit_path_findings, endpoint_findings
 from promgate.config.model import (
@@ -59,10 +61,6 @@ T = TypeVar("T")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$"
-)
-_PORT = re.compile(r"[0-9]{1,5}")
 _RESERVED_PARAMS = frozenset({"route", "target", "path"})
 
 _TOP_KEYS = {
@@ -471,7 +469,7 @@ class _Loader:
         advertise = None
         if "advertise" in f:
             advertise = self.string(f["advertise"])
-            if advertise is not None and _split_address(advertise) is None:
+            if advertise is not None and split_address(advertise) is None:
                 self.error(item.src, f["advertise"].key, "must be host:port")
             if protocol != "http":
                 self.error(item.src, f["advertise"].key, "only http listeners advertise (/sd)")
@@ -735,7 +733,7 @@ class _Loader:
             text = self.string(target_item)
             if text is None:
                 return None
-            if _split_address(text) is None:
+            if split_address(text) is None:
                 self.error(
                     target_item.src,
                     target_item.key,
@@ -1459,7 +1457,7 @@ class _Loader:
         if "servers" in f:
             servers = []
             for i, text in enumerate(self.strings(f["servers"]) or []):
-                split = (text, 53) if _is_ip(text) else _split_address(text)
+                split = (text, 53) if _is_ip(text) else split_address(text)
                 if split is None or not _is_ip(split[0]):
                     self.error(
                         f["servers"].src,
@@ -1550,7 +1548,7 @@ class _Loader:
                         'a template such as "{host}:9100" ({host}, {port}, {address} '
                         "or a label name in braces)",
                     )
-                elif _split_address(probe) is None:
+                elif split_address(probe) is None:
                     self.error(f["address"].src, f["address"].key, "must make host:port")
                 else:
                     kw["address"] = text
@@ -1598,7 +1596,7 @@ class _Loader:
         text = self.string(item)
         if text is None:
             return None
-        if _split_address(text) is None:
+        if split_address(text) is None:
             self.error(
                 item.src, item.key, f"target {text!r} must be host:port ([v6]:port for IPv6)"
             )
@@ -1748,32 +1746,6 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _split_address(text: str) -> tuple[str, int] | None:
-    """Split ``host:port`` (``[v6]:port`` for IPv6) or return None if malformed."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
-        return None
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            return None
-        return host[1:-1], int(port)
-    if ":" in host:
-        return None
-    try:
-        ipaddress.IPv4Address(host)
-        return host, int(port)
-    except ValueError:
-        pass
-    if not _HOSTNAME.match(host) or host.replace(".", "").isdigit():
-        return None
-    return host, int(port)
-
-
-split_address = _split_address
 
 
 def _filled(

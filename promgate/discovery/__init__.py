@@ -115,7 +115,7 @@ class CompiledSelector:
     def apply(self, targets: Iterable[Target]) -> tuple[list[Target], list[str]]:
         """The targets admitted, rewritten, with discovery's reserved labels dropped;
         plus a problem for each target whose rewritten address is unusable."""
-        from promgate.config.loader import split_address
+        from promgate.addresses import split_address
 
         out: list[Target] = []
         problems: list[str] = []

@@ -18,6 +18,7 @@ from twisted.names import dns
 from twisted.names.error import AuthoritativeDomainError, DNSNameError
 from zope.interface import implementer
 
+from promgate.addresses import host_port
 from promgate.config.model import Target
 from promgate.discovery import BaseProvider, Discovered, IDiscoveryProvider
 
@@ -35,10 +36,6 @@ def make_resolver(servers: Sequence[tuple[str, int]] | None, reactor: Any) -> An
     if servers:
         return client.Resolver(servers=list(servers), reactor=reactor)
     return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @implementer(IDiscoveryProvider)
@@ -129,7 +126,7 @@ class DNSSRV(BaseProvider):
                 "__meta_dns_srv_record_port": str(port),
             }
             for ip in addresses:
-                out.append(Target(_address(ip, port), labels))
+                out.append(Target(host_port(ip, port), labels))
         return tuple(out)
 
     async def _addresses(self, host: str) -> list[str]:

@@ -60,7 +60,7 @@ class FileSDError(ValueError):
 
 def parse_file_sd(path: str, data: bytes) -> tuple[Target, ...]:
     """The targets of one file_sd file (JSON or YAML by suffix), or FileSDError."""
-    from promgate.config.loader import split_address
+    from promgate.addresses import split_address
 
     if len(data) > 16 * 1024 * 1024:
         raise FileSDError("larger than 16MiB")

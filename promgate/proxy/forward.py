@@ -38,8 +38,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from promgate.addresses import canonical_address
 from promgate.authn import REFUSED_AT_THE_DOOR, door_headers
-from promgate.config.loader import split_address
 from promgate.config.model import Config, Listener, Route, Target
 from promgate.identity import Recognition
 from promgate.paths import PathRefused, normalize_path
@@ -87,30 +87,6 @@ _IDLE_SLACK = 0.001
 
 
 # -- addresses and request targets ------------------------------------------------------------
-
-
-def canonical_address(text: str, default_port: int | None = None) -> str | None:
-    """``text`` as ``host:port`` in the one spelling targets are compared in, or None.
-
-    Names are lower-cased without a trailing dot, IPv4 addresses are dotted quads, IPv6
-    addresses compressed, in brackets. Without ``default_port`` the port is required.
-    """
-    if default_port is not None and (
-        ":" not in text or (text.startswith("[") and text.endswith("]"))
-    ):
-        text = f"{text}:{default_port}"
-    split = split_address(text) if "%" not in text else None  # no zone ids, no escapes
-    if split is None:
-        return None
-    host, port = split
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        name = host.lower()
-        return f"{name[:-1] if name.endswith('.') else name}:{port}"
-    if address.version == 6:
-        return f"[{address.compressed}]:{port}"
-    return f"{address}:{port}"
 
 
 @attrs.frozen

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from promgate.addresses import peer_address
 from promgate.audit import AuditEvent, IAuditSink
 from promgate.authn import AUTHN_FAILURES, REFUSED_AT_THE_DOOR, Authenticator, door_headers
 from promgate.config.model import Config, Identity, Listener, Route, Target
@@ -908,8 +909,8 @@ class DownstreamProtocol(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.peer = _address(self.transport.getPeer())
-        self.local_address = _address(self.transport.getHost())
+        self.peer = peer_address(self.transport.getPeer())
+        self.local_address = peer_address(self.transport.getHost())
         self.gw.connections.inc()
         self.gw.open_connections.inc()
         self.gw.open.add(self)
@@ -1286,16 +1287,6 @@ class ReverseGatewayFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> DownstreamProtocol:
         return DownstreamProtocol(self.gateway)
-
-
-def _address(addr: Any) -> str:
-    host = getattr(addr, "host", None)
-    port = getattr(addr, "port", None)
-    if host is None:
-        return str(getattr(addr, "name", "") or "unix")
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 __all__ = ["Admission", "DownstreamProtocol", "Exchange", "ReverseGateway", "ReverseGatewayFactory"]

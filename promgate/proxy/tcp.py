@@ -51,6 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from promgate.addresses import peer_address
 from promgate.audit import IAuditSink
 from promgate.config.model import Config, Destination, Listener, Route, Target, TCPForwarding
 from promgate.drain import OpenSet
@@ -1056,11 +1057,10 @@ def _address(addr: Any) -> tuple[str, tuple[str, int] | None]:
     """``ip:port`` for audit records, and (host, port) for a PROXY header (None if not IP)."""
     host = getattr(addr, "host", None)
     port = getattr(addr, "port", None)
-    if host is None or port is None:
-        return str(getattr(addr, "name", "") or "unix"), None
+    if not isinstance(host, str) or not isinstance(port, int):
+        return peer_address(addr), None
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return f"{host}:{port}", None
-    text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return text, (host, port)
+        return peer_address(addr), None
+    return peer_address(addr), (host, port)

@@ -1,0 +1,84 @@
+"""Addresses as promgate writes and compares them: ``host:port``, ``[v6]:port``.
+
+One home for splitting, checking and spelling addresses, used by configuration loading,
+discovery, the listeners and the audit records alike.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+__all__ = ["HOSTNAME", "canonical_address", "host_port", "peer_address", "split_address"]
+
+#: A DNS name (letters, digits, ``-`` and ``_`` in labels of at most 63), optionally
+#: ending in a dot.
+HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def split_address(text: str) -> tuple[str, int] | None:
+    """Split ``host:port`` (``[v6]:port`` for IPv6) or return None if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return None
+        return host[1:-1], int(port)
+    if ":" in host:
+        return None
+    try:
+        ipaddress.IPv4Address(host)
+        return host, int(port)
+    except ValueError:
+        pass
+    if not HOSTNAME.match(host) or host.replace(".", "").isdigit():
+        return None
+    return host, int(port)
+
+
+def canonical_address(text: str, default_port: int | None = None) -> str | None:
+    """``text`` as ``host:port`` in the one spelling targets are compared in, or None.
+
+    Names are lower-cased without a trailing dot, IPv4 addresses are dotted quads, IPv6
+    addresses compressed, in brackets. Without ``default_port`` the port is required.
+    """
+    if default_port is not None and (
+        ":" not in text or (text.startswith("[") and text.endswith("]"))
+    ):
+        text = f"{text}:{default_port}"
+    split = split_address(text) if "%" not in text else None  # no zone ids, no escapes
+    if split is None:
+        return None
+    host, port = split
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        name = host.lower()
+        return f"{name[:-1] if name.endswith('.') else name}:{port}"
+    if address.version == 6:
+        return f"[{address.compressed}]:{port}"
+    return f"{address}:{port}"
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def peer_address(addr: Any) -> str:
+    """A Twisted address (``IPv4Address``, ``IPv6Address``, ``UNIXAddress``) as text."""
+    host = getattr(addr, "host", None)
+    port = getattr(addr, "port", None)
+    if host is None or port is None:
+        name = getattr(addr, "name", None)
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        return str(name or "unix")
+    return host_port(host, port)
