@@ -19,6 +19,7 @@ import yaml
 
 from promgate.config.loader import check_config
 from promgate.config.model import Config, Identity, Limits, Route
+from promgate.config.yaml_source import load_bounded
 from promgate.identity import Recognition
 from promgate.policy import (
     NOT_FOUND,
@@ -236,7 +237,10 @@ class _TestFile:
             return []
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text)
+            data = load_bounded(text, str(self.file))
+        except ValueError as e:
+            self.problem(None, "", f"YAML error: {e}")
+            return []
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None

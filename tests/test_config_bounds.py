@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -10,8 +12,10 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from promgate import cli
 from promgate.config.loader import check_config
 from promgate.config.yaml_source import MAX_FILE_SIZE, MAX_FILES, MAX_NODES
+from promgate.discovery.file_sd import FileSDError, parse_file_sd
 
 #: Nine levels of nine aliases each: 9**9 (387 million) values if expanded, from 1 KiB.
 BILLION_LAUGHS = textwrap.dedent(
@@ -111,3 +115,42 @@ class FileBoundTests(SynchronousTestCase):
         found = [m for m in messages(path) if "files to read" in m]
         self.assertEqual(len(found), 1, found)
         self.assertIn(f"more than {MAX_FILES} files", found[0])
+
+
+class UnreadableValueTests(SynchronousTestCase):
+    """A scalar YAML cannot turn into a value is a problem at its line, not a traceback."""
+
+    def test_bad_date_and_huge_integer(self) -> None:
+        path = Path(self.mktemp())
+        path.write_text("routes:\n  a:\n    x: 2001-02-30\n    y: " + "9" * 5000 + "\n")
+        found = messages(path)
+        self.assertIn(f"{path}:3: routes.a.x: value cannot be read: day is out of range", found[0])
+        self.assertTrue(found[1].startswith(f"{path}:4: routes.a.y: value cannot be read"))
+
+
+class OtherYAMLTests(SynchronousTestCase):
+    """YAML the gateway reads at run time (file_sd) and policy test files are bounded too."""
+
+    def test_file_sd_bomb(self) -> None:
+        """A file_sd file of nested aliases is refused, not expanded: the running gateway
+        keeps its last good targets (see docs/discovery.md)."""
+        with self.assertRaises(FileSDError) as cm:
+            parse_file_sd("bomb.yaml", BILLION_LAUGHS.encode())
+        self.assertIn("expands to more than", str(cm.exception))
+
+    def test_file_sd_still_reads_large_files(self) -> None:
+        """The budget grows with the file: 20,000 targets without aliases read fine."""
+        text = "- targets:\n" + "".join(
+            f"  - 10.0.{i // 250}.{i % 250}:9100\n" for i in range(20000)
+        )
+        self.assertEqual(len(parse_file_sd("big.yaml", text.encode())), 20000)
+
+    def test_policy_tests_bomb(self) -> None:
+        """``promgate test-policy`` on a bomb answers with exit 2 and the reason."""
+        path = Path(self.mktemp())
+        path.write_text(BILLION_LAUGHS)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(["test-policy", str(path)])
+        self.assertEqual(code, 2)
+        self.assertIn("expands to more than", err.getvalue() + out.getvalue())

@@ -16,7 +16,16 @@ import yaml
 
 from promgate.config.errors import Problem
 
-__all__ = ["MAX_FILES", "MAX_FILE_SIZE", "MAX_NODES", "Item", "Source", "join_key", "parse_file"]
+__all__ = [
+    "MAX_FILES",
+    "MAX_FILE_SIZE",
+    "MAX_NODES",
+    "Item",
+    "Source",
+    "join_key",
+    "load_bounded",
+    "parse_file",
+]
 
 #: The largest configuration file read (a real one is a few KiB).
 MAX_FILE_SIZE = 1024 * 1024
@@ -73,12 +82,24 @@ class _TooLargeError(Exception):
 class _YAML:
     """Turns a YAML node tree into plain values while noting each key's line."""
 
-    def __init__(self, file: Path, problems: list[Problem]) -> None:
+    def __init__(self, file: Path, problems: list[Problem], budget: int = MAX_NODES) -> None:
         self.file = file
         self.problems = problems
         self.lines: dict[str, int] = {}
         self._scalars = yaml.constructor.SafeConstructor()
-        self._budget = MAX_NODES
+        self._budget = budget
+        self.limit = budget
+
+    def _scalar(self, node: yaml.Node, path: str) -> Any:
+        """A scalar's value; one that cannot be read (``2001-02-30``, an integer of
+        thousands of digits) is a problem at its line, not a traceback."""
+        try:
+            return self._scalars.construct_object(node)
+        except (ValueError, OverflowError) as e:
+            self.problems.append(
+                Problem(self.file, node.start_mark.line + 1, path, f"value cannot be read: {e}")
+            )
+            return None
 
     def _spend(self, node: yaml.Node) -> None:
         self._budget -= 1
@@ -100,11 +121,7 @@ class _YAML:
                         )
                     )
                     continue
-                key = (
-                    self._scalars.construct_object(knode)
-                    if isinstance(knode, yaml.ScalarNode)
-                    else None
-                )
+                key = self._scalar(knode, path) if isinstance(knode, yaml.ScalarNode) else None
                 if not isinstance(key, str):
                     self.problems.append(
                         Problem(
@@ -136,7 +153,7 @@ class _YAML:
                 self.lines[sub] = child.start_mark.line + 1
                 items.append(self.convert(child, sub))
             return items
-        return self._scalars.construct_object(node)
+        return self._scalar(node, path)
 
 
 def _read(file: Path, problems: list[Problem]) -> str | None:
@@ -185,7 +202,7 @@ def parse_file(file: Path, problems: list[Problem]) -> tuple[Any, Source] | None
                 file,
                 e.line,
                 "",
-                f"YAML document expands to more than {MAX_NODES} values "
+                f"YAML document expands to more than {conv.limit} values "
                 "(through anchors and aliases?); refused",
             )
         )
@@ -199,3 +216,33 @@ def parse_file(file: Path, problems: list[Problem]) -> tuple[Any, Source] | None
         )
         return None
     return data, Source(file, conv.lines)
+
+
+def load_bounded(text: str, name: str) -> Any:
+    """YAML ``text`` (from ``name``) as plain values, bounded as configuration files are,
+    with a budget of values no smaller than the text's length (a document without aliases
+    never produces more values than it has characters). ValueError says what and where.
+    """
+    problems: list[Problem] = []
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ValueError("YAML nested too deeply") from None
+    if node is None:
+        return None
+    conv = _YAML(Path(name), problems, max(MAX_NODES, len(text)))
+    try:
+        data = conv.convert(node, "")
+    except _TooLargeError as e:
+        raise ValueError(
+            f"line {e.line}: YAML document expands to more than {conv.limit} values "
+            "(through anchors and aliases?)"
+        ) from None
+    except RecursionError:
+        raise ValueError("YAML nested too deeply (or a recursive alias)") from None
+    if problems:
+        first = problems[0]
+        raise ValueError(
+            f"line {first.line}: {first.key + ': ' if first.key else ''}{first.message}"
+        )
+    return data

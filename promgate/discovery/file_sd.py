@@ -61,11 +61,15 @@ class FileSDError(ValueError):
 def parse_file_sd(path: str, data: bytes) -> tuple[Target, ...]:
     """The targets of one file_sd file (JSON or YAML by suffix), or FileSDError."""
     from promgate.addresses import split_address
+    from promgate.config.yaml_source import load_bounded
 
     if len(data) > 16 * 1024 * 1024:
         raise FileSDError("larger than 16MiB")
     try:
-        doc = json.loads(data) if path.endswith(".json") else yaml.safe_load(data)
+        if path.endswith(".json"):
+            doc = json.loads(data)
+        else:
+            doc = load_bounded(data.decode("utf-8"), path)
     except (ValueError, yaml.YAMLError) as e:
         raise FileSDError(f"not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from e
     if doc is None:
