@@ -20,11 +20,11 @@ import bcrypt
 from twisted.trial.unittest import SynchronousTestCase
 
 from promgate.testing import FakeExporter, GatewayProcess, TestPKI, https_get
-from tests.test_integration import (
+from promgate.testing.integration import (
     Shared,
-    _cleanups,
     attempt_handshake,
     cert_sha256,
+    cleanups,
     metric_samples,
     q,
     refused_handshake_from,
@@ -90,7 +90,7 @@ class CredentialScenario:
         self.noeku_sha256 = cert_sha256(noeku_cert)
         self.body = os.urandom(2048)
         self.exporter = FakeExporter({"/metrics": self.body})
-        _cleanups.append(self.exporter.stop)
+        cleanups.append(self.exporter.stop)
         token_file = self.dir / "agent.token"
         token_file.write_text(AGENT_TOKEN + "\n")
         os.chmod(token_file, 0o600)
@@ -117,7 +117,7 @@ audit: {{path: {q(self.audit_log)}, key_file: {q(self.pki.audit_key)}}}
         )
         gateway = self.gateway = GatewayProcess(self.dir / "gateway", config)
         self.config_path = gateway.config_path
-        _cleanups.append(gateway.stop)
+        cleanups.append(gateway.stop)
         gateway.start()
         plain, scrape = gateway.address("plain"), gateway.address("scrape")
         node = scrape_path("node", ex)

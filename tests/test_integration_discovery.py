@@ -13,9 +13,9 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from promgate.testing import FakeExporter, GatewayProcess, TestPKI, https_get
-from tests.test_integration import (
+from promgate.testing.integration import (
     IDENTITIES,
-    _cleanups,
+    cleanups,
     eventually,
     metric_samples,
     q,
@@ -57,7 +57,7 @@ audit: {{path: {q(self.dir / "audit.jsonl")}, key_file: {q(self.pki.audit_key)}}
 """
         )
         self.gateway = GatewayProcess(self.dir / "gateway", config)
-        _cleanups.append(self.gateway.stop)
+        cleanups.append(self.gateway.stop)
         self.addCleanup(self.gateway.stop)
         self.gateway.start()
         self.prometheus = self.pki.client_context("prometheus")

@@ -20,7 +20,7 @@ import bcrypt
 from twisted.trial.unittest import SynchronousTestCase
 
 from promgate.testing import FakeExporter, GatewayProcess, TestPKI, https_connection, request
-from tests.test_integration import Shared, _cleanups, q, tls_section, workdir
+from promgate.testing.integration import Shared, cleanups, q, tls_section, workdir
 
 BODY = b"# TYPE plain_up gauge\nplain_up 1\n"
 TLS_BODY = b"# TYPE tls_up gauge\ntls_up 1\n"
@@ -36,9 +36,9 @@ class ForwardSetup:
         self.dir = workdir("forward")
         self.pki = TestPKI(self.dir / "pki")
         self.plain = FakeExporter({"/metrics": BODY, "/secret": b"secret 1\n"})
-        _cleanups.append(self.plain.stop)
+        cleanups.append(self.plain.stop)
         self.tls = FakeExporter({"/metrics": TLS_BODY}, tls=self.pki.server_context())
-        _cleanups.append(self.tls.stop)
+        cleanups.append(self.tls.stop)
         self.audit_log = self.dir / "audit.jsonl"
         hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(4)).decode()
         config = (
@@ -67,7 +67,7 @@ audit: {{path: {q(self.audit_log)}, key_file: {q(self.pki.audit_key)}}}
 """
         )
         self.gateway = GatewayProcess(self.dir / "gateway", config)
-        _cleanups.append(self.gateway.stop)
+        cleanups.append(self.gateway.stop)
         self.gateway.start()
         self.prometheus = self.pki.client_context("prometheus")
 

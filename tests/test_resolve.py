@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from promgate import cli
 from promgate.testing import TestPKI
-from tests.test_integration import Shared, workdir
+from promgate.testing.integration import Shared, workdir
 
 SRV_NAME = "_node._tcp.example.org"
 #: The TLS files check-config insists on, made once for every test.

@@ -41,10 +41,7 @@ from promgate.config.model import (
 )
 from promgate.proxy.upstream import UpstreamPool, UpstreamProtocol
 from promgate.testing import FakeExporter, GatewayProcess, TestPKI
-from promgate.tls import UpstreamTLSError, client_options, server_options
-from tests.test_config import _ProblemAssertions
-from tests.test_gateway import NODE, PROMETHEUS, GatewayTestCase, get
-from tests.test_integration import (
+from promgate.testing.integration import (
     IDENTITIES,
     Shared,
     eventually,
@@ -55,6 +52,9 @@ from tests.test_integration import (
     tls_section,
     workdir,
 )
+from promgate.tls import UpstreamTLSError, client_options, server_options
+from tests.test_config import _ProblemAssertions
+from tests.test_gateway import NODE, PROMETHEUS, GatewayTestCase, get
 
 #: RFC 7617's example: user Aladdin, password "open sesame".
 ALADDIN = b"Authorization: Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==\r\n"
@@ -947,14 +947,14 @@ class UpstreamHandshakeTests(SynchronousTestCase):
 
 # -- the real gateway, real TLS, on loopback ------------------------------------------------
 
-_cleanups: list[Callable[[], object]] = []
+cleanups: list[Callable[[], object]] = []
 
 
 @atexit.register
-def _run_cleanups() -> None:
-    while _cleanups:
+def _runcleanups() -> None:
+    while cleanups:
         with contextlib.suppress(Exception):
-            _cleanups.pop()()
+            cleanups.pop()()
 
 
 class CredentialsSetup:
@@ -1028,14 +1028,14 @@ audit: {{path: {q(self.audit_log)}, key_file: {q(pki.audit_key)}}}
 """
         )
         self.gateway = GatewayProcess(self.dir / "gateway", config)
-        _cleanups.append(self.gateway.stop)
+        cleanups.append(self.gateway.stop)
         self.gateway.start()
         self.prometheus = pki.client_context("prometheus")
 
     def exporter(self, **kw: Any) -> FakeExporter:
         routes = {p: self.body for p in ("/metrics", "/bearer", "/basic")}
         exporter = FakeExporter(routes, **kw)
-        _cleanups.append(exporter.stop)
+        cleanups.append(exporter.stop)
         return exporter
 
     def scrape(self, route: str, exporter: FakeExporter, **kw: Any) -> Any:
