@@ -35,7 +35,7 @@ from promgate.proxy.proxyproto import (
     decode_v2,
 )
 from promgate.testing import GatewayProcess, TestPKI, https_get
-from tests.test_sni import python_client_hello
+from promgate.testing.hello import python_client_hello
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -69,8 +69,8 @@ from promgate.proxy.tcp import (
 )
 from promgate.ratelimit import RateLimiter
 from promgate.testing import TestPKI
+from promgate.testing.hello import python_client_hello
 from promgate.tls import server_tls
-from tests.test_sni import python_client_hello
 
 PROMETHEUS = Identity(
     "prometheus",
