@@ -10,7 +10,14 @@ import ipaddress
 import re
 from typing import Any
 
-__all__ = ["HOSTNAME", "canonical_address", "host_port", "peer_address", "split_address"]
+__all__ = [
+    "HOSTNAME",
+    "canonical_address",
+    "host_port",
+    "peer_address",
+    "peer_prefix",
+    "split_address",
+]
 
 #: A DNS name (letters, digits, ``-`` and ``_`` in labels of at most 63), optionally
 #: ending in a dot.
@@ -82,3 +89,23 @@ def peer_address(addr: Any) -> str:
             name = name.decode("utf-8", "replace")
         return str(name or "unix")
     return host_port(host, port)
+
+
+def peer_prefix(peer: str | None) -> str:
+    """The network a peer address (``ip:port``, ``[v6]:port``) belongs to: ``a.b.c.0/24``
+    for IPv4, the ``/64`` for IPv6, the text itself for anything else (a UNIX socket)."""
+    if not peer:
+        return ""
+    host = peer
+    if peer.startswith("["):
+        host = peer[1:].partition("]")[0]
+    elif peer.count(":") == 1:
+        host = peer.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    bits = 24 if address.version == 4 else 64
+    return str(ipaddress.ip_network(f"{address}/{bits}", strict=False))

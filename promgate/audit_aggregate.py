@@ -33,8 +33,8 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
+from promgate.addresses import peer_prefix
 from promgate.audit import AuditEvent, IAuditSink
-from promgate.peers import peer_prefix
 
 #: How many distinct keys are held before further ones fall into the overflow key.
 MAX_KEYS = 4096

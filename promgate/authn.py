@@ -43,10 +43,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from promgate.addresses import peer_prefix
 from promgate.authn_limits import OVERLOADED_RETRY_AFTER, BcryptQueue, FailureBackoff
 from promgate.config.model import Identity
 from promgate.identity import IdentityResolver, Recognition
-from promgate.peers import peer_prefix
 from promgate.tls import PeerCertificate
 
 if TYPE_CHECKING:

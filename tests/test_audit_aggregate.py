@@ -7,9 +7,9 @@ from pathlib import Path
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from promgate.addresses import peer_prefix
 from promgate.audit import AuditEvent, AuditLog, MemoryAuditSink, verify_files
 from promgate.audit_aggregate import AggregatingSink, aggregation_key
-from promgate.peers import peer_prefix
 from promgate.proxy.http import handshake_failure_event
 
 
