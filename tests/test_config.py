@@ -8,7 +8,6 @@ import io
 import json
 import math
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from promgate import cli
 from promgate.addresses import split_address
-from promgate.config.errors import ConfigError, Problem
+from promgate.config.errors import ConfigError
 from promgate.config.loader import check_config, load_config
 from promgate.config.model import (
     Admin,
     Audit,
     CertMatch,
-    Config,
     Identity,
     Limits,
     Listener,
@@ -35,149 +33,12 @@ from promgate.config.model import (
     TLSFiles,
 )
 from promgate.config.units import parse_duration, parse_rate, parse_size
-from promgate.testing import TestPKI
-
-MAIN = """\
-include: ["conf.d/*.yaml"]
-tls:
-  certificate: pki/gate.pem
-  key: pki/gate-key.pem
-  client_ca: pki/ca.pem
-admin:
-  endpoint: "tcp:9099:interface=127.0.0.1"
-listeners:
-  - name: scrape
-    protocol: http
-    endpoint: "tcp:9443"
-    advertise: "gate.example.org:9443"
-identities:
-  prometheus:
-    cert: {uri: "spiffe://promgate.local/prometheus"}
-    roles: [scraper]
-templates:
-  exporter:
-    scheme: http
-    metrics_path: /metrics
-    paths: [/metrics, /metrics/extra]
-    allow: ["role:scraper"]
-    timeout: 10s
-    max_response_size: 1MiB
-    limits: {rate: "5/s", burst: 10, per: identity_target, max_concurrent: 50}
-    labels: {team: infra, env: prod}
-audit:
-  path: audit.jsonl
-  key_file: pki/audit.key
-  fsync: always
-  on_failure: deny
-"""
-
-NODE = """\
-routes:
-  node:
-    template: exporter
-    timeout: 5s
-    labels: {env: staging}
-    targets:
-      static:
-        - "10.0.0.5:9100"
-        - targets: ["[2001:db8::1]:9100", "node-b.example.org:9100"]
-          labels: {az: a}
-  blackbox:
-    metrics_path: /probe
-    params: [module]
-    allow: [ops]
-    targets: {static: ["127.0.0.1:9115"]}
-"""
-
-IDENTITIES = """\
-identities:
-  ops:
-    cert:
-      - {cn: ops}
-      - {dns: ops.example.org}
-    roles: [admin]
-"""
+from promgate.testing.configs import (
+    ProblemAssertions,
+)
 
 
-def line_of(text: str, needle: str, nth: int = 1) -> int:
-    """The 1-based line of the ``nth`` line of ``text`` containing ``needle``."""
-    found = [i for i, line in enumerate(text.splitlines(), 1) if needle in line]
-    return found[nth - 1]
-
-
-class ConfigTree:
-    """A configuration directory with a test PKI, written file by file."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root.resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "conf.d").mkdir(exist_ok=True)
-        self.pki = TestPKI(self.root / "pki")
-        self.texts: dict[str, str] = {}
-
-    def write(self, name: str, text: str) -> Path:
-        path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = textwrap.dedent(text)
-        path.write_text(text)
-        self.texts[name] = text
-        return path
-
-    def standard(self) -> ConfigTree:
-        self.write("main.yaml", MAIN)
-        self.write("conf.d/node.yaml", NODE)
-        self.write("conf.d/identities.yaml", IDENTITIES)
-        return self
-
-    def path(self, name: str) -> Path:
-        return self.root / name
-
-    def line(self, name: str, needle: str, nth: int = 1) -> int:
-        return line_of(self.texts[name], needle, nth)
-
-    def check(self, name: str = "main.yaml") -> tuple[Config | None, list[Problem], list[Problem]]:
-        return check_config(self.root / name)
-
-
-class _ProblemAssertions(SynchronousTestCase):
-    """Shared assertions on the problems a configuration produces."""
-
-    def setUp(self) -> None:
-        self.tree = ConfigTree(Path(self.mktemp()))
-
-    def assertProblem(
-        self,
-        problems: list[Problem],
-        name: str | None,
-        line: int | None,
-        key: str,
-        message: str,
-    ) -> Problem:
-        """Exactly one problem has ``key``; it is in ``name`` at ``line`` and says ``message``;
-        it prints as ``FILE:LINE: key: message``."""
-        matching = [p for p in problems if p.key == key]
-        self.assertEqual(len(matching), 1, f"problems with key {key!r}: {problems}")
-        (problem,) = matching
-        file = self.tree.path(name) if name is not None else None
-        self.assertEqual((problem.file, problem.line), (file, line), str(problem))
-        self.assertIn(message, problem.message)
-        where = f"{file}:{line}" if line is not None else f"{file}"
-        prefix = f"{where}: {key}: " if key else f"{where}: "
-        self.assertTrue(str(problem).startswith(prefix), f"{problem!s} vs {prefix}")
-        self.assertTrue(str(problem).endswith(problem.message))
-        return problem
-
-    def errors_with(self, name: str, text: str) -> list[Problem]:
-        """The errors of the standard configuration plus ``name`` containing ``text``."""
-        self.tree.standard()
-        self.tree.write(name, text)
-        config, errors, _ = self.tree.check()
-        self.assertIsNone(config)
-        self.assertTrue(errors)
-        return errors
-
-
-class ValidConfigTests(_ProblemAssertions):
+class ValidConfigTests(ProblemAssertions):
     """A valid configuration with drop-ins and templates loads to frozen models."""
 
     def setUp(self) -> None:
@@ -302,7 +163,7 @@ class ValidConfigTests(_ProblemAssertions):
         self.assertEqual(str(error), "\n".join(str(p) for p in error.problems))
 
 
-class SyntaxAndStructureTests(_ProblemAssertions):
+class SyntaxAndStructureTests(ProblemAssertions):
     """YAML and structural errors."""
 
     def test_yaml_syntax_error(self) -> None:
@@ -382,7 +243,7 @@ class SyntaxAndStructureTests(_ProblemAssertions):
         self.assertProblem(errors, "nope.yaml", None, "", "cannot read file")
 
 
-class DefinedTwiceTests(_ProblemAssertions):
+class DefinedTwiceTests(ProblemAssertions):
     """A name defined twice across drop-ins is an error pointing at both places."""
 
     def assertTwice(self, section: str, name: str, first_file: str, first_needle: str) -> None:
@@ -434,7 +295,7 @@ class DefinedTwiceTests(_ProblemAssertions):
         self.assertEqual(len(errors), 3, errors)
 
 
-class FileErrorTests(_ProblemAssertions):
+class FileErrorTests(ProblemAssertions):
     """Files named by the configuration must exist, parse, and match."""
 
     def setUp(self) -> None:
@@ -518,7 +379,7 @@ class FileErrorTests(_ProblemAssertions):
         )
 
 
-class ValueErrorTests(_ProblemAssertions):
+class ValueErrorTests(ProblemAssertions):
     """Values that do not resolve or parse, each at its own key path."""
 
     def assertZZ(self, text: str, needle: str, key: str, message: str, nth: int = 1) -> None:
@@ -953,7 +814,7 @@ class ValueErrorTests(_ProblemAssertions):
         )
 
 
-class WarningTests(_ProblemAssertions):
+class WarningTests(ProblemAssertions):
     """Things that load but deserve a warning."""
 
     def test_plain_text_listener(self) -> None:
@@ -1009,7 +870,7 @@ class WarningTests(_ProblemAssertions):
         )
 
 
-class PathResolutionTests(_ProblemAssertions):
+class PathResolutionTests(ProblemAssertions):
     """Relative paths resolve against the file that names them."""
 
     def test_drop_in_in_subdirectory(self) -> None:
@@ -1340,7 +1201,7 @@ class UnitsTests(SynchronousTestCase):
             self.assertTrue(text.isascii())
 
 
-class CheckConfigCommandTests(_ProblemAssertions):
+class CheckConfigCommandTests(ProblemAssertions):
     """``promgate check-config FILE``: exit status and output."""
 
     def run_cli(self, *argv: str) -> tuple[int, str, str]:

@@ -602,7 +602,7 @@ class PluginTests(SynchronousTestCase):
 
     def test_configured(self) -> None:
         """check-config checks the plugin's settings; Discovery builds and runs it."""
-        from tests.test_config import ConfigTree
+        from promgate.testing.configs import ConfigTree
 
         tree = ConfigTree(Path(self.mktemp())).standard()
         tree.write(

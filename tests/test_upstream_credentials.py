@@ -41,6 +41,7 @@ from promgate.config.model import (
 )
 from promgate.proxy.upstream import UpstreamPool, UpstreamProtocol
 from promgate.testing import FakeExporter, GatewayProcess, TestPKI
+from promgate.testing.configs import ProblemAssertions
 from promgate.testing.integration import (
     IDENTITIES,
     Shared,
@@ -53,7 +54,6 @@ from promgate.testing.integration import (
     workdir,
 )
 from promgate.tls import UpstreamTLSError, client_options, server_options
-from tests.test_config import _ProblemAssertions
 from tests.test_gateway import NODE, PROMETHEUS, GatewayTestCase, get
 
 #: RFC 7617's example: user Aladdin, password "open sesame".
@@ -64,7 +64,7 @@ SPIFFE_EXPORTER = "spiffe://promgate.local/ns/prod/sa/exporter"
 # -- configuration ----------------------------------------------------------------------
 
 
-class CredentialConfigTests(_ProblemAssertions):
+class CredentialConfigTests(ProblemAssertions):
     """``authorization`` and ``basic_auth`` on routes and templates: the header built at
     load, and every way they can be wrong, each at its file, line and key path."""
 
@@ -464,7 +464,7 @@ class CredentialConfigTests(_ProblemAssertions):
         )
 
 
-class UpstreamTLSConfigTests(_ProblemAssertions):
+class UpstreamTLSConfigTests(ProblemAssertions):
     """A route's ``tls`` gains ``cert`` + ``key`` (checked like the listener's) and
     ``identity`` (one of ``dns``, ``uri``)."""
 
