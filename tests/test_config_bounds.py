@@ -80,6 +80,17 @@ class AliasExpansionTests(SynchronousTestCase):
         self.assertIn(f"more than {MAX_NODES} values", done.stdout + done.stderr)
         self.assertNotIn("MemoryError", done.stdout + done.stderr)
 
+    def test_long_key_under_an_anchor(self) -> None:
+        """A long explicit key under an anchor, aliased a few hundred times, would copy the
+        key (and the key paths below it) per use: the characters count against a budget
+        too, so this is refused though it produces few values."""
+        path = self.dir / "long-key.yaml"
+        key = "K" * 100_000
+        path.write_text(f"a: &a\n  ? {key}\n  : 1\nb: [" + ",".join(["*a"] * 300) + "]\n")
+        found = messages(path)
+        self.assertEqual(len(found), 1, found)
+        self.assertIn("characters (through anchors and aliases?); refused", found[0])
+
     def test_aliases_within_the_bound_still_work(self) -> None:
         """An alias used a few times is an ordinary YAML feature and stays allowed."""
         path = self.dir / "ok.yaml"

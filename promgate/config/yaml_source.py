@@ -31,6 +31,9 @@ __all__ = [
 MAX_FILE_SIZE = 1024 * 1024
 #: The most values one file may produce, counting each use of an alias anew.
 MAX_NODES = 100_000
+#: The most characters one file may produce in keys, values and key paths, counting each
+#: use of an alias anew (a long key under an anchor would otherwise be copied per use).
+MAX_CHARS = 16 * 1024 * 1024
 #: The most files one configuration may read through includes (the main file and drop-ins).
 MAX_FILES = 1000
 
@@ -82,12 +85,19 @@ class _TooLargeError(Exception):
 class _YAML:
     """Turns a YAML node tree into plain values while noting each key's line."""
 
-    def __init__(self, file: Path, problems: list[Problem], budget: int = MAX_NODES) -> None:
+    def __init__(
+        self,
+        file: Path,
+        problems: list[Problem],
+        budget: int = MAX_NODES,
+        chars: int = MAX_CHARS,
+    ) -> None:
         self.file = file
         self.problems = problems
         self.lines: dict[str, int] = {}
         self._scalars = yaml.constructor.SafeConstructor()
         self._budget = budget
+        self._chars = chars
         self.limit = budget
 
     def _scalar(self, node: yaml.Node, path: str) -> Any:
@@ -101,13 +111,15 @@ class _YAML:
             )
             return None
 
-    def _spend(self, node: yaml.Node) -> None:
+    def _spend(self, node: yaml.Node, chars: int = 0) -> None:
         self._budget -= 1
-        if self._budget < 0:
+        self._chars -= chars
+        if self._budget < 0 or self._chars < 0:
             raise _TooLargeError(node.start_mark.line + 1)
 
     def convert(self, node: yaml.Node, path: str) -> Any:
-        self._spend(node)
+        value = node.value if isinstance(node, yaml.ScalarNode) else ""
+        self._spend(node, len(path) + len(value))
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             for knode, vnode in node.value:
@@ -202,7 +214,7 @@ def parse_file(file: Path, problems: list[Problem]) -> tuple[Any, Source] | None
                 file,
                 e.line,
                 "",
-                f"YAML document expands to more than {conv.limit} values "
+                f"YAML document expands to more than {conv.limit} values or {MAX_CHARS} characters "
                 "(through anchors and aliases?); refused",
             )
         )
@@ -230,13 +242,13 @@ def load_bounded(text: str, name: str) -> Any:
         raise ValueError("YAML nested too deeply") from None
     if node is None:
         return None
-    conv = _YAML(Path(name), problems, max(MAX_NODES, len(text)))
+    conv = _YAML(Path(name), problems, max(MAX_NODES, len(text)), max(MAX_CHARS, 4 * len(text)))
     try:
         data = conv.convert(node, "")
     except _TooLargeError as e:
         raise ValueError(
-            f"line {e.line}: YAML document expands to more than {conv.limit} values "
-            "(through anchors and aliases?)"
+            f"line {e.line}: YAML document expands to more than {conv.limit} values or "
+            "characters (through anchors and aliases?)"
         ) from None
     except RecursionError:
         raise ValueError("YAML nested too deeply (or a recursive alias)") from None
