@@ -274,8 +274,19 @@ class Authenticator:
             return refused
         entry = self._basic.get(user)
         hashed = entry[0] if entry is not None else self._decoy
-        d: Deferred[bool] | None = self.checks.submit(bcrypt.checkpw, password, hashed)
+
+        def done(result: object) -> None:
+            """The check ran (``result`` True, False or a Failure) or was dropped (None):
+            count it for the backoff, whether or not its client is still there."""
+            failed = isinstance(result, bool) and (entry is None or not result)
+            self._finished(user, network, failed=failed)
+
+        self._started(user, network)  # before submit: the check may end within it
+        d: Deferred[bool] | None = self.checks.submit(
+            bcrypt.checkpw, password, hashed, on_done=done
+        )
         if d is None:
+            self._finished(user, network, failed=False)
             self._rejected("auth_overloaded")
             return Refused(
                 None,
@@ -283,11 +294,8 @@ class Authenticator:
                 f"basic auth user {user[:64]!r}: bcrypt queue full",
                 OVERLOADED_RETRY_AFTER,
             )
-        self._started(user, network)
 
         def checked(ok: bool) -> Recognition:
-            failed = entry is None or not ok
-            self._finished(user, network, failed=failed)
             if entry is None:
                 return _failed(f"basic auth: unknown user {user[:64]!r}")
             if not ok:
@@ -296,7 +304,6 @@ class Authenticator:
             return combine(connection, entry[1])
 
         def broken(failure: Failure) -> Recognition:
-            self._finished(user, network, failed=False)
             if failure.check(CancelledError):
                 return _failed(f"basic auth user {user[:64]!r}: client gone, check dropped")
             self.log.failure("bcrypt check for user {user!r} failed", failure, user=user[:64])

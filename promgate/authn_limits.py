@@ -53,6 +53,8 @@ class _Check:
     args: tuple[Any, ...]
     deferred: Deferred[Any] | None = None
     state: CheckState = CheckState.WAITING
+    #: Told how the check ended: its result (or Failure) if it ran, None if dropped.
+    on_done: Callable[[Any], None] | None = None
 
 
 class BcryptQueue:
@@ -82,12 +84,19 @@ class BcryptQueue:
         """Checks waiting or running."""
         return len(self._waiting) + self._running
 
-    def submit(self, f: Callable[..., Any], *args: Any) -> Deferred[Any] | None:
+    def submit(
+        self,
+        f: Callable[..., Any],
+        *args: Any,
+        on_done: Callable[[Any], None] | None = None,
+    ) -> Deferred[Any] | None:
         """Queue ``f(*args)``; None if the queue is full. Cancelling the Deferred drops a
-        check that has not started (it fails with CancelledError)."""
+        check that has not started (it fails with CancelledError); one already running goes
+        on, and ``on_done`` still learns its result, so that a client cannot escape the
+        failure count by leaving while its check runs."""
         if len(self._waiting) >= self._limit:
             return None
-        check = _Check(f, args)
+        check = _Check(f, args, on_done=on_done)
         check.deferred = Deferred(lambda _: self._cancel(check))
         self._waiting.append(check)
         self._changed()
@@ -99,6 +108,8 @@ class BcryptQueue:
         if check.state is CheckState.WAITING:
             self._waiting.remove(check)
             check.state = CheckState.DONE
+            if check.on_done is not None:
+                check.on_done(None)
             self._changed()
         # A running check goes on in its thread; its result is dropped (already fired).
 
@@ -119,6 +130,8 @@ class BcryptQueue:
     def _finished(self, result: Any, check: _Check) -> None:
         self._running -= 1
         check.state = CheckState.DONE
+        if check.on_done is not None:
+            check.on_done(result)
         deferred = check.deferred
         assert deferred is not None
         if deferred.called:

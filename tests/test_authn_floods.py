@@ -176,6 +176,21 @@ class PeerBackoffTests(FloodTestCase):
         self.fail("203.0.113.5:1", 1)
         self.assertEqual(self.attempt(b"x", "203.0.113.5:1").retry_after, 2)
 
+    def test_leaving_while_checked_still_counts(self) -> None:
+        """A client that resets its connection while its check runs is still counted: the
+        check ran, the password was wrong, and after five such the network is throttled."""
+        for _ in range(5):
+            d = self.attempt(b"wrong", "203.0.113.5:1")
+            answers: list[object] = []
+            d.addBoth(answers.append)
+            d.cancel()  # the connection is lost while bcrypt runs in its thread
+            self.assertEqual(len(answers), 1)
+            self.runner.finish()
+        refused = self.attempt(b"wrong", "203.0.113.5:1")
+        self.assertIsInstance(refused, Refused)
+        self.assertEqual(refused.reason, "auth_throttled")
+        self.assertEqual(self.runner.started, 5)
+
     def test_pending_capped_per_network(self) -> None:
         """One network may have four checks pending; the fifth waits."""
         authn = Authenticator(
