@@ -312,10 +312,17 @@ class Authenticator:
         return d.addCallbacks(checked, broken)
 
     def _throttled(self, user: str, network: str) -> Refused | None:
-        """A refusal if ``network`` or ``user`` must wait before its next check."""
+        """A refusal if ``network`` or ``user`` must wait before its next check.
+
+        A user's backoff holds back only networks that have failed themselves: otherwise a
+        few wrong passwords every few seconds, spread over networks, would keep a user whose
+        password is not cached yet (after a restart, say) out for good.
+        """
+        peers = self.peer_backoff
+        clean = peers is not None and peers.failures(network) == 0
         for backoff, key, what in (
-            (self.peer_backoff, network, f"peer network {network}"),
-            (self.user_backoff, user, f"user {user[:64]!r}"),
+            (peers, network, f"peer network {network}"),
+            (None if clean else self.user_backoff, user, f"user {user[:64]!r}"),
         ):
             if backoff is None:
                 continue

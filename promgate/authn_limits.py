@@ -194,6 +194,11 @@ class FailureBackoff:
             return 1
         return 0
 
+    def failures(self, key: str) -> int:
+        """Failures of ``key`` not yet forgotten."""
+        count = self._current(key)
+        return 0 if count is None else count.failures
+
     def started(self, key: str) -> None:
         """A check for ``key`` was queued."""
         self._get(key).pending += 1

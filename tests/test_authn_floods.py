@@ -212,22 +212,33 @@ class PeerBackoffTests(FloodTestCase):
         self.fail("203.0.113.6:1", 5)
         for i in range(5):
             self.fail(f"10.{i}.0.1:1", 1)
-        self.assertEqual(self.attempt(b"guess", "192.0.2.1:1").reason, "auth_throttled")
+        self.assertEqual(self.attempt(b"guess", "10.1.0.9:1").reason, "auth_throttled")
         started = self.runner.started
         ok = self.attempt(PASSWORD, "203.0.113.5:1")
         self.assertEqual(ok, Recognition(OPS, "ok"))
         self.assertEqual(self.runner.started, started)
 
     def test_user_backoff_is_short(self) -> None:
-        """Ten failures for one user from many networks hold its uncached checks back for
-        at most five seconds; after that a right password gets through."""
+        """Ten failures for one user from many networks hold back that user's uncached
+        checks from those networks, for at most five seconds."""
         for i in range(10):
             self.fail(f"10.{i}.0.1:1", 1)
-        refused = self.attempt(PASSWORD, "192.0.2.1:1")
+        refused = self.attempt(PASSWORD, "10.3.0.9:1")
         self.assertEqual(refused.reason, "auth_throttled")
         self.assertLessEqual(refused.retry_after, 5)
         self.clock.advance(refused.retry_after)
+        d = self.attempt(PASSWORD, "10.3.0.9:1")
+        self.runner.finish()
+        self.assertEqual(self.successResultOf(d).reason, "ok")
+
+    def test_user_backoff_spares_clean_networks(self) -> None:
+        """A network that has not failed is not held back by the user's backoff: a few
+        wrong passwords spread over networks cannot keep a user whose password is not
+        cached yet (after a restart, say) out."""
+        for i in range(10):
+            self.fail(f"10.{i}.0.1:1", 1)
         d = self.attempt(PASSWORD, "192.0.2.1:1")
+        self.assertIsInstance(d, Deferred)
         self.runner.finish()
         self.assertEqual(self.successResultOf(d).reason, "ok")
 
