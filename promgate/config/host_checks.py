@@ -91,12 +91,12 @@ def _tcp_findings(interface: str, port: int) -> list[Finding]:
 
 def _try_bind(family: socket.AddressFamily, interface: str, port: int) -> OSError | None:
     """Bind a throwaway socket as Twisted's listener would (SO_REUSEADDR), then close it."""
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((interface, port))
-        except OSError as e:
-            return e
+    except OSError as e:  # also a host without IPv6, where the socket cannot be made
+        return e
     return None
 
 

@@ -620,6 +620,13 @@ class _Loader:
                 "must be a Prometheus label name not starting with '__', or null for none",
             )
             return "route"
+        if value in ("instance", "job"):
+            self.error(
+                item.src,
+                f["route_label"].key,
+                f"{value!r} names the target or the job in Prometheus; choose another label",
+            )
+            return "route"
         return value
 
     def tcp_settings(
