@@ -17,9 +17,7 @@ import os
 import signal
 import socket
 import ssl
-import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,42 +35,13 @@ from promgate.testing import (
     https_connection,
     run_twistd,
 )
+from promgate.testing.integration import eventually, q, run_cli, workdir
 
 T = TypeVar("T")
 #: How ``twistd`` ends after SIGTERM: it re-raises the signal once the reactor has stopped.
 STOPPED = (0, -signal.SIGTERM)
 KiB = 1024
 MiB = 1024 * KiB
-
-
-def workdir(name: str) -> Path:
-    """A fresh directory under trial's working directory, kept for post-mortems."""
-    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=os.getcwd()))
-
-
-def q(value: Any) -> str:
-    """A YAML scalar (JSON is YAML) for paths interpolated into configurations."""
-    return json.dumps(str(value))
-
-
-def eventually(probe: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
-    """Poll ``probe`` (bounded) until it returns something."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    """``promgate ARGV...`` in process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 def gateway_config(

@@ -148,7 +148,7 @@ def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     ]
 
 
-def eventually(probe: Callable[[], T | None], what: str, timeout: float = 10.0) -> T:
+def eventually(probe: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
     """Poll ``probe`` (bounded) until it returns something; for counters that the gateway
     updates when it sees a connection close, just after the client gave up on it."""
     deadline = time.monotonic() + timeout
