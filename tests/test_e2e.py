@@ -271,6 +271,10 @@ audit:
                 }
             ],
         }
+        return self.run_prometheus(config)
+
+    def run_prometheus(self, config: dict[str, Any]) -> str:
+        """Start the real Prometheus with ``config`` and wait until it is ready."""
         config_path = self.dir / "prometheus.yml"
         # JSON is YAML: no need for a YAML writer here.
         config_path.write_text(json.dumps(config, indent=2) + "\n")
@@ -432,6 +436,7 @@ class PrometheusThroughForwardProxyTests(SynchronousTestCase):
     wait_for = PrometheusThroughGatewayTests.wait_for
     prometheus_api = PrometheusThroughGatewayTests.prometheus_api
     start_node_exporter = PrometheusThroughGatewayTests.start_node_exporter
+    run_prometheus = PrometheusThroughGatewayTests.run_prometheus
 
     PLAIN_JOB = "node-via-proxy"
     TLS_JOB = "node-tls-via-proxy"
@@ -528,28 +533,7 @@ audit:
                 },
             ],
         }
-        config_path = self.dir / "prometheus.yml"
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
-        self.prom_address = f"127.0.0.1:{free_port()}"
-        storage = self.dir / "tsdb"
-        storage.mkdir()
-        self.daemon(
-            "prometheus",
-            [
-                PROMETHEUS,
-                f"--config.file={config_path}",
-                f"--storage.tsdb.path={storage}",
-                f"--web.listen-address={self.prom_address}",
-                "--storage.tsdb.retention.time=1h",
-                "--log.level=debug",
-            ],
-        )
-
-        def ready() -> bool | None:
-            status, _ = http_get(f"http://{self.prom_address}/-/ready", timeout=2.0)
-            return True if status == 200 else None
-
-        self.wait_for("Prometheus /-/ready", ready, PROMETHEUS_START, every=0.1)
+        self.run_prometheus(config)
 
     def test_prometheus_scrapes_through_forward_proxy(self) -> None:
         """Both jobs are up through proxy_url, and audited under Prometheus's identity."""
@@ -643,6 +627,7 @@ class PrometheusThroughTCPListenerTests(SynchronousTestCase):
     wait_for = PrometheusThroughGatewayTests.wait_for
     prometheus_api = PrometheusThroughGatewayTests.prometheus_api
     start_node_exporter = PrometheusThroughGatewayTests.start_node_exporter
+    run_prometheus = PrometheusThroughGatewayTests.run_prometheus
 
     TCP_JOB = "node-via-tcp"
 
@@ -695,28 +680,7 @@ audit:
                 }
             ],
         }
-        config_path = self.dir / "prometheus.yml"
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
-        self.prom_address = f"127.0.0.1:{free_port()}"
-        storage = self.dir / "tsdb"
-        storage.mkdir()
-        self.daemon(
-            "prometheus",
-            [
-                PROMETHEUS,
-                f"--config.file={config_path}",
-                f"--storage.tsdb.path={storage}",
-                f"--web.listen-address={self.prom_address}",
-                "--storage.tsdb.retention.time=1h",
-                "--log.level=debug",
-            ],
-        )
-
-        def ready() -> bool | None:
-            status, _ = http_get(f"http://{self.prom_address}/-/ready", timeout=2.0)
-            return True if status == 200 else None
-
-        self.wait_for("Prometheus /-/ready", ready, PROMETHEUS_START, every=0.1)
+        self.run_prometheus(config)
 
     def test_prometheus_scrapes_through_tcp_listener(self) -> None:
         """up == 1 through a terminate-mode tcp listener, audited under Prometheus's identity."""
@@ -795,6 +759,7 @@ class PrometheusFollowsFileSDTests(SynchronousTestCase):
     wait_for = PrometheusThroughGatewayTests.wait_for
     prometheus_api = PrometheusThroughGatewayTests.prometheus_api
     start_node_exporter = PrometheusThroughGatewayTests.start_node_exporter
+    run_prometheus = PrometheusThroughGatewayTests.run_prometheus
     start_prometheus = PrometheusThroughGatewayTests.start_prometheus  # job JOB, http_sd on /sd
 
     def write_targets(self, path: Path, groups: list[dict[str, Any]]) -> None:
@@ -937,6 +902,7 @@ class PrometheusSeesEveryRouteTests(SynchronousTestCase):
     wait_for = PrometheusThroughGatewayTests.wait_for
     prometheus_api = PrometheusThroughGatewayTests.prometheus_api
     start_node_exporter = PrometheusThroughGatewayTests.start_node_exporter
+    run_prometheus = PrometheusThroughGatewayTests.run_prometheus
     start_prometheus = PrometheusThroughGatewayTests.start_prometheus
 
     def test_two_routes_one_target_two_series(self) -> None:
@@ -999,6 +965,7 @@ class BearerHTTPSDExampleTests(SynchronousTestCase):
     wait_for = PrometheusThroughGatewayTests.wait_for
     prometheus_api = PrometheusThroughGatewayTests.prometheus_api
     start_node_exporter = PrometheusThroughGatewayTests.start_node_exporter
+    run_prometheus = PrometheusThroughGatewayTests.run_prometheus
 
     def documented_job(self) -> dict[str, Any]:
         """The YAML block after "With a bearer token" in docs/http-api.md, as a mapping."""
@@ -1052,20 +1019,7 @@ audit: {{path: audit.jsonl, key_file: {pki.audit_key}}}
             }
             job.update(job_name=JOB, scheme="https", scrape_interval="1s", tls_config=tls)
             job["http_sd_configs"][0].update(refresh_interval="1s", tls_config=tls)
-            config_path = self.dir / "prometheus.yml"
-            config_path.write_text(json.dumps({"scrape_configs": [job]}, indent=2))
-            self.prom_address = f"127.0.0.1:{free_port()}"
-            storage = self.dir / "tsdb"
-            self.daemon(
-                "prometheus",
-                [
-                    PROMETHEUS,
-                    f"--config.file={config_path}",
-                    f"--storage.tsdb.path={storage}",
-                    f"--web.listen-address={self.prom_address}",
-                    "--log.level=debug",
-                ],
-            )
+            self.run_prometheus({"scrape_configs": [job]})
 
             def up() -> bool | None:
                 result = self.prometheus_api("/api/v1/query", query=f'up{{job="{JOB}"}} == 1')
