@@ -17,7 +17,7 @@ from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from promgate.proxy.upstream import UpstreamPool, UpstreamProtocol
+from promgate.http.upstream import UpstreamPool, UpstreamProtocol
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
 

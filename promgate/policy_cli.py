@@ -12,37 +12,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlencode, urlsplit
 
 import attrs
 import yaml
 
 from promgate.config.loader import check_config
-from promgate.config.model import Config, Identity, Limits, Route
+from promgate.config.model import Config, Identity
 from promgate.config.yaml_source import load_bounded
-from promgate.identity import Recognition
-from promgate.policy import (
-    NOT_FOUND,
-    OK,
-    Check,
-    Decision,
-    ScrapePolicy,
-    authorize,
-    parse_scrape_query,
+from promgate.policy import Decision
+from promgate.policy_questions import (
+    Answer,
+    Question,
+    UnusableInputError,
+    question,
+    render,
+    split_url,
+    verdict_line,
 )
-
-
-class UnusableInputError(Exception):
-    """The question cannot be asked: say why and exit 2."""
-
-
-@attrs.frozen
-class Answer:
-    """What the gateway would answer one request (before limits and audit health)."""
-
-    decision: Decision
-    #: For ``/sd``: the routes listed for the caller.
-    sd_routes: tuple[Route, ...] | None = None
 
 
 def load_config(file: Path, err: TextIO) -> Config | None:
@@ -53,96 +39,6 @@ def load_config(file: Path, err: TextIO) -> Config | None:
             print(error, file=err)
         print(f"{file}: {len(errors)} error(s); configuration is NOT valid", file=err)
     return config
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """The path and query of ``https://host/scrape?...`` or ``/scrape?...``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError as e:
-        raise UnusableInputError(f"URL {url!r}: {e}") from None
-    if parts.scheme not in ("", "http", "https"):
-        raise UnusableInputError(f"URL {url!r}: give https://HOST/scrape?... or /scrape?...")
-    if not parts.scheme and not url.startswith("/"):
-        raise UnusableInputError(f"URL {url!r}: give https://HOST/scrape?... or /scrape?...")
-    return parts.path, parts.query
-
-
-def ask(policy: ScrapePolicy, identity: Identity, url: str) -> Answer:
-    """Decide ``GET url`` for ``identity`` as the reverse gateway does."""
-    path, query = split_url(url)
-    if path == "/scrape":
-        parsed = parse_scrape_query(query.encode("utf-8"))
-        if isinstance(parsed, Decision):
-            return Answer(parsed)
-        return Answer(policy.decide(Recognition(identity, OK), parsed))
-    if path == "/sd":
-        routes = tuple(policy.visible_routes(identity))
-        rule = f"/sd lists the routes whose allow admits identities.{identity.name}"
-        return Answer(Decision(True, 200, OK, rule), routes)
-    rule = f"listener: {path!r} is neither /scrape nor /sd"
-    return Answer(
-        Decision(False, 404, NOT_FOUND, rule, b"not found\n", checks=(Check("path", False, rule),))
-    )
-
-
-def describe_limits(limits: Limits) -> str:
-    """A route's limits in one line, as configured."""
-    rate = f"{limits.rate:g}/s" if limits.rate is not None else "unlimited"
-    concurrent = limits.max_concurrent if limits.max_concurrent is not None else "unlimited"
-    return f"rate {rate}, burst {limits.burst}, per {limits.per}, max_concurrent {concurrent}"
-
-
-def verdict_line(decision: Decision) -> str:
-    """``allow 200 ok`` / ``deny 403 authz_denied``."""
-    return f"{'allow' if decision.allowed else 'deny'} {decision.status} {decision.reason}"
-
-
-def render(answer: Answer, identity: Identity, out: TextIO) -> None:
-    """Print the decision, every check made, and what would apply next."""
-    decision = answer.decision
-    print(verdict_line(decision), file=out)
-    print(f"rule: {decision.rule}", file=out)
-    for check in decision.checks:
-        print(f"  {check.name:<9} {'pass' if check.passed else 'FAIL'}  {check.rule}", file=out)
-    if answer.sd_routes is not None:
-        if not answer.sd_routes:
-            print("  no routes: /sd returns an empty list", file=out)
-        for listed in sorted(answer.sd_routes, key=lambda r: r.name):
-            print(
-                f"  route {listed.name} ({authorize(identity, listed).rule}): "
-                f"{len(listed.targets)} target(s)",
-                file=out,
-            )
-            for member in listed.targets:
-                print(f"    {member.address}", file=out)
-        return
-    route, target = decision.route, decision.target
-    if decision.allowed and route is not None and target is not None:
-        upstream = f"{route.scheme}://{target.address}{decision.path}"
-        if decision.params:
-            upstream += "?" + urlencode(decision.params)
-        print(f"upstream: GET {upstream}", file=out)
-        print(f"limits: routes.{route.name}.limits: {describe_limits(route.limits)}", file=out)
-        print(
-            "not evaluated here: the limiter's current state (429) and the audit log's "
-            "health (503)",
-            file=out,
-        )
-
-
-def listener_policy(config: Config, listener: str | None) -> ScrapePolicy:
-    """The scrape policy of ``listener`` (default: the first ``http`` listener), over the
-    routes it serves: what ``/scrape`` and ``/sd`` on that listener decide."""
-    http = [li.name for li in config.listeners if li.protocol == "http"]
-    if listener is None:
-        if not http:
-            raise UnusableInputError("the configuration has no http listener")
-        listener = http[0]
-    elif listener not in http:
-        known = ", ".join(http) or "none"
-        raise UnusableInputError(f"no http listener {listener!r} (http listeners: {known})")
-    return ScrapePolicy(config.routes_of(listener), config.identities)
 
 
 def explain(
@@ -166,11 +62,14 @@ def explain(
         )
         return 2
     try:
-        answer = ask(listener_policy(config, listener), identity, url)
+        asked = question(config, listener)
+        asked.check(url)
+        answer = asked.ask(identity, url)
     except UnusableInputError as e:
         print(f"promgate explain: {e}", file=err)
         return 2
-    render(answer, identity, out)
+    tcp = asked.listener.tcp
+    render(answer, identity, out, passthrough=tcp is not None and tcp.mode == "passthrough")
     return 0 if answer.decision.allowed else 1
 
 
@@ -193,7 +92,7 @@ class Case:
     allow: bool
     status: int | None
     reason: str | None
-    policy: ScrapePolicy = attrs.field(eq=False, repr=False)
+    asked: Question = attrs.field(eq=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -208,10 +107,11 @@ class Case:
             parts.append(self.reason)
         return " ".join(parts)
 
-    def matches(self, decision: Decision) -> bool:
+    def matches(self, answer: Answer) -> bool:
+        decision: Decision = answer.decision
         return (
             decision.allowed == self.allow
-            and (self.status is None or decision.status == self.status)
+            and (self.status is None or answer.status == self.status)
             and (self.reason is None or decision.reason == self.reason)
         )
 
@@ -310,17 +210,30 @@ class _TestFile:
         if name is not None and not isinstance(name, str):
             self.problem(at("name"), f"{key}.name", "must be a string")
             ok = False
+        # The listener decides what a request is; its own problem is reported below.
+        asked: Question | None = None
+        listener_problem = None
+        listener = raw.get("listener")
+        if listener is not None and not isinstance(listener, str):
+            listener_problem = "must be a listener name"
+        elif config is not None:
+            try:
+                asked = question(config, listener)
+            except UnusableInputError as e:
+                listener_problem = str(e)
         url = raw.get("url")
-        if "url" in raw:
-            if not isinstance(url, str):
-                self.problem(at("url"), f"{key}.url", "must be a string")
-                ok = False
-            else:
-                try:
+        if "url" in raw and not isinstance(url, str):
+            self.problem(at("url"), f"{key}.url", "must be a string")
+            ok = False
+        elif isinstance(url, str) and (asked is not None or listener is None):
+            try:
+                if asked is not None:
+                    asked.check(url)
+                else:
                     split_url(url)
-                except UnusableInputError as e:
-                    self.problem(at("url"), f"{key}.url", str(e))
-                    ok = False
+            except UnusableInputError as e:
+                self.problem(at("url"), f"{key}.url", str(e))
+                ok = False
         expect = raw.get("expect")
         if "expect" in raw and expect not in ("allow", "deny"):
             self.problem(at("expect"), f"{key}.expect", "must be allow or deny")
@@ -335,28 +248,23 @@ class _TestFile:
         if reason is not None and not isinstance(reason, str):
             self.problem(at("reason"), f"{key}.reason", "must be a string")
             ok = False
-        policy = None
-        listener = raw.get("listener")
-        if listener is not None and not isinstance(listener, str):
-            self.problem(at("listener"), f"{key}.listener", "must be a listener name")
+        if listener_problem is not None:
+            self.problem(at("listener"), f"{key}.listener", listener_problem)
             ok = False
-        elif config is not None:
-            try:
-                policy = listener_policy(config, listener)
-            except UnusableInputError as e:
-                self.problem(at("listener"), f"{key}.listener", str(e))
-                ok = False
-        identity = None
-        if "as" in raw and policy is not None:
-            identity = policy.identities.get(str(raw["as"]))
+        if asked is not None and status is not None and asked.listener.protocol == "tcp":
+            self.problem(at("status"), f"{key}.status", "a tcp listener answers no HTTP status")
+            ok = False
+        identity: Identity | None = None
+        if "as" in raw and config is not None:
+            identity = config.identities.get(str(raw["as"]))
             if identity is None:
-                known = ", ".join(sorted(policy.identities)) or "none"
+                known = ", ".join(sorted(config.identities)) or "none"
                 self.problem(at("as"), f"{key}.as", f"no identity {raw['as']!r} (known: {known})")
                 ok = False
-        if not ok or policy is None or identity is None or not isinstance(url, str):
+        if not ok or asked is None or identity is None or not isinstance(url, str):
             return None
         return Case(
-            self.file, line, index, name, identity, url, expect == "allow", status, reason, policy
+            self.file, line, index, name, identity, url, expect == "allow", status, reason, asked
         )
 
 
@@ -376,13 +284,14 @@ def run_policy_tests(files: Sequence[str], out: TextIO, err: TextIO) -> int:
         return 2
     failed = 0
     for case in runs:
-        decision = ask(case.policy, case.identity, case.url).decision
-        if not case.matches(decision):
+        answer = case.asked.ask(case.identity, case.url)
+        decision = answer.decision
+        if not case.matches(answer):
             failed += 1
             print(
                 f"{case.label}: {case.url}\n"
                 f"  as {case.identity.name}: expected {case.expected()}, "
-                f"got {verdict_line(decision)}\n"
+                f"got {verdict_line(answer)}\n"
                 f"  rule: {decision.rule}",
                 file=out,
             )

@@ -21,12 +21,12 @@ from promgate.authn import Authenticator, BcryptThreads
 from promgate.config.model import Config, Listener
 from promgate.discovery import Discovery
 from promgate.errors import StartupError, os_error_text
+from promgate.http.upstream import UpstreamPool
+from promgate.listeners.forward import ForwardGateway, ForwardGatewayFactory
+from promgate.listeners.scrape import ReverseGateway, ReverseGatewayFactory
+from promgate.listeners.tcp import EndpointConnector, TCPGateway, TCPGatewayFactory
 from promgate.listening import ListenerService
 from promgate.metrics import Metrics
-from promgate.proxy.forward import ForwardGateway, ForwardGatewayFactory
-from promgate.proxy.http import ReverseGateway, ReverseGatewayFactory
-from promgate.proxy.tcp import EndpointConnector, TCPGateway, TCPGatewayFactory
-from promgate.proxy.upstream import UpstreamPool
 from promgate.ratelimit import RateLimiter
 from promgate.tls import server_tls
 

@@ -30,11 +30,11 @@ from promgate.config.model import (
     Route,
     Target,
 )
+from promgate.http.refusals import BODIES
+from promgate.http.upstream import UpstreamPool
 from promgate.identity import Recognition
+from promgate.listeners.scrape import ReverseGateway, ReverseGatewayFactory
 from promgate.metrics import Metrics
-from promgate.proxy.http import ReverseGateway, ReverseGatewayFactory
-from promgate.proxy.refusals import BODIES
-from promgate.proxy.upstream import UpstreamPool
 from promgate.ratelimit import RateLimiter
 
 PASSWORD = b"correct horse battery staple"

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from promgate.proxy.chunked import MAX_LINE, MAX_TRAILERS, ChunkedDecoder, ChunkedError
+from promgate.http.chunked import MAX_LINE, MAX_TRAILERS, ChunkedDecoder, ChunkedError
 
 _TCHAR = st.sampled_from(list(b"!#$%&'*+-.^_`|~09AZaz"))
 _TOKEN = st.lists(_TCHAR, min_size=1, max_size=6).map(bytes)

@@ -49,8 +49,8 @@ from promgate.config.model import (
     TLSFiles,
 )
 from promgate.identity import Recognition, cert_matches
+from promgate.listeners.scrape import DownstreamProtocol, ReverseGateway, ReverseGatewayFactory
 from promgate.metrics import Metrics
-from promgate.proxy.http import DownstreamProtocol, ReverseGateway, ReverseGatewayFactory
 from promgate.ratelimit import RateLimiter
 from promgate.testing import TestPKI
 from promgate.tls import PeerCertificate, allows_client_auth, server_tls

@@ -32,10 +32,11 @@ from promgate.discovery import (
 )
 from promgate.discovery.dns_srv import DNSSRV, make_resolver
 from promgate.discovery.file_sd import FileSD, parse_file_sd
+from promgate.http.refusals import decision_status
 from promgate.identity import Recognition
+from promgate.listeners.forward import ForwardPolicy
 from promgate.metrics import Metrics
 from promgate.policy import ScrapePolicy, ScrapeQuery
-from promgate.proxy.forward import ForwardPolicy
 from promgate.sd import render_http_sd
 
 EXAMPLE = (
@@ -491,13 +492,15 @@ class MembershipTests(SynchronousTestCase):
         recognition = Recognition(PROM, "ok")
         query = ScrapeQuery("node", "10.0.0.1:9100", None, ())
         self.assertFalse(self.scrape.decide(recognition, query).allowed)
-        self.assertEqual(self.forward.decide_connect(recognition, "10.0.0.1:9100").status, 403)
+        self.assertEqual(
+            decision_status(self.forward.decide_connect(recognition, "10.0.0.1:9100")), 403
+        )
         self.scrape.membership.replace("node", {"10.0.0.1:9100": Target("10.0.0.1:9100")})
         self.assertTrue(self.scrape.decide(recognition, query).allowed)
         decision = self.forward.decide_request(recognition, "10.0.0.1:9100", "/metrics", ())
         self.assertTrue(decision.allowed)
         self.scrape.membership.replace("node", {})
-        self.assertEqual(self.scrape.decide(recognition, query).status, 404)
+        self.assertEqual(decision_status(self.scrape.decide(recognition, query)), 404)
         self.assertFalse(
             self.forward.decide_request(recognition, "10.0.0.1:9100", "/metrics", ()).allowed
         )

@@ -17,10 +17,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from promgate.audit import MemoryAuditSink
 from promgate.config.model import Admin, Audit, CertMatch, Config, Identity, Listener, Route, Target
 from promgate.drain import InFlight, OpenSet
+from promgate.http.upstream import UpstreamPool
 from promgate.identity import Recognition
+from promgate.listeners.scrape import DownstreamProtocol, ReverseGateway, ReverseGatewayFactory
 from promgate.metrics import Metrics
-from promgate.proxy.http import DownstreamProtocol, ReverseGateway, ReverseGatewayFactory
-from promgate.proxy.upstream import UpstreamPool
 from promgate.ratelimit import RateLimiter
 
 NODE = Target("10.0.0.5:9100")

@@ -27,6 +27,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from promgate.addresses import canonical_address
 from promgate.audit import AuditEvent, MemoryAuditSink
 from promgate.authn import Authenticator
 from promgate.config.loader import check_config
@@ -44,22 +45,19 @@ from promgate.config.model import (
     Target,
     TLSFiles,
 )
+from promgate.http.refusals import BY_STATUS, decision_status
+from promgate.http.targets import AbsoluteForm, parse_absolute_form, parse_authority_form
+from promgate.http.wire import HTTPError
 from promgate.identity import Recognition
-from promgate.metrics import Metrics
-from promgate.proxy.forward import (
+from promgate.listeners.forward import (
     CONNECT_OK,
-    FORBIDDEN,
     MAX_EARLY_DATA,
-    AbsoluteForm,
     ForwardGateway,
     ForwardGatewayFactory,
-    ForwardPolicy,
     ForwardProtocol,
-    canonical_address,
-    parse_absolute_form,
-    parse_authority_form,
 )
-from promgate.proxy.http1 import HTTPError
+from promgate.metrics import Metrics
+from promgate.policy import ForwardPolicy, Refusal
 from promgate.ratelimit import RateLimiter
 from promgate.tls import server_tls
 from tests.test_gateway import (
@@ -73,6 +71,8 @@ from tests.test_gateway import (
     parse_responses,
 )
 
+#: Every refusal by policy says only this.
+FORBIDDEN = BY_STATUS[403]
 TOKEN = b"agent-token-0123456789"
 PROMETHEUS = Identity(
     "prometheus",
@@ -277,7 +277,7 @@ class ForwardPolicyTests(SynchronousTestCase):
         decision = self.policy.decide_request(self.ok, "10.0.0.5:9100", "/metric%73", ())
         self.assertEqual((decision.allowed, decision.path), (True, "/metrics"))
         refused = self.policy.decide_request(self.ok, "10.0.0.5:9100", "/x/../metrics", ())
-        self.assertEqual((refused.status, refused.reason), (400, "path_refused"))
+        self.assertEqual((decision_status(refused), refused.reason), (400, "path_refused"))
 
     def test_refusals_look_alike(self) -> None:
         """Unknown target, a route that does not allow the caller, a path not listed: the
@@ -292,7 +292,8 @@ class ForwardPolicyTests(SynchronousTestCase):
         for recognition, address, path, reason in cases:
             decision = self.policy.decide_request(recognition, address, path, ())
             self.assertEqual(
-                (decision.status, decision.reason, decision.body), (403, reason, FORBIDDEN)
+                (decision_status(decision), decision.reason, decision.refusal),
+                (403, reason, Refusal.FORBIDDEN),
             )
 
     def test_params(self) -> None:
@@ -301,7 +302,7 @@ class ForwardPolicyTests(SynchronousTestCase):
         )
         self.assertEqual(allowed.params, (("collect[]", "cpu"),))
         refused = self.policy.decide_request(self.ok, "10.0.0.5:9100", "/metrics", (("x", "1"),))
-        self.assertEqual((refused.status, refused.reason), (400, "param_refused"))
+        self.assertEqual((decision_status(refused), refused.reason), (400, "param_refused"))
 
     def test_connect(self) -> None:
         """CONNECT reaches https routes only; names compare without case."""
@@ -311,9 +312,9 @@ class ForwardPolicyTests(SynchronousTestCase):
         self.assertTrue(self.policy.decide_connect(self.ok, "[2001:db8::1]:9443").allowed)
         # A plain-text target would let a tunnel bypass its route's paths.
         plain = self.policy.decide_connect(self.ok, "10.0.0.5:9100")
-        self.assertEqual((plain.status, plain.reason), (403, "not_found"))
+        self.assertEqual((decision_status(plain), plain.reason), (403, "not_found"))
         ops = self.policy.decide_connect(Recognition(OPS, "ok"), "10.0.0.7:9443")
-        self.assertEqual((ops.status, ops.reason), (403, "authz_denied"))
+        self.assertEqual((decision_status(ops), ops.reason), (403, "authz_denied"))
 
     def test_no_credentials(self) -> None:
         """Missing or failed credentials ask for Proxy-Authorization (407); an unknown
@@ -326,10 +327,10 @@ class ForwardPolicyTests(SynchronousTestCase):
             ("no_credentials", 403),
         ]:
             decision = self.policy.decide_connect(Recognition(None, reason), "10.0.0.7:9443")
-            self.assertEqual((decision.status, decision.reason), (status, reason))
+            self.assertEqual((decision_status(decision), decision.reason), (status, reason))
         quiet = ForwardPolicy(ROUTES, challenge=False)
         decision = quiet.decide_connect(Recognition(None, "authn_missing"), "10.0.0.7:9443")
-        self.assertEqual(decision.status, 403)
+        self.assertEqual(decision_status(decision), 403)
 
 
 # -- the gateway ---------------------------------------------------------------------------------

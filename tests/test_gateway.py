@@ -42,11 +42,11 @@ from promgate.config.model import (
     Target,
     TLSFiles,
 )
+from promgate.http.upstream import UpstreamPool, UpstreamProtocol
+from promgate.http.wire import MAX_HEAD
 from promgate.identity import Recognition
+from promgate.listeners.scrape import DownstreamProtocol, ReverseGateway, ReverseGatewayFactory
 from promgate.metrics import Metrics
-from promgate.proxy.http import DownstreamProtocol, ReverseGateway, ReverseGatewayFactory
-from promgate.proxy.http1 import MAX_HEAD
-from promgate.proxy.upstream import UpstreamPool, UpstreamProtocol
 from promgate.ratelimit import RateLimiter
 from promgate.testing import TestPKI
 from promgate.tls import server_tls

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from promgate.proxy.http1 import (
+from promgate.http.wire import (
     MAX_HEAD,
     MAX_HEADERS,
     MAX_REQUEST_LINE,

@@ -26,7 +26,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from promgate.proxy.proxyproto import (
+from promgate.net.proxyproto import (
     PP2_TYPE_AUTHORITY,
     PP2_TYPE_PROMGATE_IDENTITY,
     PP2_TYPE_SSL,

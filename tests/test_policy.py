@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from promgate.config.loader import check_config
 from promgate.config.model import Identity, Limits, Route, Target
+from promgate.http.refusals import decision_status
 from promgate.identity import Recognition
 from promgate.policy import (
     AUTHZ_DENIED,
@@ -23,6 +24,7 @@ from promgate.policy import (
     PATH_REFUSED,
     POLICY_REASONS,
     Decision,
+    Refusal,
     ScrapePolicy,
     ScrapeQuery,
     parse_scrape_query,
@@ -72,7 +74,7 @@ class DecideTests(SynchronousTestCase):
         self, decision: Decision, status: int, reason: str, rule: str, failed: str
     ) -> None:
         self.assertEqual(
-            (decision.allowed, decision.status, decision.reason, decision.rule),
+            (decision.allowed, decision_status(decision), decision.reason, decision.rule),
             (False, status, reason, rule),
         )
         self.assertEqual(decision.checks[-1].name, failed)
@@ -84,7 +86,13 @@ class DecideTests(SynchronousTestCase):
         """An allowed scrape names the allow entry that matched and every check passed."""
         decision = self.decide(query())
         self.assertEqual(
-            (decision.allowed, decision.status, decision.reason, decision.rule, decision.path),
+            (
+                decision.allowed,
+                decision_status(decision),
+                decision.reason,
+                decision.rule,
+                decision.path,
+            ),
             (True, 200, "ok", "routes.node.allow: role:scraper", "/metrics"),
         )
         self.assertEqual(
@@ -120,7 +128,8 @@ class DecideTests(SynchronousTestCase):
         self.assertDecision(
             decision, 404, NOT_FOUND, "routes.node.targets: '10.0.0.6:9100' not a member", "target"
         )
-        self.assertEqual(decision.body, self.decide(query(route="nope")).body)
+        self.assertIs(decision.refusal, self.decide(query(route="nope")).refusal)
+        self.assertIs(decision.refusal, Refusal.UNKNOWN)
 
     def test_path_not_listed(self) -> None:
         """A canonical path the route does not list is 403 path_refused."""
@@ -128,20 +137,22 @@ class DecideTests(SynchronousTestCase):
         self.assertDecision(
             decision, 403, PATH_REFUSED, "routes.node.paths: '/debug/pprof' not listed", "path"
         )
-        self.assertEqual(decision.body, b"path not allowed on this route\n")
+        self.assertIs(decision.refusal, Refusal.FORBIDDEN)
 
     def test_path_trick(self) -> None:
         """A path trick is 400 path_refused, decided by normalisation, never matched."""
         decision = self.decide(query(path="/metrics/../debug/pprof"))
         self.assertDecision(decision, 400, PATH_REFUSED, "path normalisation: '..' segment", "path")
-        self.assertEqual(decision.body, b"path refused: '..' segment\n")
+        self.assertIs(decision.refusal, Refusal.MALFORMED)
 
     def test_trick_of_a_listed_path(self) -> None:
         """Tricks that would land on an allowed path are refused all the same."""
         for path in ("/metrics/extra/../extra", "/metrics//extra", "/metrics%2fextra",
                      "/metrics/./extra", "/metrics;x", "metrics"):  # fmt: skip
             decision = self.decide(query(path=path))
-            self.assertEqual((decision.status, decision.reason), (400, PATH_REFUSED), path)
+            self.assertEqual(
+                (decision_status(decision), decision.reason), (400, PATH_REFUSED), path
+            )
 
     def test_normalised_path_is_the_upstream_path(self) -> None:
         """The path in an allow is the canonical one, the string sent upstream."""
@@ -169,7 +180,9 @@ class DecideTests(SynchronousTestCase):
         everything = query(target="x:1", path="/../x", params=(("a", "b"),))
         self.assertEqual(self.decide(everything).checks[-1].name, "target")
         self.assertEqual(self.decide(everything, Recognition(OPS, "ok")).checks[-1].name, "allow")
-        self.assertEqual(self.decide(query(path="/../x", params=(("a", "b"),))).status, 400)
+        self.assertEqual(
+            decision_status(self.decide(query(path="/../x", params=(("a", "b"),)))), 400
+        )
         self.assertEqual(
             self.decide(query(path="/../x", params=(("a", "b"),))).checks[-1].name, "path"
         )
@@ -195,7 +208,8 @@ class QueryTests(SynchronousTestCase):
             decision = parse_scrape_query(raw)
             assert isinstance(decision, Decision)
             self.assertEqual(
-                (decision.status, decision.reason, decision.rule), (400, BAD_REQUEST, rule)
+                (decision_status(decision), decision.reason, decision.rule),
+                (400, BAD_REQUEST, rule),
             )
             self.assertEqual(decision.checks[-1].name, "query")
 

@@ -387,12 +387,12 @@ class ListenerTests(PolicyCLITestCase):
         self.assertEqual(code, 0, out)
 
     def test_explain_unknown_listener(self) -> None:
-        """A listener that is not an http listener of the configuration: exit 2."""
+        """A listener the configuration does not have: exit 2."""
         code, _, err = run(
             "explain", "--config", str(self.config), "--as", "ops", "--listener", "nope", "/sd"
         )
         self.assertEqual(code, 2)
-        self.assertIn("no http listener 'nope' (http listeners: scrape, inner)", err)
+        self.assertIn("no listener 'nope' (listeners: scrape, inner)", err)
 
     def test_policy_cases_name_listener(self) -> None:
         """``listener:`` in a case picks the listener; without it, the first http one."""

@@ -11,7 +11,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.trial.unittest import SynchronousTestCase
 
-from promgate.proxy.proxyproto import (
+from promgate.net.proxyproto import (
     PP2_CLIENT_CERT_CONN,
     PP2_CLIENT_SSL,
     PP2_SUBTYPE_SSL_CIPHER,

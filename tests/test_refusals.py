@@ -30,12 +30,12 @@ from promgate.config.model import (
     Route,
     Target,
 )
+from promgate.http.refusals import BODIES, refusal_body
+from promgate.http.upstream import UpstreamPool, UpstreamProtocol
 from promgate.identity import Recognition
+from promgate.listeners.forward import ForwardGateway, ForwardGatewayFactory
+from promgate.listeners.scrape import ReverseGateway, ReverseGatewayFactory
 from promgate.metrics import Metrics
-from promgate.proxy.forward import ForwardGateway, ForwardGatewayFactory
-from promgate.proxy.http import ReverseGateway, ReverseGatewayFactory
-from promgate.proxy.refusals import BODIES, refusal_body
-from promgate.proxy.upstream import UpstreamPool, UpstreamProtocol
 from promgate.ratelimit import RateLimiter
 from promgate.tls import UpstreamTLSError
 

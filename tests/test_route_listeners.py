@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from promgate.config.loader import check_config
 from promgate.config.model import Config
+from promgate.http.refusals import decision_status
 from promgate.identity import Recognition
 from promgate.policy import ScrapePolicy, ScrapeQuery
 from promgate.testing import TestPKI
@@ -100,8 +101,10 @@ class RouteListenersTests(SynchronousTestCase):
         who = Recognition(identity, "ok")
         unknown = policy.decide(who, ScrapeQuery("nope", "127.0.0.1:9101", None, ()))
         hidden = policy.decide(who, ScrapeQuery("proxied", "127.0.0.1:9101", None, ()))
-        self.assertEqual((hidden.status, hidden.reason), (unknown.status, unknown.reason))
-        self.assertEqual(hidden.status, 404)
+        self.assertEqual(
+            (decision_status(hidden), hidden.reason), (decision_status(unknown), unknown.reason)
+        )
+        self.assertEqual(decision_status(hidden), 404)
 
     def test_unknown_listener(self) -> None:
         """A ``listeners:`` entry naming no listener is an error at that key."""

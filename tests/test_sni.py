@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
-from promgate.proxy.sni import (
+from promgate.net.sni import (
     MAX_CLIENT_HELLO,
     NEED_MORE,
     ClientHello,

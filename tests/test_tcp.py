@@ -47,26 +47,24 @@ from promgate.config.model import (
     TLSFiles,
 )
 from promgate.identity import Recognition
-from promgate.metrics import Metrics
-from promgate.proxy.proxyproto import (
-    PP2_TYPE_AUTHORITY,
-    PP2_TYPE_PROMGATE_IDENTITY,
-    PP2_TYPE_SSL,
-    decode_ssl_tlv,
-    decode_v2,
-)
-from promgate.proxy.tcp import (
+from promgate.listeners.tcp import (
     CLOSE_LINGER,
-    ConnectionPolicy,
     EndpointConnector,
     TCPDownstream,
     TCPGateway,
     TCPGatewayFactory,
     TCPUpstream,
     TLSUpstream,
-    authorize_passthrough,
-    match_server_name,
 )
+from promgate.metrics import Metrics
+from promgate.net.proxyproto import (
+    PP2_TYPE_AUTHORITY,
+    PP2_TYPE_PROMGATE_IDENTITY,
+    PP2_TYPE_SSL,
+    decode_ssl_tlv,
+    decode_v2,
+)
+from promgate.policy import ConnectionPolicy, RouteRules, match_server_name
 from promgate.ratelimit import RateLimiter
 from promgate.testing import TestPKI
 from promgate.testing.hello import python_client_hello
@@ -268,13 +266,19 @@ class PolicyTests(SynchronousTestCase):
 
     def test_passthrough_allow_entries(self) -> None:
         """Only sni: entries admit a connection without an identity."""
-        self.assertTrue(authorize_passthrough(ROUTES["pass-a"], None).allowed)
-        self.assertTrue(authorize_passthrough(ROUTES["pass-b"], "b.example.org").allowed)
-        self.assertFalse(authorize_passthrough(ROUTES["pass-b"], "a.example.org").allowed)
-        self.assertFalse(authorize_passthrough(ROUTES["pass-b"], None).allowed)
-        self.assertTrue(authorize_passthrough(ROUTES["wild"], "x.example.net").allowed)
-        self.assertFalse(authorize_passthrough(ROUTES["wild"], "example.net").allowed)
-        verdict = authorize_passthrough(ROUTES["closed"], "a.example.org")
+        self.assertTrue(RouteRules.of(ROUTES["pass-a"]).authorize_server_name(None).allowed)
+        self.assertTrue(
+            RouteRules.of(ROUTES["pass-b"]).authorize_server_name("b.example.org").allowed
+        )
+        self.assertFalse(
+            RouteRules.of(ROUTES["pass-b"]).authorize_server_name("a.example.org").allowed
+        )
+        self.assertFalse(RouteRules.of(ROUTES["pass-b"]).authorize_server_name(None).allowed)
+        self.assertTrue(
+            RouteRules.of(ROUTES["wild"]).authorize_server_name("x.example.net").allowed
+        )
+        self.assertFalse(RouteRules.of(ROUTES["wild"]).authorize_server_name("example.net").allowed)
+        verdict = RouteRules.of(ROUTES["closed"]).authorize_server_name("a.example.org")
         self.assertEqual((verdict.allowed, verdict.reason), (False, "authz_denied"))
 
     def test_decide_terminate(self) -> None:

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from promgate.config.model import Route, Target
-from promgate.proxy.upstream import (
+from promgate.http.upstream import (
     CHUNKED,
     CLOSE,
     LENGTH,

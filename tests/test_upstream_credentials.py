@@ -39,7 +39,7 @@ from promgate.config.model import (
     UpstreamIdentity,
     UpstreamTLS,
 )
-from promgate.proxy.upstream import UpstreamPool, UpstreamProtocol
+from promgate.http.upstream import UpstreamPool, UpstreamProtocol
 from promgate.testing import FakeExporter, GatewayProcess, TestPKI
 from promgate.testing.configs import ProblemAssertions
 from promgate.testing.integration import (

@@ -36,19 +36,8 @@ from promgate.audit import AuditEvent, IAuditSink
 from promgate.authn import AUTHN_FAILURES, REFUSED_AT_THE_DOOR, Authenticator, door_headers
 from promgate.config.model import Config, Identity, Listener, Route, Target
 from promgate.drain import InFlight, OpenSet, Phase
-from promgate.identity import Recognition
-from promgate.metrics import Metrics
-from promgate.policy import Decision, Membership, ScrapePolicy, parse_scrape_query
-from promgate.proxy.http1 import (
-    MAX_HEAD,
-    MAX_REQUEST_LINE,
-    HTTPError,
-    RequestHead,
-    parse_request_head,
-    simple_response,
-)
-from promgate.proxy.refusals import refusal_body
-from promgate.proxy.upstream import (
+from promgate.http.refusals import decision_status, refusal_body
+from promgate.http.upstream import (
     CHUNKED,
     CLOSE,
     LENGTH,
@@ -56,6 +45,17 @@ from promgate.proxy.upstream import (
     UpstreamProtocol,
     no_delay,
 )
+from promgate.http.wire import (
+    MAX_HEAD,
+    MAX_REQUEST_LINE,
+    HTTPError,
+    RequestHead,
+    parse_request_head,
+    simple_response,
+)
+from promgate.identity import Recognition
+from promgate.metrics import Metrics
+from promgate.policy import Decision, Membership, ScrapePolicy, parse_scrape_query
 from promgate.ratelimit import Admission, RateLimiter
 from promgate.sd import render_http_sd
 from promgate.tls import PeerCertificate, UpstreamTLSError, handshake_reason, verify_reason
@@ -139,7 +139,7 @@ def connection_event(
 
 class ClientRelay(TypingProtocol):
     """What holds a downstream connection while it is busy: an ``Exchange``, or a forward
-    listener's CONNECT tunnel (promgate.proxy.forward). No request is read meanwhile."""
+    listener's CONNECT tunnel (promgate.listeners.forward). No request is read meanwhile."""
 
     def client_lost(self, reason: str = "client_aborted") -> None: ...
 
@@ -306,7 +306,7 @@ class ReverseGateway:
                 conn,
                 req,
                 start,
-                parsed.status,
+                decision_status(parsed),
                 parsed.reason,
                 rule=parsed.rule,
                 recognition=recognition,
@@ -319,7 +319,7 @@ class ReverseGateway:
                 conn,
                 req,
                 start,
-                decision.status,
+                decision_status(decision),
                 decision.reason,
                 route=route,
                 target=parsed.target,
@@ -460,7 +460,7 @@ class ReverseGateway:
         recognition: Recognition | None = None,
     ) -> None:
         """Answer with a refusal: the short constant body of its status and reason
-        (promgate.proxy.refusals); ``rule`` (the policy rule that decided, or the precise
+        (promgate.http.refusals); ``rule`` (the policy rule that decided, or the precise
         problem) goes to the audit record's ``detail``, never to the caller."""
         route_label = route.name if route is not None else ""
         self.metrics.denied.labels(self.name, route_label, reason).inc()

@@ -8,6 +8,18 @@ the audit record's ``detail`` and the log say precisely why.
 
 from __future__ import annotations
 
+from promgate.policy.decision import Decision, Refusal
+
+#: The HTTP status of each kind of policy refusal.
+STATUS_OF_REFUSAL: dict[Refusal, int] = {
+    Refusal.MALFORMED: 400,
+    Refusal.UNKNOWN: 404,
+    Refusal.FORBIDDEN: 403,
+    Refusal.CREDENTIALS: 407,
+    Refusal.THROTTLED: 429,
+    Refusal.OVERLOADED: 503,
+}
+
 #: The body of a refusal whose reason has no body of its own.
 BY_STATUS: dict[int, bytes] = {
     400: b"bad request\n",
@@ -56,4 +68,18 @@ def refusal_body(status: int, reason: str) -> bytes:
     return body
 
 
-__all__ = ["BODIES", "BY_REASON", "BY_STATUS", "refusal_body"]
+def decision_status(decision: Decision) -> int:
+    """The status an HTTP listener answers ``decision`` with: 200 when allowed."""
+    if decision.refusal is None:
+        return 200
+    return STATUS_OF_REFUSAL[decision.refusal]
+
+
+__all__ = [
+    "BODIES",
+    "BY_REASON",
+    "BY_STATUS",
+    "STATUS_OF_REFUSAL",
+    "decision_status",
+    "refusal_body",
+]

@@ -20,36 +20,19 @@ import attrs
 from promgate.config.model import Identity, Route, Target
 from promgate.identity import Recognition
 from promgate.paths import PathRefused, normalize_path
-
-OK = "ok"
-BAD_REQUEST = "bad_request"
-NOT_FOUND = "not_found"
-AUTHZ_DENIED = "authz_denied"
-PATH_REFUSED = "path_refused"
-PARAM_REFUSED = "param_refused"
-#: Every reason ScrapePolicy gives of its own (recognition reasons come from identity.py).
-POLICY_REASONS = frozenset({BAD_REQUEST, NOT_FOUND, AUTHZ_DENIED, PATH_REFUSED, PARAM_REFUSED})
-
-_NOT_FOUND = b"unknown route or target\n"
-
-
-@attrs.frozen
-class Verdict:
-    """An authorisation decision and the rule that made it."""
-
-    allowed: bool
-    reason: str  # OK or AUTHZ_DENIED
-    rule: str  # the allow entry that matched, or "default deny"
-
-
-def authorize(identity: Identity, route: Route) -> Verdict:
-    """Allow if the route's ``allow`` names the identity or one of its roles."""
-    for entry in route.allow:
-        if entry == identity.name:
-            return Verdict(True, OK, f"routes.{route.name}.allow: {entry}")
-        if entry.startswith("role:") and entry[5:] in identity.roles:
-            return Verdict(True, OK, f"routes.{route.name}.allow: {entry}")
-    return Verdict(False, AUTHZ_DENIED, f"routes.{route.name}.allow: default deny")
+from promgate.policy.decision import (
+    BAD_REQUEST,
+    NOT_FOUND,
+    PARAM_REFUSED,
+    PATH_REFUSED,
+    Check,
+    Decision,
+    Refusal,
+    allowed,
+    refused,
+)
+from promgate.policy.membership import Membership
+from promgate.policy.rules import Rules
 
 
 @attrs.frozen
@@ -62,48 +45,8 @@ class ScrapeQuery:
     params: tuple[tuple[str, str], ...]
 
 
-@attrs.frozen
-class Check:
-    """One step of a decision: what was checked, whether it passed, and the rule applied."""
-
-    name: str  # "query", "route", "identity", "allow", "target", "path", "params"
-    passed: bool
-    rule: str
-
-
-@attrs.frozen
-class Decision:
-    """The gateway's answer to one request before any upstream is involved."""
-
-    allowed: bool
-    status: int
-    reason: str
-    #: The rule that decided: the allow entry for an allow, the failed check for a refusal.
-    rule: str
-    body: bytes = b""
-    route: Route | None = None
-    target: Target | None = None
-    #: The exact upstream path policy evaluated: the one sent upstream.
-    path: str | None = None
-    params: tuple[tuple[str, str], ...] = ()
-    #: Every check made, in order; for a refusal the last one is the check that failed.
-    checks: tuple[Check, ...] = ()
-
-
-def refusal(
-    status: int,
-    reason: str,
-    rule: str,
-    body: bytes,
-    route: Route | None = None,
-    checks: tuple[Check, ...] = (),
-) -> Decision:
-    """A refusal decided by ``rule``; the failed check is appended to ``checks``."""
-    return Decision(False, status, reason, rule, body, route, checks=checks)
-
-
-def _bad_query(rule: str, body: bytes) -> Decision:
-    return refusal(400, BAD_REQUEST, rule, body, checks=(Check("query", False, rule),))
+def _bad_query(rule: str) -> Decision:
+    return refused(Refusal.MALFORMED, BAD_REQUEST, "query", rule)
 
 
 def parse_scrape_query(query: bytes) -> ScrapeQuery | Decision:
@@ -117,40 +60,18 @@ def parse_scrape_query(query: bytes) -> ScrapeQuery | Decision:
             errors="strict",
         )
     except (UnicodeDecodeError, ValueError):
-        return _bad_query("query string: malformed", b"malformed query string\n")
+        return _bad_query("query string: malformed")
     params: dict[str, str] = {}
     for key, value in pairs:
         if key in params:
-            return _bad_query(f"query string: {key!r} given twice", b"parameter given twice\n")
+            return _bad_query(f"query string: {key!r} given twice")
         params[key] = value
     route = params.pop("route", None)
     target = params.pop("target", None)
     if not route or not target:
-        return _bad_query(
-            "query string: route and target are required", b"route and target are required\n"
-        )
+        return _bad_query("query string: route and target are required")
     path = params.pop("path", None)
     return ScrapeQuery(route, target, path, tuple(params.items()))
-
-
-class Membership:
-    """The current targets of every route: the security boundary of ``/scrape``.
-
-    ``current`` maps a route name to its members by address. It is never changed in
-    place: discovery swaps in a new mapping (sharing the unchanged routes' dicts), so a
-    lookup is two dict reads and a reader never sees a half-built set.
-    """
-
-    def __init__(self, routes: Mapping[str, Route]) -> None:
-        self.current: Mapping[str, Mapping[str, Target]] = {
-            name: {t.address: t for t in r.targets} for name, r in routes.items()
-        }
-
-    def replace(self, route: str, members: Mapping[str, Target]) -> None:
-        """Make ``members`` the route's target set, from the next lookup on."""
-        new = dict(self.current)
-        new[route] = members
-        self.current = new
 
 
 class ScrapePolicy:
@@ -167,6 +88,7 @@ class ScrapePolicy:
         membership: Membership | None = None,
     ) -> None:
         self.routes = routes
+        self.rules = Rules(routes.values())
         #: The configured identities by name (for tools that name the caller).
         self.identities: Mapping[str, Identity] = identities or {}
         self.membership = membership if membership is not None else Membership(routes)
@@ -178,28 +100,29 @@ class ScrapePolicy:
 
     def visible_routes(self, identity: Identity) -> list[Route]:
         """The routes ``identity`` may scrape (what ``/sd`` lists for it)."""
-        return [r for r in self.routes.values() if authorize(identity, r).allowed]
+        rules = self.rules
+        return [r for r in self.routes.values() if rules[r].authorize(identity).allowed]
 
     def decide(self, recognition: Recognition, query: ScrapeQuery) -> Decision:
         """Allow or refuse one scrape.
 
-        Order, first failure answers: the route exists (404), the caller is recognised
-        (403) and allowed by the route (403), the target is in the route (404, the same
-        answer as an unknown route), the path is canonical (400) and one of the route's
-        paths (403), every further parameter is one the route passes (400).
+        Order, first failure answers: the route exists (unknown), the caller is recognised
+        and allowed by the route (forbidden), the target is in the route (unknown, the same
+        answer as an unknown route), the path is canonical (malformed) and one of the
+        route's paths (forbidden), every further parameter is one the route passes
+        (malformed).
         """
         checks: list[Check] = []
 
         def refuse(
-            name: str, status: int, reason: str, rule: str, body: bytes, route: Route | None
+            name: str, refusal: Refusal, reason: str, rule: str, route: Route | None
         ) -> Decision:
-            checks.append(Check(name, False, rule))
-            return refusal(status, reason, rule, body, route, tuple(checks))
+            return refused(refusal, reason, name, rule, route, tuple(checks))
 
         route = self.routes.get(query.route)
         if route is None:
             return refuse(
-                "route", 404, NOT_FOUND, f"routes: no route {query.route!r}", _NOT_FOUND, None
+                "route", Refusal.UNKNOWN, NOT_FOUND, f"routes: no route {query.route!r}", None
             )
         checks.append(Check("route", True, f"routes.{route.name}"))
         identity = recognition.identity
@@ -209,26 +132,24 @@ class ScrapePolicy:
                 why = f"{why}: {recognition.detail}"
             return refuse(
                 "identity",
-                403,
+                Refusal.FORBIDDEN,
                 recognition.reason,
                 f"identities: caller not recognised ({why})",
-                b"forbidden\n",
                 route,
             )
         roles = ", ".join(sorted(identity.roles)) or "none"
         checks.append(Check("identity", True, f"identities.{identity.name} (roles: {roles})"))
-        verdict = authorize(identity, route)
+        verdict = self.rules[route].authorize(identity)
         if not verdict.allowed:
-            return refuse("allow", 403, verdict.reason, verdict.rule, b"forbidden\n", route)
+            return refuse("allow", Refusal.FORBIDDEN, verdict.reason, verdict.rule, route)
         checks.append(Check("allow", True, verdict.rule))
         target = self.targets.get(route.name, {}).get(query.target)
         if target is None:
             return refuse(
                 "target",
-                404,
+                Refusal.UNKNOWN,
                 NOT_FOUND,
                 f"routes.{route.name}.targets: {query.target!r} not a member",
-                _NOT_FOUND,
                 route,
             )
         checks.append(
@@ -243,19 +164,17 @@ class ScrapePolicy:
             except PathRefused as e:
                 return refuse(
                     "path",
-                    400,
+                    Refusal.MALFORMED,
                     PATH_REFUSED,
                     f"path normalisation: {e.reason}",
-                    f"path refused: {e.reason}\n".encode(),
                     route,
                 )
             if path not in route.paths:
                 return refuse(
                     "path",
-                    403,
+                    Refusal.FORBIDDEN,
                     PATH_REFUSED,
                     f"routes.{route.name}.paths: {path!r} not listed",
-                    b"path not allowed on this route\n",
                     route,
                 )
             checks.append(Check("path", True, f"routes.{route.name}.paths: {path!r} is listed"))
@@ -263,10 +182,9 @@ class ScrapePolicy:
             if key not in route.params:
                 return refuse(
                     "params",
-                    400,
+                    Refusal.MALFORMED,
                     PARAM_REFUSED,
                     f"routes.{route.name}.params: {key!r} not listed",
-                    b"query parameter not allowed on this route\n",
                     route,
                 )
         if query.params:
@@ -274,15 +192,7 @@ class ScrapePolicy:
             checks.append(Check("params", True, f"routes.{route.name}.params: {names} listed"))
         else:
             checks.append(Check("params", True, "no further parameters"))
-        return Decision(
-            True,
-            200,
-            OK,
-            verdict.rule,
-            b"",
-            route,
-            target,
-            path,
-            query.params,
-            tuple(checks),
-        )
+        return allowed(verdict.rule, route, target, path, query.params, tuple(checks))
+
+
+__all__ = ["ScrapePolicy", "ScrapeQuery", "parse_scrape_query"]

@@ -3,7 +3,7 @@
 The gateway does not run a general-purpose HTTP client between Prometheus and the
 exporter. It sends a request head it built itself, parses the response head strictly,
 and then follows the body's framing: a Content-Length or close-delimited body passes
-through untouched; a chunked body is decoded strictly (promgate.proxy.chunked) and only
+through untouched; a chunked body is decoded strictly (promgate.http.chunked) and only
 its payload is handed on, for the relay to frame again. Nothing of the upstream's framing
 that was not understood reaches the client. The size cap counts payload bytes.
 """
@@ -34,8 +34,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from promgate.config.model import Route, Target
-from promgate.proxy.chunked import ChunkedDecoder, ChunkedError
-from promgate.proxy.http1 import connection_tokens
+from promgate.http.chunked import ChunkedDecoder, ChunkedError
+from promgate.http.wire import connection_tokens
 from promgate.tls import UpstreamTLSError, client_options
 
 MAX_RESPONSE_HEAD = 64 * 1024

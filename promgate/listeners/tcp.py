@@ -29,10 +29,8 @@ the other side is then closed once what was already written to it has been sent.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 from typing import Any
 
-import attrs
 from cryptography import x509
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -53,33 +51,33 @@ from zope.interface import Interface, implementer
 
 from promgate.addresses import peer_address
 from promgate.audit import IAuditSink
-from promgate.config.model import Config, Destination, Listener, Route, Target, TCPForwarding
+from promgate.config.model import Config, Listener, Route, Target
 from promgate.drain import OpenSet
+from promgate.http.upstream import _endpoint, no_delay
 from promgate.identity import IdentityResolver, Recognition
-from promgate.metrics import Metrics
-from promgate.policy import Verdict, authorize
-from promgate.proxy.http import (
+from promgate.listeners.scrape import (
     NO_TLS,
     TLSInfo,
     classify_handshake_failure,
     connection_event,
     handshake_failure_event,
 )
-from promgate.proxy.proxyproto import (
+from promgate.metrics import Metrics
+from promgate.net.proxyproto import (
     PP2_TYPE_AUTHORITY,
     PP2_TYPE_PROMGATE_IDENTITY,
     encode_v2,
     ssl_tlv,
     tlv,
 )
-from promgate.proxy.sni import (
+from promgate.net.sni import (
     NEED_MORE,
     ClientHello,
     ClientHelloError,
     normalise_server_name,
     read_client_hello,
 )
-from promgate.proxy.upstream import _endpoint, no_delay
+from promgate.policy import ConnectionPolicy
 from promgate.ratelimit import IRateLimiter
 from promgate.tls import (
     PeerCertificate,
@@ -90,8 +88,6 @@ from promgate.tls import (
 
 __all__ = [
     "CLOSE_LINGER",
-    "ConnectionDecision",
-    "ConnectionPolicy",
     "EndpointConnector",
     "IUpstreamConnector",
     "TCPDownstream",
@@ -101,8 +97,6 @@ __all__ = [
     "TLSUpstream",
     "Tunnel",
     "UpstreamConnection",
-    "authorize_passthrough",
-    "match_server_name",
 ]
 
 #: Once one side of a tunnel is gone, how long the other may take to finish closing.
@@ -110,109 +104,6 @@ CLOSE_LINGER = 10.0
 #: Client bytes held while the upstream connection is being made (reading is paused then,
 #: so this is only ever reached by a transport that ignores the pause).
 MAX_PENDING = 256 * 1024
-
-
-# -- the decision ------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class ConnectionDecision:
-    """The gateway's answer to one connection before any upstream is involved."""
-
-    allowed: bool
-    #: "ok", or why not: "no_server_name", "unknown_server_name", "authz_denied", or the
-    #: recognition reason ("unknown_identity", ...).
-    reason: str
-    rule: str
-    route: Route | None = None
-    target: Target | None = None
-
-
-def sni_pattern_matches(pattern: str, name: str) -> bool:
-    """``pattern`` is a server name or ``*.suffix``; ``*`` stands for exactly one label."""
-    pattern = normalise_server_name(pattern)
-    if pattern.startswith("*."):
-        label, dot, parent = name.partition(".")
-        return bool(label and dot) and parent == pattern[2:]
-    return pattern == name
-
-
-def match_server_name(sni: Mapping[str, Destination], name: str | None) -> Destination | None:
-    """The destination ``sni`` gives ``name``: an exact entry first, then ``*.parent``."""
-    if name is None:
-        return None
-    name = normalise_server_name(name)
-    found = sni.get(name)
-    if found is None:
-        _, dot, parent = name.partition(".")
-        if dot:
-            found = sni.get("*." + parent)
-    return found
-
-
-def authorize_passthrough(route: Route, server_name: str | None) -> Verdict:
-    """Admit a passthrough connection, which carries no identity, by its server name.
-
-    Only ``sni:PATTERN`` allow entries apply: ``sni:*`` admits every passthrough
-    connection routed here (with or without a server name), ``sni:NAME`` and
-    ``sni:*.PARENT`` those whose ClientHello named a matching server. Identity and
-    ``role:`` entries never admit a connection without an identity.
-    """
-    for entry in route.allow:
-        if not entry.startswith("sni:"):
-            continue
-        pattern = entry[4:]
-        if pattern == "*" or (
-            server_name is not None and sni_pattern_matches(pattern, server_name)
-        ):
-            return Verdict(True, "ok", f"routes.{route.name}.allow: {entry}")
-    return Verdict(False, "authz_denied", f"routes.{route.name}.allow: no sni: entry matches")
-
-
-class ConnectionPolicy:
-    """Where one listener's connections go and who may make them."""
-
-    def __init__(self, settings: TCPForwarding, routes: Mapping[str, Route]) -> None:
-        self.settings = settings
-        self.routes = routes
-
-    def destination(self, server_name: str | None) -> Destination | None:
-        settings = self.settings
-        if settings.destination is not None:
-            return settings.destination
-        return match_server_name(settings.sni, server_name) or settings.sni_default
-
-    def decide(
-        self, recognition: Recognition | None, server_name: str | None
-    ) -> ConnectionDecision:
-        """Allow or refuse one connection. ``recognition`` is None in passthrough mode.
-
-        Order: destination (listener route, or SNI), route and target exist, caller
-        recognised (terminate) and allowed.
-        """
-        dest = self.destination(server_name)
-        if dest is None:
-            reason = "no_server_name" if server_name is None else "unknown_server_name"
-            return ConnectionDecision(False, reason, "listener sni: no entry and no sni_default")
-        route = self.routes.get(dest.route)
-        target = None
-        if route is not None:
-            target = next((t for t in route.targets if t.address == dest.target), None)
-        if route is None or target is None:
-            # A validated configuration never gets here.
-            return ConnectionDecision(False, "not_found", "destination not in the routes", route)
-        if recognition is None:
-            verdict = authorize_passthrough(route, server_name)
-        else:
-            identity = recognition.identity
-            if identity is None:
-                return ConnectionDecision(
-                    False, recognition.reason, "caller not recognised", route, target
-                )
-            verdict = authorize(identity, route)
-        if not verdict.allowed:
-            return ConnectionDecision(False, verdict.reason, verdict.rule, route, target)
-        return ConnectionDecision(True, "ok", verdict.rule, route, target)
 
 
 # -- connecting upstream -----------------------------------------------------------------------

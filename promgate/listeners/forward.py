@@ -24,9 +24,8 @@ byte stream to a ``Tunnel`` after a CONNECT; ``ForwardPolicy`` is the pure decis
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -39,32 +38,20 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from promgate.addresses import canonical_address
-from promgate.authn import REFUSED_AT_THE_DOOR, door_headers
+from promgate.authn import door_headers
 from promgate.config.model import Config, Listener, Route, Target
+from promgate.http.refusals import decision_status, refusal_body
+from promgate.http.targets import AbsoluteForm, parse_absolute_form, parse_authority_form
+from promgate.http.upstream import no_delay
+from promgate.http.wire import HTTPError, RequestHead
 from promgate.identity import Recognition
-from promgate.paths import PathRefused, normalize_path
-from promgate.policy import (
-    AUTHZ_DENIED,
-    BAD_REQUEST,
-    NOT_FOUND,
-    OK,
-    PARAM_REFUSED,
-    PATH_REFUSED,
-    Check,
-    Decision,
-    Membership,
-    authorize,
-)
-from promgate.proxy.http import DownstreamProtocol, ReverseGateway, connection_event
-from promgate.proxy.http1 import HTTPError, RequestHead
-from promgate.proxy.refusals import refusal_body
-from promgate.proxy.upstream import no_delay
+from promgate.listeners.scrape import DownstreamProtocol, ReverseGateway, connection_event
+from promgate.policy import BAD_REQUEST, Decision, ForwardPolicy, parse_query
 
 __all__ = [
     "AbsoluteForm",
     "ForwardGateway",
     "ForwardGatewayFactory",
-    "ForwardPolicy",
     "ForwardProtocol",
     "Tunnel",
     "canonical_address",
@@ -77,279 +64,9 @@ CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 #: Bytes a client may send after its CONNECT head, before the tunnel is open, before the
 #: gateway stops reading it.
 MAX_EARLY_DATA = 64 * 1024
-#: Every refusal by policy says only this: which of target, route, caller or path was
-#: wrong is in the audit record, not in the answer.
-FORBIDDEN = b"forbidden\n"
-_PROXY_AUTH = b"proxy authentication required\n"
 _METHODS = ((b"Allow", b"GET, HEAD, CONNECT"),)
 #: The idle deadline is checked this close to its due time (clock rounding).
 _IDLE_SLACK = 0.001
-
-
-# -- addresses and request targets ------------------------------------------------------------
-
-
-@attrs.frozen
-class AbsoluteForm:
-    """An absolute-form request target, split but not yet judged."""
-
-    #: The target, canonical (see ``canonical_address``); port 80 when none was given.
-    address: str
-    #: The path as sent (not yet normalised); ``/`` when the URL had none.
-    path: str
-    #: The query string, without its ``?``.
-    query: bytes
-
-
-def _bad(message: str) -> HTTPError:
-    return HTTPError(400, BAD_REQUEST, message)
-
-
-def parse_absolute_form(target: bytes) -> AbsoluteForm:
-    """Split ``http://HOST[:PORT]/PATH?QUERY`` strictly, or raise HTTPError (400).
-
-    Refused: any other scheme (``https://`` targets are reached with CONNECT), user
-    information, a fragment, a malformed or percent-encoded host, non-ASCII bytes.
-    """
-    scheme, sep, rest = target.partition(b"://")
-    if not sep:
-        raise _bad("not an absolute URL")
-    scheme = scheme.lower()
-    if scheme == b"https":
-        raise _bad("https targets are reached with CONNECT, not an absolute URL")
-    if scheme != b"http":
-        raise _bad("only http:// URLs are forwarded")
-    if b"#" in rest:
-        raise _bad("a fragment does not belong in a request")
-    end = len(rest)
-    for delimiter in (b"/", b"?"):
-        found = rest.find(delimiter)
-        if 0 <= found < end:
-            end = found
-    authority, rest = rest[:end], rest[end:]
-    if b"@" in authority:
-        raise _bad("user information in the URL is not accepted")
-    path, _, query = rest.partition(b"?")
-    try:
-        authority_text = authority.decode("ascii")
-        path_text = path.decode("ascii") if path else "/"
-    except UnicodeDecodeError:
-        raise _bad("non-ASCII bytes in the URL") from None
-    address = canonical_address(authority_text, default_port=80)
-    if address is None:
-        raise _bad("malformed host or port in the URL")
-    return AbsoluteForm(address, path_text, query)
-
-
-def parse_authority_form(target: bytes) -> str:
-    """The canonical address of a CONNECT request's ``HOST:PORT``, or HTTPError (400)."""
-    try:
-        text = target.decode("ascii")
-    except UnicodeDecodeError:
-        raise _bad("non-ASCII bytes in the CONNECT target") from None
-    address = canonical_address(text)
-    if address is None:
-        raise _bad("CONNECT needs HOST:PORT")
-    return address
-
-
-def parse_query(query: bytes) -> tuple[tuple[str, str], ...] | Decision:
-    """The parameters of an absolute-form URL, decoded once, or the 400 refusing them."""
-    if not query:
-        return ()
-    try:
-        pairs = parse_qsl(
-            query.decode("ascii"), keep_blank_values=True, max_num_fields=32, errors="strict"
-        )
-    except (UnicodeDecodeError, ValueError):
-        return _refusal(400, BAD_REQUEST, "query", "query string: malformed", b"bad request\n")
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            return _refusal(
-                400,
-                BAD_REQUEST,
-                "query",
-                f"query string: {key!r} given twice",
-                b"parameter given twice\n",
-            )
-        seen.add(key)
-    return tuple(pairs)
-
-
-# -- the decision ------------------------------------------------------------------------------
-
-
-def _refusal(
-    status: int,
-    reason: str,
-    check: str,
-    rule: str,
-    body: bytes,
-    route: Route | None = None,
-    checks: tuple[Check, ...] = (),
-) -> Decision:
-    return Decision(
-        False, status, reason, rule, body, route, checks=(*checks, Check(check, False, rule))
-    )
-
-
-def needs_credentials(recognition: Recognition) -> bool:
-    """Would other ``Proxy-Authorization`` help? (Missing, or not verified: a 407.)"""
-    return recognition.identity is None and REFUSED_AT_THE_DOOR.get(recognition.reason) == 401
-
-
-class ForwardPolicy:
-    """Which route, if any, lets a caller reach ``host:port`` through the forward proxy.
-
-    Absolute-form requests may reach targets of ``http`` routes, CONNECT tunnels targets of
-    ``https`` routes (a tunnel to a plain-text target would bypass the route's path policy).
-    """
-
-    def __init__(
-        self,
-        routes: Mapping[str, Route],
-        *,
-        challenge: bool = True,
-        membership: Membership | None = None,
-    ) -> None:
-        #: Answer 407 (rather than 403) to a caller without verified credentials; only
-        #: when some identity has a bearer token or basic-auth user to offer.
-        self.challenge = challenge
-        self.routes = routes
-        #: The routes' current members (discovery swaps them); static targets if None.
-        self.membership = membership if membership is not None else Membership(routes)
-        self._indexed: Mapping[str, Mapping[str, Target]] | None = None
-        self._by_address: dict[str, list[tuple[Route, Target]]] = {}
-
-    def _index(self) -> dict[str, list[tuple[Route, Target]]]:
-        """Routes by canonical target address, rebuilt once each time membership changes."""
-        current = self.membership.current
-        if current is not self._indexed:
-            by_address: dict[str, list[tuple[Route, Target]]] = {}
-            for name in sorted(self.routes):
-                route = self.routes[name]
-                for target in current.get(name, {}).values():
-                    address = canonical_address(target.address)
-                    if address is not None:
-                        by_address.setdefault(address, []).append((route, target))
-            self._by_address, self._indexed = by_address, current
-        return self._by_address
-
-    def decide_request(
-        self,
-        recognition: Recognition,
-        address: str,
-        raw_path: str,
-        params: tuple[tuple[str, str], ...],
-    ) -> Decision:
-        """Allow or refuse one absolute-form GET/HEAD. Order, first failure answers: caller
-        recognised (407/403), target in an ``http`` route (403), a route allowing the caller
-        (403), path canonical (400), a route among those allowing the path (403), every
-        parameter one that route passes (400). Routes are tried in order of name."""
-        found = self._allowed_routes(recognition, address, "http")
-        if isinstance(found, Decision):
-            return found
-        allowed, checks = found
-        first = allowed[0][0]
-        try:
-            path = normalize_path(raw_path)
-        except PathRefused as e:
-            return _refusal(
-                400,
-                PATH_REFUSED,
-                "path",
-                f"path normalisation: {e.reason}",
-                f"path refused: {e.reason}\n".encode(),
-                first,
-                checks,
-            )
-        for route, target, rule in allowed:  # noqa: B007 (the one that breaks is used)
-            if path in route.paths:
-                break
-        else:
-            names = ", ".join(r.name for r, _, _ in allowed)
-            return _refusal(
-                403,
-                PATH_REFUSED,
-                "path",
-                f"routes {names}: {path!r} not listed in paths",
-                FORBIDDEN,
-                first,
-                checks,
-            )
-        checks += (Check("path", True, f"routes.{route.name}.paths: {path!r} is listed"),)
-        for key, _ in params:
-            if key not in route.params:
-                return _refusal(
-                    400,
-                    PARAM_REFUSED,
-                    "params",
-                    f"routes.{route.name}.params: {key!r} not listed",
-                    b"query parameter not allowed on this route\n",
-                    route,
-                    checks,
-                )
-        if params:
-            checks += (Check("params", True, f"routes.{route.name}.params"),)
-        return Decision(True, 200, OK, rule, b"", route, target, path, params, checks)
-
-    def decide_connect(self, recognition: Recognition, address: str) -> Decision:
-        """Allow or refuse one CONNECT: caller recognised (407/403), target in an ``https``
-        route (403), a route allowing the caller (403). The first such route by name."""
-        found = self._allowed_routes(recognition, address, "https")
-        if isinstance(found, Decision):
-            return found
-        allowed, checks = found
-        route, target, rule = allowed[0]
-        return Decision(True, 200, OK, rule, b"", route, target, None, (), checks)
-
-    def _allowed_routes(
-        self, recognition: Recognition, address: str, scheme: str
-    ) -> tuple[list[tuple[Route, Target, str]], tuple[Check, ...]] | Decision:
-        identity = recognition.identity
-        if identity is None:
-            why = recognition.reason
-            if recognition.detail:
-                why = f"{why}: {recognition.detail}"
-            rule = f"identities: caller not recognised ({why})"
-            if self.challenge and needs_credentials(recognition):
-                return _refusal(407, recognition.reason, "identity", rule, _PROXY_AUTH)
-            status = REFUSED_AT_THE_DOOR.get(recognition.reason)
-            if status == 429 or status == 503:  # throttled or overloaded: try again later
-                body = refusal_body(status, recognition.reason)
-                return _refusal(status, recognition.reason, "identity", rule, body)
-            return _refusal(403, recognition.reason, "identity", rule, FORBIDDEN)
-        checks: tuple[Check, ...] = (Check("identity", True, f"identities.{identity.name}"),)
-        members = [(r, t) for r, t in self._index().get(address, ()) if r.scheme == scheme]
-        if not members:
-            return _refusal(
-                403,
-                NOT_FOUND,
-                "target",
-                f"routes: no {scheme} route has target {address!r}",
-                FORBIDDEN,
-                None,
-                checks,
-            )
-        names = ", ".join(r.name for r, _ in members)
-        checks += (Check("target", True, f"routes {names}: {address!r} is a member"),)
-        allowed: list[tuple[Route, Target, str]] = []
-        for route, target in members:
-            verdict = authorize(identity, route)
-            if verdict.allowed:
-                allowed.append((route, target, verdict.rule))
-        if not allowed:
-            return _refusal(
-                403,
-                AUTHZ_DENIED,
-                "allow",
-                f"routes {names}: allow: default deny",
-                FORBIDDEN,
-                members[0][0],
-                checks,
-            )
-        return allowed, (*checks, Check("allow", True, allowed[0][2]))
 
 
 # -- the gateway ------------------------------------------------------------------------------
@@ -516,15 +233,16 @@ class ForwardGateway(ReverseGateway):
         address: str,
         recognition: Recognition,
     ) -> None:
+        status = decision_status(decision)
         self.refuse(
             conn,
             req,
             start,
-            decision.status,
+            status,
             decision.reason,
             route=decision.route,
             target=address,
-            extra=self.challenges if decision.status == 407 else door_headers(recognition, ()),
+            extra=self.challenges if status == 407 else door_headers(recognition, ()),
             rule=decision.rule,
             recognition=recognition,
         )

@@ -1,0 +1,2 @@
+"""Network pieces every listener uses: SNI, the PROXY protocol, connecting upstream and
+relaying bytes."""

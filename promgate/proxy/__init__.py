@@ -1,1 +1,0 @@
-"""The protocol factories: one module per way into the gateway."""
