@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from promgate.addresses import address_parts, host_port, split_address
 from promgate.config.model import ProviderSpec, Route, Selector, Target
 from promgate.policy import Membership
 from promgate.reactors import IDiscoveryReactor
@@ -119,8 +120,6 @@ class CompiledSelector:
     def apply(self, targets: Iterable[Target]) -> tuple[list[Target], list[str]]:
         """The targets admitted, rewritten, with discovery's reserved labels dropped;
         plus a problem for each target whose rewritten address is unusable."""
-        from promgate.addresses import split_address
-
         out: list[Target] = []
         problems: list[str] = []
         for target in targets:
@@ -139,9 +138,9 @@ class CompiledSelector:
         s = self.selector
         if s.port is None and s.address is None:
             return target.address
-        host, _, port = target.address.rpartition(":")
+        host, port = address_parts(target.address)
         if s.port is not None:
-            return f"{host}:{s.port}"
+            return host_port(host, s.port)
         assert s.address is not None
         fields = dict(target.labels)
         fields.update(host=host, port=port, address=target.address)
