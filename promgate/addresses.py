@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "HOSTNAME",
+    "address_parts",
     "canonical_address",
     "host_port",
     "peer_address",
@@ -74,9 +75,22 @@ def canonical_address(text: str, default_port: int | None = None) -> str | None:
     return f"{address}:{port}"
 
 
+def address_parts(text: str) -> tuple[str, str]:
+    """``text`` split at its last colon, unchecked: the host as written (an IPv6 address
+    keeps its brackets) and the port text; ``("", text)`` when there is no colon.
+
+    For rebuilding an address from its parts (discovery's rewrite templates);
+    ``split_address`` is the check.
+    """
+    host, _, port = text.rpartition(":")
+    return host, port
+
+
 def host_port(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """``host:port``, with an IPv6 address in brackets (once: ``[v6]`` stays as it is)."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
 
 
 def peer_address(addr: Any) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
@@ -18,8 +17,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
-from promgate.addresses import peer_address
+from promgate.addresses import host_port, peer_address
 from promgate.errors import StartupError, os_error_text
+from promgate.reactors import IListenReactor
 
 __all__ = ["ListenerService", "bind_failure", "where"]
 
@@ -30,7 +30,7 @@ class ListenerService(StreamServerEndpointService):
     _raiseSynchronously = True
 
     def __init__(
-        self, name: str, description: str, factory: IProtocolFactory, reactor: Any
+        self, name: str, description: str, factory: IProtocolFactory, reactor: IListenReactor
     ) -> None:
         super().__init__(serverFromString(reactor, description), factory)  # type: ignore[no-untyped-call]
         self.listener_name = name
@@ -80,7 +80,7 @@ def bind_failure(name: str, description: str, error: BaseException) -> str:
                 cause = os_error_text(error.socketError)
         else:
             host = error.interface or ("::" if description.startswith("tcp6:") else "0.0.0.0")
-            address = f"[{host}]:{error.port}" if ":" in host else f"{host}:{error.port}"
+            address = host_port(host, error.port)
             cause = os_error_text(error.socketError)
         return f"listener {name}: {address}: {cause}"
     if isinstance(error, OverflowError):

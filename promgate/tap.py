@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -46,9 +46,13 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from promgate.errors import one_line_startup_errors
+    from promgate.reactors import IGatewayReactor
     from promgate.service import GatewayService
 
     sys.excepthook = one_line_startup_errors(sys.excepthook)
 
     ready = Path(options["ready-file"]) if options["ready-file"] else None
-    return GatewayService(options["loaded"], reactor, ready_file=ready)
+    # Twisted types its global reactor with a few common interfaces only; the reactors
+    # twistd installs on POSIX provide every one the gateway needs.
+    gateway_reactor = cast(IGatewayReactor, reactor)
+    return GatewayService(options["loaded"], gateway_reactor, ready_file=ready)

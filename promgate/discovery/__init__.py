@@ -28,8 +28,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from promgate.addresses import address_parts, host_port, split_address
 from promgate.config.model import ProviderSpec, Route, Selector, Target
 from promgate.policy import Membership
+from promgate.reactors import IDiscoveryReactor
 
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 #: How often a runner wakes to ask a provider whether its source changed, at most.
@@ -79,10 +81,13 @@ class IDiscoveryProviderFactory(Interface):
 
     def build(
         settings: Mapping[str, Any],  # noqa: N805
-        reactor: Any,
+        reactor: IDiscoveryReactor,
         base: Path,
     ) -> IDiscoveryProvider:
-        """A provider for ``settings``; relative paths resolve against ``base``."""
+        """A provider for ``settings``; relative paths resolve against ``base``.
+
+        ``reactor`` keeps time and connects over TCP and UDP, with name resolution:
+        enough for ``twisted.names`` and for an HTTP client (``Agent``, treq)."""
 
 
 @implementer(IDiscoveryProvider)
@@ -115,8 +120,6 @@ class CompiledSelector:
     def apply(self, targets: Iterable[Target]) -> tuple[list[Target], list[str]]:
         """The targets admitted, rewritten, with discovery's reserved labels dropped;
         plus a problem for each target whose rewritten address is unusable."""
-        from promgate.addresses import split_address
-
         out: list[Target] = []
         problems: list[str] = []
         for target in targets:
@@ -135,9 +138,9 @@ class CompiledSelector:
         s = self.selector
         if s.port is None and s.address is None:
             return target.address
-        host, _, port = target.address.rpartition(":")
+        host, port = address_parts(target.address)
         if s.port is not None:
-            return f"{host}:{s.port}"
+            return host_port(host, s.port)
         assert s.address is not None
         fields = dict(target.labels)
         fields.update(host=host, port=port, address=target.address)
@@ -315,11 +318,11 @@ class Discovery(Service):
     def __init__(
         self,
         routes: Mapping[str, Route],
-        reactor: Any,
+        reactor: IDiscoveryReactor,
         *,
         membership: Membership | None = None,
         metrics: Any = None,
-        build: Callable[[ProviderSpec, Any], IDiscoveryProvider] | None = None,
+        build: Callable[[ProviderSpec, IDiscoveryReactor], IDiscoveryProvider] | None = None,
     ) -> None:
         self.routes = routes
         self.reactor = reactor
@@ -446,7 +449,7 @@ def discovery_factories() -> dict[str, IDiscoveryProviderFactory]:
     return found
 
 
-def build_provider(spec: ProviderSpec, reactor: Any) -> IDiscoveryProvider:
+def build_provider(spec: ProviderSpec, reactor: IDiscoveryReactor) -> IDiscoveryProvider:
     """The provider a checked ``ProviderSpec`` describes."""
     if spec.kind == "file_sd":
         from promgate.discovery.file_sd import FileSD
@@ -465,7 +468,7 @@ def build_provider(spec: ProviderSpec, reactor: Any) -> IDiscoveryProvider:
     raise ValueError(f"unknown discovery provider {spec.kind!r}")
 
 
-def resolve_once(routes: Mapping[str, Route], reactor: Any) -> Deferred[Discovery]:
+def resolve_once(routes: Mapping[str, Route], reactor: IDiscoveryReactor) -> Deferred[Discovery]:
     """Run every provider once (``promgate check-config --resolve``)."""
     discovery = Discovery(routes, reactor)
 

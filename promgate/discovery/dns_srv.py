@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.names import dns
@@ -21,14 +21,31 @@ from zope.interface import implementer
 from promgate.addresses import host_port
 from promgate.config.model import Target
 from promgate.discovery import BaseProvider, Discovered, IDiscoveryProvider
+from promgate.reactors import INamesReactor
 
 DEFAULT_REFRESH_INTERVAL = 30.0
 DEFAULT_MIN_INTERVAL = 5.0
 #: Per-query retransmission timeouts (seconds): a dead server costs 6 s per refresh.
 QUERY_TIMEOUT = (1, 2, 3)
 
+#: A lookup's answer, authority and additional sections.
+Sections = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
 
-def make_resolver(servers: Sequence[tuple[str, int]] | None, reactor: Any) -> Any:
+
+class SRVResolver(Protocol):
+    """The three lookups dns_srv makes: a ``twisted.names`` resolver, or a fake in tests.
+
+    (``IResolver`` says the same, but types each section as one record.)
+    """
+
+    def lookupService(self, name: str, timeout: Sequence[int]) -> Deferred[Sections]: ...
+
+    def lookupAddress(self, name: str, timeout: Sequence[int]) -> Deferred[Sections]: ...
+
+    def lookupIPV6Address(self, name: str, timeout: Sequence[int]) -> Deferred[Sections]: ...
+
+
+def make_resolver(servers: Sequence[tuple[str, int]] | None, reactor: INamesReactor) -> SRVResolver:
     """A ``twisted.names`` resolver asking ``servers``, or those of resolv.conf; no cache
     (the provider honours TTLs itself) and no hosts file."""
     from twisted.names import client
@@ -45,7 +62,7 @@ class DNSSRV(BaseProvider):
     def __init__(
         self,
         names: Sequence[str],
-        resolver: Any,
+        resolver: SRVResolver,
         *,
         refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         min_interval: float = DEFAULT_MIN_INTERVAL,
@@ -60,7 +77,7 @@ class DNSSRV(BaseProvider):
         self._ttl: float | None = None
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any], reactor: Any) -> DNSSRV:
+    def from_settings(cls, settings: Mapping[str, Any], reactor: INamesReactor) -> DNSSRV:
         return cls(
             settings["names"],
             make_resolver(settings.get("servers"), reactor),
@@ -104,19 +121,21 @@ class DNSSRV(BaseProvider):
         out: list[Target] = []
         glue: dict[str, list[str]] = {}
         for rr in additional:
-            if rr.type in (dns.A, dns.AAAA):
-                glue.setdefault(rr.name.name.decode().lower().rstrip("."), []).append(
-                    rr.payload.dottedQuad() if rr.type == dns.A else _ipv6(rr.payload.address)
-                )
+            ip = _ip(rr.payload)
+            if ip is not None:
+                glue.setdefault(rr.name.name.decode().lower().rstrip("."), []).append(ip)
                 self._seen_ttl(rr.ttl)
-        records = sorted(
-            (rr for rr in answers if rr.type == dns.SRV),
-            key=lambda rr: (rr.payload.priority, -rr.payload.weight, rr.payload.target.name),
+        records: list[tuple[int, dns.Record_SRV]] = []
+        for rr in answers:
+            if isinstance(rr.payload, dns.Record_SRV):
+                records.append((rr.ttl, rr.payload))
+        records.sort(
+            key=lambda record: (record[1].priority, -record[1].weight, record[1].target.name)
         )
-        for rr in records:
-            self._seen_ttl(rr.ttl)
-            host = rr.payload.target.name.decode().lower().rstrip(".")
-            port = rr.payload.port
+        for ttl, srv in records:
+            self._seen_ttl(ttl)
+            host = srv.target.name.decode().lower().rstrip(".")
+            port = srv.port
             if not host or not port:  # "." means: no service here
                 continue
             addresses = glue.get(host) or await self._addresses(host)
@@ -133,8 +152,8 @@ class DNSSRV(BaseProvider):
         out: list[str] = []
         failures: list[Exception] = []
         for lookup, rtype in (
-            (self.resolver.lookupAddress, dns.A),
-            (self.resolver.lookupIPV6Address, dns.AAAA),
+            (self.resolver.lookupAddress, dns.Record_A),
+            (self.resolver.lookupIPV6Address, dns.Record_AAAA),
         ):
             try:
                 answers, _, _ = await lookup(host, QUERY_TIMEOUT)
@@ -144,15 +163,19 @@ class DNSSRV(BaseProvider):
                 failures.append(e)
                 continue
             for rr in answers:
-                if rr.type == rtype:
+                ip = _ip(rr.payload) if isinstance(rr.payload, rtype) else None
+                if ip is not None:
                     self._seen_ttl(rr.ttl)
-                    out.append(
-                        rr.payload.dottedQuad() if rtype == dns.A else _ipv6(rr.payload.address)
-                    )
+                    out.append(ip)
         if failures and not out:
             raise failures[0]
         return out
 
 
-def _ipv6(packed: bytes) -> str:
-    return str(ipaddress.IPv6Address(packed))
+def _ip(record: object) -> str | None:
+    """The address an A or AAAA record holds; None for any other record."""
+    if isinstance(record, dns.Record_A):
+        return str(record.dottedQuad())
+    if isinstance(record, dns.Record_AAAA):
+        return str(ipaddress.IPv6Address(record.address))
+    return None

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import yaml
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from promgate.config.model import Target
@@ -104,7 +105,7 @@ class FileSD(BaseProvider):
     def __init__(
         self,
         patterns: Sequence[str],
-        clock: Any,
+        clock: IReactorTime,
         *,
         refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         poll_interval: float = 5.0,
@@ -119,7 +120,7 @@ class FileSD(BaseProvider):
         self.files: dict[str, tuple[Signature | None, tuple[Target, ...]]] = {}
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any], reactor: Any) -> FileSD:
+    def from_settings(cls, settings: Mapping[str, Any], reactor: IReactorTime) -> FileSD:
         return cls(
             settings["files"],
             reactor,

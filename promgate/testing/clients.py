@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import attrs
 
+from promgate.addresses import split_address
+
 __all__ = ["Response", "https_connection", "https_get", "request"]
 
 
@@ -28,11 +30,13 @@ def https_connection(
     Reuse it for several requests to exercise keep-alive. The certificate is checked
     against the literal address, which TestPKI's gateway certificate carries as an IP SAN.
     """
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
+    split = split_address(address)
+    if split is None:
+        raise ValueError(f"not host:port: {address!r}")
+    host, port = split
     if context is None:
-        return http.client.HTTPConnection(host, int(port), timeout=timeout)
-    return http.client.HTTPSConnection(host, int(port), context=context, timeout=timeout)
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+    return http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
 
 
 def https_get(

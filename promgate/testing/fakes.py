@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 from cryptography import x509
 
+from promgate.addresses import host_port
+
 __all__ = ["FakeExporter"]
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -55,7 +57,7 @@ class FakeExporter:
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(64)
         self.port = self._sock.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = host_port("127.0.0.1", self.port)
         self._stopping = threading.Event()
         self._released = threading.Event()
         self._threads: list[threading.Thread] = []

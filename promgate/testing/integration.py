@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from prometheus_client.parser import text_string_to_metric_families
 
 from promgate import cli
+from promgate.addresses import host_port, split_address
 from promgate.testing import (
     TestPKI,
 )
@@ -112,9 +113,12 @@ def attempt_handshake(address: str, context: ssl.SSLContext) -> tuple[str, bytes
     With TLS 1.3 the client finishes its side of the handshake before the server has
     judged the client certificate, so the refusal arrives as an alert on the first read.
     """
-    host, _, port = address.rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        local = "{}:{}".format(*sock.getsockname()[:2])
+    split = split_address(address)
+    if split is None:
+        raise ValueError(f"not host:port: {address!r}")
+    host, port = split
+    with socket.create_connection((host, port), timeout=10) as sock:
+        local = host_port(*sock.getsockname()[:2])
         received = b""
         try:
             with context.wrap_socket(sock, server_hostname=host) as tls:

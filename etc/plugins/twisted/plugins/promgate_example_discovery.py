@@ -16,6 +16,7 @@ from zope.interface import provider
 
 from promgate.config.model import Target
 from promgate.discovery import BaseProvider, IDiscoveryProviderFactory
+from promgate.reactors import IDiscoveryReactor
 
 
 class ListedHosts(BaseProvider):
@@ -51,5 +52,5 @@ class ExampleListFactory:
         return problems
 
     @staticmethod
-    def build(settings: Mapping[str, Any], reactor: Any, base: Path) -> ListedHosts:
+    def build(settings: Mapping[str, Any], reactor: IDiscoveryReactor, base: Path) -> ListedHosts:
         return ListedHosts(settings["hosts"], settings.get("port", 9100))
