@@ -21,9 +21,11 @@ from promgate.authn import Authenticator, BcryptThreads
 from promgate.config.model import Config, Listener
 from promgate.discovery import Discovery
 from promgate.errors import StartupError, os_error_text
+from promgate.http.listener import HTTPListener
+from promgate.http.server import HTTPListenerFactory
 from promgate.http.upstream import UpstreamPool
-from promgate.listeners.forward import ForwardGateway, ForwardGatewayFactory
-from promgate.listeners.scrape import ReverseGateway, ReverseGatewayFactory
+from promgate.listeners.forward import ForwardGateway
+from promgate.listeners.scrape import ReverseGateway
 from promgate.listeners.tcp import EndpointConnector, TCPGateway, TCPGatewayFactory
 from promgate.listening import ListenerService
 from promgate.metrics import Metrics
@@ -89,7 +91,7 @@ class GatewayService(MultiService):
             on_connect=lambda route: self.metrics.upstream_connections.labels(route).inc(),
         )
         self.listeners: list[ListenerService] = []
-        self.gateways: list[ReverseGateway | TCPGateway] = []
+        self.gateways: list[HTTPListener | TCPGateway] = []
         # One authenticator (and one bcrypt cache) for every listener, with bcrypt on a
         # thread pool of its own.
         self.bcrypt_threads = BcryptThreads(reactor)
@@ -104,24 +106,34 @@ class GatewayService(MultiService):
             if listener.protocol == "tcp":
                 self._add_tcp_listener(listener)
                 continue
-            shared: dict[str, Any] = dict(
-                clock=reactor,
-                limiter=self.limiter,
-                audit=self.records,
-                metrics=self.metrics,
-                pool=self.pool,
-                authenticator=self.authenticator,
-                membership=self.discovery.membership,
-            )
-            factory: Any
+            handler: ReverseGateway | ForwardGateway
             if listener.protocol == "forward":
-                forward = ForwardGateway(listener, config, reactor=reactor, **shared)
-                gateway: ReverseGateway = forward
-                factory = ForwardGatewayFactory(forward)
+                handler = ForwardGateway(
+                    listener,
+                    config,
+                    reactor=reactor,
+                    clock=reactor,
+                    limiter=self.limiter,
+                    audit=self.records,
+                    metrics=self.metrics,
+                    pool=self.pool,
+                    authenticator=self.authenticator,
+                    membership=self.discovery.membership,
+                )
             else:
-                gateway = ReverseGateway(listener, config, **shared)
-                factory = ReverseGatewayFactory(gateway)
-            self.gateways.append(gateway)
+                handler = ReverseGateway(
+                    listener,
+                    config,
+                    clock=reactor,
+                    limiter=self.limiter,
+                    audit=self.records,
+                    metrics=self.metrics,
+                    pool=self.pool,
+                    authenticator=self.authenticator,
+                    membership=self.discovery.membership,
+                )
+            self.gateways.append(handler.http)
+            factory: Any = HTTPListenerFactory(handler.http)
             if listener.tls is not None:
                 factory = TLSMemoryBIOFactory(server_tls(listener.tls), False, factory)
             factory.noisy = False
@@ -244,7 +256,7 @@ class GatewayService(MultiService):
         answer is written. Tunnels and TCP connections live as long as their clients
         want, so they are not waited for: they are cut, and audited, next.
         """
-        relaying = [gw for gw in self.gateways if isinstance(gw, ReverseGateway)]
+        relaying = [gw for gw in self.gateways if isinstance(gw, HTTPListener)]
         for gw in relaying:
             gw.begin_drain()
         pending = sum(gw.exchanges for gw in relaying)

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from promgate.addresses import peer_prefix
 from promgate.audit import AuditEvent, AuditLog, MemoryAuditSink, verify_files
 from promgate.audit_aggregate import AggregatingSink, aggregation_key
-from promgate.listeners.scrape import handshake_failure_event
+from promgate.core.recording import handshake_failure_event
 
 
 def _failure(

@@ -31,9 +31,10 @@ from promgate.config.model import (
     Target,
 )
 from promgate.http.refusals import BODIES
+from promgate.http.server import HTTPListenerFactory
 from promgate.http.upstream import UpstreamPool
 from promgate.identity import Recognition
-from promgate.listeners.scrape import ReverseGateway, ReverseGatewayFactory
+from promgate.listeners.scrape import ReverseGateway
 from promgate.metrics import Metrics
 from promgate.ratelimit import RateLimiter
 
@@ -300,7 +301,7 @@ class GatewayTests(SynchronousTestCase):
         )
 
     def client(self, password: bytes) -> tuple[Any, StringTransport]:
-        proto = ReverseGatewayFactory(self.gateway).buildProtocol(None)
+        proto = HTTPListenerFactory(self.gateway.http).buildProtocol(None)
         transport = StringTransport(
             hostAddress=IPv4Address("TCP", "192.0.2.1", 9443),
             peerAddress=IPv4Address("TCP", "198.51.100.7", 40000),

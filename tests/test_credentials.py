@@ -48,8 +48,9 @@ from promgate.config.model import (
     Target,
     TLSFiles,
 )
+from promgate.http.server import DownstreamProtocol, HTTPListenerFactory
 from promgate.identity import Recognition, cert_matches
-from promgate.listeners.scrape import DownstreamProtocol, ReverseGateway, ReverseGatewayFactory
+from promgate.listeners.scrape import ReverseGateway
 from promgate.metrics import Metrics
 from promgate.ratelimit import RateLimiter
 from promgate.testing import TestPKI
@@ -518,7 +519,7 @@ class GatewayCredentialTests(SynchronousTestCase):
         self, cert_identity: Identity | None = None
     ) -> tuple[DownstreamProtocol, StringTransport]:
         """A plain-text connection; ``cert_identity`` stands for what a certificate said."""
-        proto = ReverseGatewayFactory(self.gateway).buildProtocol(None)
+        proto = HTTPListenerFactory(self.gateway.http).buildProtocol(None)
         transport = StringTransport(
             hostAddress=IPv4Address("TCP", "192.0.2.1", 9443),
             peerAddress=IPv4Address("TCP", "198.51.100.7", 40000),
@@ -741,7 +742,7 @@ class PendingAuthenticationTests(GatewayCredentialTests):
         """Shutting down during the check audits the request as gateway_shutdown."""
         proto, _ = self.client()
         proto.dataReceived(get(SCRAPE, b"Authorization: " + basic("viewer", b"viewer-pass")))
-        self.assertEqual(self.gateway.shut_down_connections(), 1)
+        self.assertEqual(self.gateway.http.shut_down_connections(), 1)
         proto.connectionLost()
         self.runner.run()
         (event,) = self.requests()
@@ -844,7 +845,7 @@ class TLSCredentialTests(SynchronousTestCase):
             tls=self.tls,
         )
         self.server_factory = TLSMemoryBIOFactory(
-            server_tls(self.tls), False, ReverseGatewayFactory(self.gateway), clock=self.clock
+            server_tls(self.tls), False, HTTPListenerFactory(self.gateway.http), clock=self.clock
         )
 
     def connect(self, cert: tuple[Path, Path]) -> tuple[_Client, Any, iosim.IOPump]:

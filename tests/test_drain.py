@@ -17,9 +17,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from promgate.audit import MemoryAuditSink
 from promgate.config.model import Admin, Audit, CertMatch, Config, Identity, Listener, Route, Target
 from promgate.drain import InFlight, OpenSet
+from promgate.http.server import DownstreamProtocol, HTTPListenerFactory
 from promgate.http.upstream import UpstreamPool
 from promgate.identity import Recognition
-from promgate.listeners.scrape import DownstreamProtocol, ReverseGateway, ReverseGatewayFactory
+from promgate.listeners.scrape import ReverseGateway
 from promgate.metrics import Metrics
 from promgate.ratelimit import RateLimiter
 
@@ -135,7 +136,7 @@ class DrainingListenerTests(SynchronousTestCase):
         )
 
     def client(self, port: int = 40000) -> tuple[DownstreamProtocol, StringTransport]:
-        proto = ReverseGatewayFactory(self.gateway).buildProtocol(None)
+        proto = HTTPListenerFactory(self.gateway.http).buildProtocol(None)
         transport = StringTransport(
             hostAddress=IPv4Address("TCP", "192.0.2.1", 9443),
             peerAddress=IPv4Address("TCP", "198.51.100.7", port),
@@ -161,7 +162,7 @@ class DrainingListenerTests(SynchronousTestCase):
         proto, transport = self.client()
         proto.dataReceived(SD)
         self.assertFalse(transport.disconnecting)
-        self.gateway.begin_drain()
+        self.gateway.http.begin_drain()
         self.assertTrue(transport.disconnecting)
         self.assertFalse(transport.disconnected, "cut instead of closed")
 
@@ -170,8 +171,8 @@ class DrainingListenerTests(SynchronousTestCase):
         closes (never aborted), and only then is the drain idle."""
         proto, transport = self.client()
         proto.dataReceived(SCRAPE)
-        self.gateway.begin_drain()
-        idle = self.gateway.in_flight.when_idle()
+        self.gateway.http.begin_drain()
+        idle = self.gateway.http.in_flight.when_idle()
         self.assertFalse(transport.disconnecting)
         self.upstream().dataReceived(ANSWER)
         self.assertTrue(transport.value().endswith(METRICS))
@@ -180,9 +181,9 @@ class DrainingListenerTests(SynchronousTestCase):
         self.assertNoResult(idle)
         self.clock.advance(0)
         self.successResultOf(idle)
-        self.gateway.shut_down_connections()
+        self.gateway.http.shut_down_connections()
         self.assertFalse(transport.disconnected, "cut after its answer")
-        empty = self.gateway.open.when_empty()
+        empty = self.gateway.http.open.when_empty()
         self.lose(proto, transport)
         self.clock.advance(0)
         self.successResultOf(empty)
@@ -200,10 +201,10 @@ class DrainingListenerTests(SynchronousTestCase):
         fresh, fresh_transport = self.client(40003)
         idle, idle_transport = self.client(40004)
         idle.dataReceived(SD)
-        self.gateway.begin_drain()
+        self.gateway.http.begin_drain()
         self.assertTrue(idle_transport.disconnecting)
         self.assertFalse(fresh_transport.disconnecting)
-        self.gateway.shut_down_connections()
+        self.gateway.http.shut_down_connections()
         self.assertTrue(in_flight_transport.disconnected)
         self.assertTrue(half_transport.disconnected)
         self.assertTrue(fresh_transport.disconnected)
@@ -230,12 +231,12 @@ class DrainingListenerTests(SynchronousTestCase):
         cut when the deadline comes."""
         proto, transport = self.client()
         proto.dataReceived(SD)
-        self.gateway.begin_drain()
+        self.gateway.http.begin_drain()
         self.assertTrue(transport.disconnecting)
         self.assertFalse(transport.disconnected)
-        self.gateway.abort_connections()
+        self.gateway.http.abort_connections()
         self.assertTrue(transport.disconnected)
-        empty = self.gateway.open.when_empty()
+        empty = self.gateway.http.open.when_empty()
         self.lose(proto, transport)
         self.clock.advance(0)
         self.successResultOf(empty)

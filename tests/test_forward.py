@@ -46,16 +46,11 @@ from promgate.config.model import (
     TLSFiles,
 )
 from promgate.http.refusals import BY_STATUS, decision_status
+from promgate.http.server import DownstreamProtocol, HTTPListenerFactory
 from promgate.http.targets import AbsoluteForm, parse_absolute_form, parse_authority_form
 from promgate.http.wire import HTTPError
 from promgate.identity import Recognition
-from promgate.listeners.forward import (
-    CONNECT_OK,
-    MAX_EARLY_DATA,
-    ForwardGateway,
-    ForwardGatewayFactory,
-    ForwardProtocol,
-)
+from promgate.listeners.forward import CONNECT_OK, MAX_EARLY_DATA, ForwardGateway
 from promgate.metrics import Metrics
 from promgate.policy import ForwardPolicy, Refusal
 from promgate.ratelimit import RateLimiter
@@ -375,9 +370,9 @@ class ForwardTestCase(SynchronousTestCase):
 
     def client(
         self, identity: Identity | None = PROMETHEUS
-    ) -> tuple[ForwardProtocol, StringTransport]:
+    ) -> tuple[DownstreamProtocol, StringTransport]:
         """A plain-text client connection; ``identity`` as if named by its certificate."""
-        proto = ForwardGatewayFactory(self.gateway).buildProtocol(None)
+        proto = HTTPListenerFactory(self.gateway.http).buildProtocol(None)
         transport = StringTransport(
             hostAddress=IPv4Address("TCP", "192.0.2.1", 3128),
             peerAddress=IPv4Address("TCP", "198.51.100.7", 40000),
@@ -389,7 +384,7 @@ class ForwardTestCase(SynchronousTestCase):
 
     def send(
         self, data: bytes, identity: Identity | None = PROMETHEUS
-    ) -> tuple[ForwardProtocol, StringTransport]:
+    ) -> tuple[DownstreamProtocol, StringTransport]:
         proto, transport = self.client(identity)
         proto.dataReceived(data)
         return proto, transport
@@ -553,7 +548,7 @@ class RefusalTests(ForwardTestCase):
     def test_proxy_authentication_required(self) -> None:
         """No credentials at all: 407 with a challenge for each configured scheme."""
         proto, transport = self.client(identity=None)
-        proto.recognition = self.gateway.authenticator.for_connection(None)
+        proto.recognition = self.gateway.http.authenticator.for_connection(None)
         proto.dataReceived(request(b"GET", GET_NODE))
         response = self.assertRefused(transport, 407, "authn_missing")
         self.assertIn(b"Bearer", response.raw)
@@ -605,7 +600,7 @@ class TunnelTestCase(ForwardTestCase):
 
     def open_tunnel(
         self, target: bytes = b"10.0.0.7:9443", early: bytes = b"", identity: Identity = PROMETHEUS
-    ) -> tuple[ForwardProtocol, StringTransport, Any, StringTransport]:
+    ) -> tuple[DownstreamProtocol, StringTransport, Any, StringTransport]:
         head = request(b"CONNECT", target)
         proto, transport = self.send(head + early, identity=identity)
         self.assertEqual(transport.value(), b"")  # nothing until the upstream answers
@@ -751,7 +746,7 @@ class TunnelTests(TunnelTestCase):
     def test_shutdown(self) -> None:
         """The gateway stops: the tunnel is cut both ways and audited as such."""
         proto, _, _, upstream_transport = self.open_tunnel()
-        self.assertEqual(self.gateway.shut_down_connections(), 1)
+        self.assertEqual(self.gateway.http.shut_down_connections(), 1)
         proto.connectionLost(Failure(ConnectionLost()))
         self.assertTrue(upstream_transport.disconnected)
         self.assertEqual(self.tunnel_record().reason, "gateway_shutdown")
@@ -872,7 +867,7 @@ class RefusedConnectTests(TunnelTestCase):
 
     def test_proxy_authentication_required(self) -> None:
         proto, transport = self.client(identity=None)
-        proto.recognition = self.gateway.authenticator.for_connection(None)
+        proto.recognition = self.gateway.http.authenticator.for_connection(None)
         proto.dataReceived(request(b"CONNECT", b"10.0.0.7:9443") + self.SMUGGLED)
         response = self.assertClosedRefusal(transport, 407, "authn_missing")
         self.assertIn(b"Proxy-Authenticate: Bearer", response.raw)
@@ -936,7 +931,7 @@ class MutualTLSTunnelTests(TunnelTestCase):
 
     def test_tunnel_over_tls(self) -> None:
         server_factory = TLSMemoryBIOFactory(
-            server_tls(self.tls), False, ForwardGatewayFactory(self.gateway), clock=self.clock
+            server_tls(self.tls), False, HTTPListenerFactory(self.gateway.http), clock=self.clock
         )
         cert, key = self.pki.client("prometheus")
         creator = optionsForClientTLS(

@@ -42,10 +42,11 @@ from promgate.config.model import (
     Target,
     TLSFiles,
 )
+from promgate.http.server import DownstreamProtocol, HTTPListenerFactory
 from promgate.http.upstream import UpstreamPool, UpstreamProtocol
 from promgate.http.wire import MAX_HEAD
 from promgate.identity import Recognition
-from promgate.listeners.scrape import DownstreamProtocol, ReverseGateway, ReverseGatewayFactory
+from promgate.listeners.scrape import ReverseGateway
 from promgate.metrics import Metrics
 from promgate.ratelimit import RateLimiter
 from promgate.testing import TestPKI
@@ -227,7 +228,7 @@ class GatewayTestCase(SynchronousTestCase):
         self, identity: Identity | None = PROMETHEUS, reason: str = "ok"
     ) -> tuple[DownstreamProtocol, StringTransport]:
         """A downstream connection whose caller is already recognised as ``identity``."""
-        proto = ReverseGatewayFactory(self.gateway).buildProtocol(None)
+        proto = HTTPListenerFactory(self.gateway.http).buildProtocol(None)
         transport = StringTransport(
             hostAddress=IPv4Address("TCP", "192.0.2.1", 9443),
             peerAddress=IPv4Address("TCP", "198.51.100.7", 40000),
@@ -286,15 +287,15 @@ class ScrapeTests(GatewayTestCase):
         """The gateway counts a scrape as in flight (what shutdown drains) from its start
         until its response is written, success or failure."""
         self.scrape()
-        self.assertEqual(self.gateway.exchanges, 1)
+        self.assertEqual(self.gateway.http.exchanges, 1)
         upstream, _ = self.pool.accept()
         upstream.dataReceived(OK_RESPONSE)
-        self.assertEqual(self.gateway.exchanges, 0)
+        self.assertEqual(self.gateway.http.exchanges, 0)
         _, transport = self.scrape()  # never connected: ends at the scrape timeout
-        self.assertEqual(self.gateway.exchanges, 1)
+        self.assertEqual(self.gateway.http.exchanges, 1)
         self.clock.advance(60)
         self.assertEqual(self.response(transport).status, 504)
-        self.assertEqual(self.gateway.exchanges, 0)
+        self.assertEqual(self.gateway.http.exchanges, 0)
 
     def test_happy_path(self) -> None:
         """A scrape relays the body byte for byte and audits who, what, allow and bytes."""
@@ -1231,7 +1232,7 @@ class MutualTLSTests(GatewayTestCase):
         self.tls = TLSFiles(self.pki.gate_cert, self.pki.gate_key, self.pki.ca_cert)
         super().setUp()
         self.server_factory = TLSMemoryBIOFactory(
-            server_tls(self.tls), False, ReverseGatewayFactory(self.gateway), clock=self.clock
+            server_tls(self.tls), False, HTTPListenerFactory(self.gateway.http), clock=self.clock
         )
 
     def connect(

@@ -11,9 +11,8 @@ from typing import Any
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -31,10 +30,11 @@ from promgate.config.model import (
     Target,
 )
 from promgate.http.refusals import BODIES, refusal_body
+from promgate.http.server import HTTPListenerFactory
 from promgate.http.upstream import UpstreamPool, UpstreamProtocol
 from promgate.identity import Recognition
-from promgate.listeners.forward import ForwardGateway, ForwardGatewayFactory
-from promgate.listeners.scrape import ReverseGateway, ReverseGatewayFactory
+from promgate.listeners.forward import ForwardGateway
+from promgate.listeners.scrape import ReverseGateway
 from promgate.metrics import Metrics
 from promgate.ratelimit import RateLimiter
 from promgate.tls import UpstreamTLSError
@@ -98,11 +98,14 @@ class _Pool(UpstreamPool):
         return proto
 
 
-class _Forward(ForwardGateway):
-    """CONNECT tunnels whose upstream connect fails, with an address in the error."""
-
-    def connect_upstream(self, target: Target, factory: Factory) -> Deferred[Protocol]:
-        return fail(DNSLookupError(f"zq: no address for {target.address}"))
+def _fail_connects(reactor: MemoryReactorClock) -> None:
+    """Fail every pending upstream connect (a CONNECT tunnel's), with an address in the
+    error."""
+    for connector, (host, port, factory, *_) in zip(
+        reactor.connectors, reactor.tcpClients, strict=True
+    ):
+        error = DNSLookupError(f"zq: no address for {host}:{port}")
+        factory.clientConnectionFailed(connector, Failure(error))
 
 
 def _request(method: bytes, target: bytes, *headers: bytes) -> bytes:
@@ -216,7 +219,7 @@ class RefusalBodyTests(SynchronousTestCase):
             admin=Admin(),
             audit=Audit(Path("audit.jsonl"), Path("audit.key")),
         )
-        gateway_class = _Forward if kind == "forward" else ReverseGateway
+        gateway_class = ForwardGateway if kind == "forward" else ReverseGateway
         extra: dict[str, Any] = {"reactor": clock} if kind == "forward" else {}
         gw = gateway_class(
             listener,
@@ -234,7 +237,7 @@ class RefusalBodyTests(SynchronousTestCase):
         self, kind: str, request: bytes, identity: Identity | None, action: Action
     ) -> tuple[bytes, list[AuditEvent]]:
         gw, pool, audit = self.gateway(kind)
-        factory = ForwardGatewayFactory(gw) if kind == "forward" else ReverseGatewayFactory(gw)
+        factory = HTTPListenerFactory(gw.http)
         proto = factory.buildProtocol(None)
         transport = StringTransport(
             hostAddress=IPv4Address("TCP", "192.0.2.1", 9443),
@@ -244,6 +247,9 @@ class RefusalBodyTests(SynchronousTestCase):
         if identity is not None:
             proto.recognition = Recognition(identity, "ok")
         proto.dataReceived(request)
+        clock = gw.http.clock
+        assert isinstance(clock, MemoryReactorClock)
+        _fail_connects(clock)
         if action is not None:
             action(pool)
         return transport.value(), [e for e in audit.events if e.event == "request"]
@@ -287,7 +293,7 @@ class RefusalBodyTests(SynchronousTestCase):
             request = _request(b"GET", b"/scrape?route=%s&target=10.0.0.5%%3A9100" % route.encode())
             transports = []
             for _ in range(2):
-                proto = ReverseGatewayFactory(gw).buildProtocol(None)
+                proto = HTTPListenerFactory(gw.http).buildProtocol(None)
                 transport = StringTransport(
                     hostAddress=IPv4Address("TCP", "192.0.2.1", 9443),
                     peerAddress=IPv4Address("TCP", "198.51.100.7", 40000),
@@ -306,13 +312,13 @@ class RefusalBodyTests(SynchronousTestCase):
     def test_timeout(self) -> None:
         """A 504 says the upstream timed out, nothing about where."""
         gw, _, _ = self.gateway("http")
-        proto = ReverseGatewayFactory(gw).buildProtocol(None)
+        proto = HTTPListenerFactory(gw.http).buildProtocol(None)
         transport = StringTransport()
         proto.makeConnection(transport)
         proto.recognition = Recognition(SCRAPER, "ok")
         proto.dataReceived(_request(b"GET", SCRAPE))
-        assert isinstance(gw.clock, MemoryReactorClock)
-        gw.clock.advance(10)
+        assert isinstance(gw.http.clock, MemoryReactorClock)
+        gw.http.clock.advance(10)
         _, _, body = transport.value().partition(b"\r\n\r\n")
         self.assertEqual(body, b"upstream timed out\n")
 

@@ -10,8 +10,6 @@ that was not understood reaches the client. The size cap counts payload bytes.
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import re
 from collections.abc import Callable
 from typing import Any
@@ -21,13 +19,10 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
     wrapClientTLS,
 )
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.interfaces import ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -36,6 +31,8 @@ from twisted.python.failure import Failure
 from promgate.config.model import Route, Target
 from promgate.http.chunked import ChunkedDecoder, ChunkedError
 from promgate.http.wire import connection_tokens
+from promgate.net.connector import endpoint_for, no_delay
+from promgate.reactors import IConnectReactor
 from promgate.tls import UpstreamTLSError, client_options
 
 MAX_RESPONSE_HEAD = 64 * 1024
@@ -391,7 +388,7 @@ class UpstreamPool:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IConnectReactor,
         *,
         connect_timeout: float = 5.0,
         idle_timeout: float = 60.0,
@@ -399,7 +396,7 @@ class UpstreamPool:
         on_connect: Callable[[str], None] | None = None,
     ) -> None:
         self._reactor = reactor
-        self._clock: IReactorTime = reactor
+
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._max_idle = max_idle_per_key
@@ -409,7 +406,7 @@ class UpstreamPool:
 
     def start(self) -> None:
         self._sweeper = LoopingCall(self._sweep)
-        self._sweeper.clock = self._clock
+        self._sweeper.clock = self._reactor
         self._sweeper.start(max(1.0, self._idle_timeout / 4), now=False)
 
     def stop(self) -> None:
@@ -433,7 +430,7 @@ class UpstreamPool:
     def connect(self, route: Route, target: Target) -> Deferred[UpstreamProtocol]:
         """Open a new connection to ``target`` for ``route``."""
         key = (route.name, target.address)
-        endpoint: Any = _endpoint(self._reactor, target, self._connect_timeout)
+        endpoint: Any = endpoint_for(self._reactor, target, self._connect_timeout)
         if route.scheme == "https":
             try:
                 creator = client_options(target.host, route.upstream_tls)
@@ -450,7 +447,7 @@ class UpstreamPool:
         if len(conns) >= self._max_idle:
             conn.abort()
             return
-        conn.idle_since = self._clock.seconds()
+        conn.idle_since = self._reactor.seconds()
         conns.append(conn)
 
     def discard(self, conn: UpstreamProtocol) -> None:
@@ -462,7 +459,7 @@ class UpstreamPool:
         return sum(len(c) for c in self._idle.values())
 
     def _sweep(self) -> None:
-        cutoff = self._clock.seconds() - self._idle_timeout
+        cutoff = self._reactor.seconds() - self._idle_timeout
         for key, conns in list(self._idle.items()):
             for conn in [c for c in conns if c.idle_since < cutoff]:
                 conns.remove(conn)
@@ -475,27 +472,6 @@ def _show(data: bytes) -> str:
     """Upstream bytes for an audit record's detail: escaped, at most 64 bytes of them."""
     text = repr(data[:64])[1:]
     return text + "..." if len(data) > 64 else text
-
-
-def no_delay(transport: Any) -> None:
-    """Turn Nagle's algorithm off: a response head and its body go out at once instead of
-    waiting on the peer's delayed ACK. TLS wrappers pass this on to their TCP transport."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        with contextlib.suppress(OSError):
-            set_no_delay(True)
-
-
-def _endpoint(reactor: Any, target: Target, timeout: float) -> Any:
-    """A client endpoint for ``target``: addresses are connected to directly, names go
-    through HostnameEndpoint (resolution, then happy eyeballs)."""
-    try:
-        address = ipaddress.ip_address(target.host)
-    except ValueError:
-        return HostnameEndpoint(reactor, target.host, target.port, timeout=timeout)
-    if address.version == 6:
-        return TCP6ClientEndpoint(reactor, target.host, target.port, timeout=timeout)
-    return TCP4ClientEndpoint(reactor, target.host, target.port, timeout=timeout)
 
 
 class _UpstreamFactory(Factory):

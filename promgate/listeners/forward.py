@@ -16,48 +16,45 @@ case, IPv6 addresses compressed), never with what a name resolves to: the gatewa
 to the configured target it matched, so a name is resolved once, by the connect itself.
 When several routes qualify, the first by name that allows the request is used.
 
-``ForwardGateway`` extends the reverse gateway (same refusals, records and relay);
-``ForwardProtocol`` is the reverse gateway's connection with one addition, handing the
-byte stream to a ``Tunnel`` after a CONNECT; ``ForwardPolicy`` is the pure decision.
+``ForwardGateway`` composes the same ``HTTPListener`` steps as the reverse gateway (same
+refusals, records and relay) and asks ``ForwardPolicy`` (the pure decision); after an
+allowed CONNECT, the connection hands its byte stream to a ``Tunnel``.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.error import ConnectingCancelledError, ConnectionDone, TimeoutError
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from promgate.addresses import canonical_address
-from promgate.authn import door_headers
+from promgate.audit import IAuditSink
+from promgate.authn import Authenticator, door_headers
 from promgate.config.model import Config, Listener, Route, Target
+from promgate.core.admission import Ticket
+from promgate.core.context import Outcome, RequestContext
+from promgate.core.reasons import Reason
+from promgate.http.exchange import Exchange
 from promgate.http.refusals import decision_status, refusal_body
+from promgate.http.server import DownstreamProtocol
 from promgate.http.targets import AbsoluteForm, parse_absolute_form, parse_authority_form
-from promgate.http.upstream import no_delay
+from promgate.http.upstream import UpstreamPool
 from promgate.http.wire import HTTPError, RequestHead
 from promgate.identity import Recognition
-from promgate.listeners.scrape import DownstreamProtocol, ReverseGateway, connection_event
-from promgate.policy import BAD_REQUEST, Decision, ForwardPolicy, parse_query
+from promgate.listeners.scrape import http_listener
+from promgate.metrics import Metrics
+from promgate.net.connector import connect, connect_failure, no_delay
+from promgate.policy import BAD_REQUEST, Decision, ForwardPolicy, Membership, parse_query
+from promgate.ratelimit import IRateLimiter
+from promgate.reactors import IConnectReactor
 
-__all__ = [
-    "AbsoluteForm",
-    "ForwardGateway",
-    "ForwardGatewayFactory",
-    "ForwardProtocol",
-    "Tunnel",
-    "canonical_address",
-    "parse_absolute_form",
-    "parse_authority_form",
-]
+__all__ = ["CONNECT_OK", "MAX_EARLY_DATA", "ForwardGateway", "Tunnel", "TunnelUpstream"]
 
 #: The answer that opens a tunnel.
 CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
@@ -72,34 +69,56 @@ _IDLE_SLACK = 0.001
 # -- the gateway ------------------------------------------------------------------------------
 
 
-class ForwardGateway(ReverseGateway):
-    """Routing, authorisation, limits and audit for one ``forward`` listener.
-
-    ``reactor`` connects tunnels (``IReactorTCP``); everything else is the reverse
-    gateway's, passed through unchanged.
-    """
+class ForwardGateway:
+    """Routing and authorisation of absolute-form requests and CONNECT for one
+    ``forward`` listener; ``reactor`` connects tunnels."""
 
     log = Logger()
 
-    def __init__(self, listener: Listener, config: Config, *, reactor: Any, **kw: Any) -> None:
-        super().__init__(listener, config, **kw)
-        self.reactor = reactor
-        self.forward_policy = ForwardPolicy(
-            config.routes_of(listener.name),
-            challenge=self.authenticator.accepts_headers,
-            membership=self.policy.membership,
+    def __init__(
+        self,
+        listener: Listener,
+        config: Config,
+        *,
+        reactor: IConnectReactor,
+        clock: IReactorTime,
+        limiter: IRateLimiter,
+        audit: IAuditSink,
+        metrics: Metrics,
+        pool: UpstreamPool,
+        authenticator: Authenticator | None = None,
+        membership: Membership | None = None,
+    ) -> None:
+        self.http = http_listener(
+            listener,
+            config,
+            clock=clock,
+            limiter=limiter,
+            audit=audit,
+            metrics=metrics,
+            pool=pool,
+            authenticator=authenticator,
         )
+        self.http.handler = self
+        self.reactor = reactor
+        self.name = listener.name
+        authenticator = self.http.authenticator
+        self.policy = ForwardPolicy(
+            config.routes_of(listener.name),
+            challenge=authenticator.accepts_headers,
+            membership=membership,
+        )
+        self.connect_timeout = listener.deadlines.upstream_connect
         self.tunnel_idle = listener.deadlines.tunnel_idle
         self.challenges = tuple(
-            (b"Proxy-Authenticate", value) for _, value in self.authenticator.challenges
+            (b"Proxy-Authenticate", value) for _, value in authenticator.challenges
         )
-        self.open_tunnels = self.metrics.open_tunnels.labels(listener.name)
-
-    # -- entry point from DownstreamProtocol -------------------------------------------------
+        self.open_tunnels = metrics.open_tunnels.labels(listener.name)
 
     def handle(self, conn: DownstreamProtocol, req: RequestHead) -> None:
         """Answer one complete request head: a CONNECT or an absolute-form GET/HEAD."""
-        start = self.clock.seconds()
+        http = self.http
+        start = http.clock.seconds()
         if req.method == b"CONNECT":
             # Whatever the answer, a refused CONNECT closes its connection: the bytes the
             # client sent after the head were meant for the tunnel, never for this parser.
@@ -107,66 +126,37 @@ class ForwardGateway(ReverseGateway):
             try:
                 address = parse_authority_form(req.target)
             except HTTPError as e:
-                self.refuse(conn, req, start, e.status, e.reason, rule=e.message)
+                self.refuse_malformed(conn, req, start, e)
                 return
-            self.recognise(conn, req, start, lambda r: self.tunnel(conn, req, start, address, r))
+            header = req.headers.get(b"proxy-authorization")
+            http.authenticate(
+                conn, req, start, header, lambda r: self.tunnel(conn, req, start, address, r)
+            )
         elif req.target[:1] == b"/" or req.target == b"*":
-            self.refuse(
-                conn,
-                req,
-                start,
-                400,
-                BAD_REQUEST,
-                rule="origin-form request on a forward listener",
-            )
+            error = HTTPError(400, BAD_REQUEST, "origin-form request on a forward listener")
+            self.refuse_malformed(conn, req, start, error)
         elif req.method != b"GET" and req.method != b"HEAD":
-            self.refuse(
-                conn,
-                req,
-                start,
-                405,
-                "method_not_allowed",
-                extra=_METHODS,
-            )
+            outcome = Outcome("deny", Reason.METHOD_NOT_ALLOWED, 405)
+            http.refuse(conn, req, http.context(conn, req, start), outcome, _METHODS)
         else:
             try:
                 form = parse_absolute_form(req.target)
             except HTTPError as e:
-                self.refuse(conn, req, start, e.status, e.reason, rule=e.message)
+                self.refuse_malformed(conn, req, start, e)
                 return
-            self.recognise(conn, req, start, lambda r: self.forward(conn, req, start, form, r))
+            header = req.headers.get(b"proxy-authorization")
+            http.authenticate(
+                conn, req, start, header, lambda r: self.forward(conn, req, start, form, r)
+            )
 
-    def recognise(
-        self,
-        conn: DownstreamProtocol,
-        req: RequestHead,
-        start: float,
-        then: Callable[[Recognition], None],
+    def refuse_malformed(
+        self, conn: DownstreamProtocol, req: RequestHead, start: float, error: HTTPError
     ) -> None:
-        """Who is asking: the connection's certificate, combined with ``Proxy-Authorization``
-        (bearer or basic, checked exactly as ``Authorization`` is on ``http`` listeners).
+        http = self.http
+        outcome = Outcome("deny", error.reason, error.status, detail=error.message)
+        http.refuse(conn, req, http.context(conn, req, start), outcome)
 
-        A bcrypt check runs in a thread; meanwhile the connection reads no further request.
-        """
-        header = req.headers.get(b"proxy-authorization")
-        if header is None:
-            then(conn.recognition)
-            return
-        result = self.authenticator.authenticate(conn.recognition, header, conn.peer)
-        if not isinstance(result, Deferred):
-            then(result)
-            return
-        conn.begin_authentication(req, start, result)
-
-        def authenticated(recognition: Recognition) -> None:
-            if conn.end_authentication():
-                then(recognition)
-
-        result.addCallback(authenticated).addErrback(
-            lambda f: self.log.failure("serving after authentication", f)
-        )
-
-    # -- absolute-form GET / HEAD -----------------------------------------------------------------
+    # -- absolute-form GET / HEAD -----------------------------------------------------------
 
     def forward(
         self,
@@ -176,18 +166,23 @@ class ForwardGateway(ReverseGateway):
         form: AbsoluteForm,
         recognition: Recognition,
     ) -> None:
+        http = self.http
+        ctx = http.context(conn, req, start, recognition)
         params = parse_query(form.query)
         if isinstance(params, Decision):
-            self.refuse_decision(conn, req, start, params, form.address, recognition)
+            self.refuse_decision(conn, req, ctx, params, form.address)
             return
-        decision = self.forward_policy.decide_request(recognition, form.address, form.path, params)
-        route, target, identity = decision.route, decision.target, recognition.identity
-        if not decision.allowed or route is None or target is None or identity is None:
-            self.refuse_decision(conn, req, start, decision, form.address, recognition)
+        decision = self.policy.decide_request(recognition, form.address, form.path, params)
+        route, target = decision.route, decision.target
+        if not decision.allowed or route is None or target is None:
+            self.refuse_decision(conn, req, ctx, decision, form.address)
             return
-        self.relay(conn, req, start, decision, route, target, identity, recognition)
+        ticket = http.admit(conn, req, ctx, route, target)
+        if ticket is not None:
+            path = decision.path or ""
+            Exchange(http, conn, req, ctx, route, target, path, decision.params, ticket).start()
 
-    # -- CONNECT -------------------------------------------------------------------------------
+    # -- CONNECT ----------------------------------------------------------------------------
 
     def tunnel(
         self,
@@ -197,86 +192,53 @@ class ForwardGateway(ReverseGateway):
         address: str,
         recognition: Recognition,
     ) -> None:
-        decision = self.forward_policy.decide_connect(recognition, address)
-        route, target, identity = decision.route, decision.target, recognition.identity
-        if not decision.allowed or route is None or target is None or identity is None:
-            self.refuse_decision(conn, req, start, decision, address, recognition)
+        http = self.http
+        ctx = http.context(conn, req, start, recognition)
+        decision = self.policy.decide_connect(recognition, address)
+        route, target = decision.route, decision.target
+        if not decision.allowed or route is None or target is None:
+            self.refuse_decision(conn, req, ctx, decision, address)
             return
-        if not self.admit(conn, req, start, route, target, identity, recognition):
-            return
-        assert isinstance(conn, ForwardProtocol)
-        Tunnel(self, conn, req, route, target, recognition, start).start()
+        ticket = http.admit(conn, req, ctx, route, target)
+        if ticket is not None:
+            Tunnel(self, conn, req, ctx, route, target, ticket).start()
 
-    def connect_upstream(self, target: Target, factory: Factory) -> Deferred[Protocol]:
-        """Connect to the configured ``target`` itself: an address directly, a name through
-        one resolution (HostnameEndpoint), bounded by the upstream connect deadline."""
-        timeout = self.deadlines.upstream_connect
-        endpoint: Any
-        try:
-            address = ipaddress.ip_address(target.host)
-        except ValueError:
-            endpoint = HostnameEndpoint(self.reactor, target.host, target.port, timeout=timeout)
-        else:
-            kind = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-            endpoint = kind(self.reactor, target.host, target.port, timeout=timeout)
-        d: Deferred[Protocol] = endpoint.connect(factory)
-        return d
-
-    # -- shared steps ----------------------------------------------------------------------------
+    # -- shared steps -----------------------------------------------------------------------
 
     def refuse_decision(
         self,
         conn: DownstreamProtocol,
         req: RequestHead,
-        start: float,
+        ctx: RequestContext,
         decision: Decision,
         address: str,
-        recognition: Recognition,
     ) -> None:
         status = decision_status(decision)
-        self.refuse(
-            conn,
-            req,
-            start,
-            status,
+        route = decision.route
+        outcome = Outcome(
+            "deny",
             decision.reason,
-            route=decision.route,
-            target=address,
-            extra=self.challenges if status == 407 else door_headers(recognition, ()),
-            rule=decision.rule,
-            recognition=recognition,
+            status,
+            route.name if route is not None else None,
+            address,
+            detail=decision.rule,
         )
+        extra = self.challenges if status == 407 else door_headers(ctx.recognition, ())
+        self.http.refuse(conn, req, ctx, outcome, extra)
 
     def record_tunnel(self, tunnel: Tunnel, reason: str) -> None:
         """Audit and count one tunnel, at its end: one record for its whole life."""
-        now = self.clock.seconds()
-        duration = now - tunnel.start_time
-        route = tunnel.route
-        counters = self.metrics.route(self.name, route.name)
-        counters.answered(200)
-        counters.bytes_in.inc(tunnel.bytes_in)
-        counters.bytes_out.inc(tunnel.bytes_out)
-        self.metrics.tunnel_duration.labels(self.name, route.name).observe(duration)
-        conn = tunnel.conn
-        self.audit.record(
-            connection_event(
-                "request",
-                self.name,
-                conn.peer,
-                conn.tls_info,
-                tunnel.recognition.identity,
-                route=route.name,
-                target=tunnel.target.address,
-                method="CONNECT",
-                decision="allow",
-                reason=reason,
-                status=200,
-                bytes_in=tunnel.bytes_in,
-                bytes_out=tunnel.bytes_out,
-                duration=duration,
-                detail=tunnel.detail,
-            )
+        outcome = Outcome(
+            "allow",
+            reason,
+            200,
+            tunnel.route.name,
+            tunnel.target.address,
+            bytes_in=tunnel.bytes_in,
+            bytes_out=tunnel.bytes_out,
+            detail=tunnel.detail,
         )
+        self.http.recorder.tunnel(tunnel.ctx, outcome, self.http.clock.seconds())
 
 
 # -- the tunnel --------------------------------------------------------------------------------
@@ -299,20 +261,21 @@ class Tunnel:
     def __init__(
         self,
         gw: ForwardGateway,
-        conn: ForwardProtocol,
+        conn: DownstreamProtocol,
         req: RequestHead,
+        ctx: RequestContext,
         route: Route,
         target: Target,
-        recognition: Recognition,
-        start: float,
+        ticket: Ticket,
     ) -> None:
         self.gw = gw
         self.conn = conn
         self.req = req
+        self.ctx = ctx
         self.route = route
         self.target = target
-        self.recognition = recognition
-        self.start_time = start
+        self.ticket = ticket
+        start = ctx.start
         self.bytes_in = req.size
         self.bytes_out = 0
         self.detail: str | None = None
@@ -332,7 +295,8 @@ class Tunnel:
         early = self.conn.take_over(self)
         if early:
             self.client_data(early)
-        d = self.gw.connect_upstream(self.target, _TunnelUpstreamFactory(self))
+        gw = self.gw
+        d = connect(gw.reactor, self.target, _TunnelUpstreamFactory(self), gw.connect_timeout)
         self.connecting = d
         d.addCallbacks(self._connected, self._connect_failed)
 
@@ -357,8 +321,8 @@ class Tunnel:
         if early:
             self.bytes_in += sum(len(b) for b in early)
             transport.writeSequence(early)
-        self._last = self.gw.clock.seconds()
-        self._idle = self.gw.clock.callLater(self.gw.tunnel_idle, self._idle_check)
+        self._last = self.gw.http.clock.seconds()
+        self._idle = self.gw.http.clock.callLater(self.gw.tunnel_idle, self._idle_check)
         self._update_reading()
 
     def _connect_failed(self, failure: Failure) -> None:
@@ -366,12 +330,10 @@ class Tunnel:
         if self.done or failure.check(ConnectingCancelledError):
             return
         self.done = True
-        if failure.check(TimeoutError):
-            status, reason, detail = 504, "upstream_timeout", "upstream connect timed out"
-        else:
-            status, reason, detail = 502, "upstream_refused", failure.getErrorMessage()
+        reason, detail = connect_failure(failure)
+        status = 504 if reason is Reason.UPSTREAM_TIMEOUT else 502
         gw = self.gw
-        gw.metrics.upstream_errors.labels(self.route.name, reason).inc()
+        gw.http.metrics.upstream_errors.labels(self.route.name, reason).inc()
         gw.log.info(
             "route {route} target {target}: {reason} ({detail})",
             route=self.route.name,
@@ -379,19 +341,14 @@ class Tunnel:
             reason=reason,
             detail=detail,
         )
-        gw.limiter.release(self.route.name)
-        gw.answer(
+        self.ticket.release()
+        outcome = Outcome("allow", reason, status, self.route.name, self.target.address)
+        gw.http.answer(
             self.conn,
             self.req,
-            self.start_time,
-            status,
-            reason,
+            self.ctx,
+            attrs.evolve(outcome, detail=detail),
             refusal_body(status, reason),
-            decision="allow",
-            route=self.route,
-            target=self.target.address,
-            detail=detail,
-            recognition=self.recognition,
         )
 
     # -- bytes -------------------------------------------------------------------------------
@@ -400,7 +357,7 @@ class Tunnel:
         """Bytes from the client, for the upstream."""
         if self.open:
             self.bytes_in += len(data)
-            self._last = self.gw.clock.seconds()
+            self._last = self.gw.http.clock.seconds()
             assert self.upstream is not None and self.upstream.transport is not None
             self.upstream.transport.write(data)
         elif not self.done:
@@ -413,7 +370,7 @@ class Tunnel:
         """Bytes from the upstream, for the client."""
         if self.open:
             self.bytes_out += len(data)
-            self._last = self.gw.clock.seconds()
+            self._last = self.gw.http.clock.seconds()
             self.conn.send(data)
 
     # -- back-pressure -----------------------------------------------------------------------
@@ -451,15 +408,15 @@ class Tunnel:
 
     def _idle_check(self) -> None:
         self._idle = None
-        now = self.gw.clock.seconds()
+        now = self.gw.http.clock.seconds()
         due = self._last + self.gw.tunnel_idle
         if due - now > _IDLE_SLACK:
-            self._idle = self.gw.clock.callLater(due - now, self._idle_check)
+            self._idle = self.gw.http.clock.callLater(due - now, self._idle_check)
             return
         self.detail = f"nothing sent either way for {self.gw.tunnel_idle:g}s"
         self._end("tunnel_idle_timeout", abort_upstream=True, close_client=True)
 
-    def client_lost(self, reason: str = "client_aborted") -> None:
+    def client_lost(self, reason: str = Reason.CLIENT_ABORTED) -> None:
         """The client connection is gone (DownstreamProtocol.connectionLost)."""
         if not self.open:
             if self.connecting is not None:
@@ -467,21 +424,12 @@ class Tunnel:
             if not self.done:
                 # Not yet answered: audited as an abandoned CONNECT, like any request.
                 self.done = True
-                self.gw.limiter.release(self.route.name)
-                self.gw.record(
-                    self.conn,
-                    self.req,
-                    self.start_time,
-                    None,
-                    reason,
-                    "allow",
-                    route=self.route,
-                    target=self.target.address,
-                    recognition=self.recognition,
-                )
+                self.ticket.release()
+                outcome = Outcome("allow", reason, None, self.route.name, self.target.address)
+                self.gw.http.record(self.ctx, outcome)
             return
-        if reason == "client_aborted":
-            reason = "client_closed"
+        if reason == Reason.CLIENT_ABORTED:
+            reason = Reason.CLIENT_CLOSED
         self._end(reason, abort_upstream=reason == "gateway_shutdown", close_client=False)
 
     def upstream_lost(self, reason: Failure) -> None:
@@ -508,7 +456,7 @@ class Tunnel:
             self._idle.cancel()
         self._idle = None
         gw.open_tunnels.dec()
-        gw.limiter.release(self.route.name)
+        self.ticket.release()
         upstream, self.upstream = self.upstream, None
         if upstream is not None and upstream.transport is not None:
             transport: Any = upstream.transport
@@ -546,81 +494,3 @@ class _TunnelUpstreamFactory(Factory):
 
     def buildProtocol(self, addr: object) -> TunnelUpstream:
         return TunnelUpstream(self.tunnel)
-
-
-# -- the connection -----------------------------------------------------------------------------
-
-
-class ForwardProtocol(DownstreamProtocol):
-    """One client connection to a ``forward`` listener.
-
-    Exactly the reverse gateway's connection (TLS, deadlines, request heads, keep-alive,
-    relayed responses) until a CONNECT is allowed; from then on its bytes belong to the
-    tunnel and are never parsed again.
-    """
-
-    def __init__(self, gw: ForwardGateway) -> None:
-        super().__init__(gw)
-        self.tunnel: Tunnel | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        tunnel = self.tunnel
-        if tunnel is not None:
-            tunnel.client_data(data)  # dropped once the tunnel is over
-        else:
-            super().dataReceived(data)
-
-    def readConnectionLost(self) -> None:
-        tunnel = self.tunnel
-        if tunnel is None:
-            super().readConnectionLost()
-        elif not self._lost:
-            # The client's FIN ends its tunnel, as its full close does.
-            tunnel.client_lost("client_aborted")
-            self.end_tunnel()
-
-    def pauseProducing(self) -> None:
-        super().pauseProducing()
-        if self.tunnel is not None:
-            self.tunnel.client_full(True)
-
-    def resumeProducing(self) -> None:
-        super().resumeProducing()
-        if self.tunnel is not None:
-            self.tunnel.client_full(False)
-
-    def take_over(self, tunnel: Tunnel) -> bytes:
-        """Hand this connection's byte stream to ``tunnel``; return the bytes the client sent
-        after its CONNECT head (they belong to the tunnel)."""
-        self.begin_exchange(tunnel)
-        self.tunnel = tunnel
-        early, self._buf = self._buf, b""
-        if self._reading_paused:
-            # Paused while the request's credentials were checked: the tunnel decides now.
-            self.pause_reading(False)
-            self._reading_paused = False
-        return early
-
-    def pause_reading(self, pause: bool) -> None:
-        if not self._lost and self.transport is not None:
-            transport: Any = self.transport
-            if pause:
-                transport.pauseProducing()
-            else:
-                transport.resumeProducing()
-
-    def end_tunnel(self) -> None:
-        """The tunnel is over from the upstream's side (or idle): close once flushed."""
-        self.close_truncated()
-
-
-class ForwardGatewayFactory(Factory):
-    """Builds a ForwardProtocol per connection for one ``forward`` listener."""
-
-    noisy = False
-
-    def __init__(self, gateway: ForwardGateway) -> None:
-        self.gateway = gateway
-
-    def buildProtocol(self, addr: Any) -> ForwardProtocol:
-        return ForwardProtocol(self.gateway)

@@ -52,17 +52,15 @@ from zope.interface import Interface, implementer
 from promgate.addresses import peer_address
 from promgate.audit import IAuditSink
 from promgate.config.model import Config, Listener, Route, Target
+from promgate.core.admission import Admitter, Ticket
+from promgate.core.context import NO_TLS, ConnectionInfo, Outcome, Verdict
+from promgate.core.reasons import Reason
+from promgate.core.recording import Recorder
 from promgate.drain import OpenSet
-from promgate.http.upstream import _endpoint, no_delay
 from promgate.identity import IdentityResolver, Recognition
-from promgate.listeners.scrape import (
-    NO_TLS,
-    TLSInfo,
-    classify_handshake_failure,
-    connection_event,
-    handshake_failure_event,
-)
 from promgate.metrics import Metrics
+from promgate.net.connector import connect_failure, endpoint_for, no_delay
+from promgate.net.handshake import classify_handshake_failure, tls_info
 from promgate.net.proxyproto import (
     PP2_TYPE_AUTHORITY,
     PP2_TYPE_PROMGATE_IDENTITY,
@@ -79,6 +77,7 @@ from promgate.net.sni import (
 )
 from promgate.policy import ConnectionPolicy
 from promgate.ratelimit import IRateLimiter
+from promgate.reactors import IConnectReactor
 from promgate.tls import (
     PeerCertificate,
     UpstreamTLSError,
@@ -127,7 +126,7 @@ class EndpointConnector:
     """Connects with client endpoints; upstream TLS verified as every upstream is
     (``promgate.tls.client_options``: service_identity, the route's CA)."""
 
-    def __init__(self, reactor: Any, *, connect_timeout: float = 5.0) -> None:
+    def __init__(self, reactor: IConnectReactor, *, connect_timeout: float = 5.0) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
 
@@ -140,7 +139,7 @@ class EndpointConnector:
                 creator = client_options(target.host, route.upstream_tls)
             except UpstreamTLSError as e:
                 return fail(e)
-        endpoint = _endpoint(self._reactor, target, self._timeout)
+        endpoint = endpoint_for(self._reactor, target, self._timeout)
         d: Deferred[UpstreamConnection] = endpoint.connect(_UpstreamFactory(header, creator))
         d.addCallback(lambda upstream: upstream.ready)
         return d
@@ -267,11 +266,14 @@ class Tunnel:
 
     log = Logger()
 
-    def __init__(self, gw: TCPGateway, conn: TCPDownstream, route: Route, target: Target) -> None:
+    def __init__(
+        self, gw: TCPGateway, conn: TCPDownstream, route: Route, target: Target, ticket: Ticket
+    ) -> None:
         self.gw = gw
         self.conn = conn
         self.route = route
         self.target = target
+        self.ticket = ticket
         self.upstream: UpstreamConnection | None = None
         self.connecting: Deferred[UpstreamConnection] | None = None
         self._connect_timer: IDelayedCall | None = None
@@ -354,14 +356,13 @@ class Tunnel:
         if self.client_gone:
             self._maybe_finish()
             return
+        reason: str
         if self._timed_out:
-            reason, detail = "upstream_timeout", "upstream connect timed out"
-        elif failure.check(SSL.Error, VerificationError, UpstreamTLSError):
-            reason, detail = "upstream_tls_failed", f"upstream TLS: {failure.getErrorMessage()}"
+            reason, detail = Reason.UPSTREAM_TIMEOUT, "upstream connect timed out"
         elif failure.check(CancelledError, ConnectingCancelledError):
-            reason, detail = "gateway_shutdown", "connect cancelled"
-        else:  # ConnectError and its kind: refused, unreachable, no such host
-            reason, detail = "upstream_refused", failure.getErrorMessage()
+            reason, detail = Reason.GATEWAY_SHUTDOWN, "connect cancelled"
+        else:
+            reason, detail = connect_failure(failure)
         self.gw.metrics.upstream_errors.labels(self.route.name, reason).inc()
         self._end(reason, detail)
         self.conn.abort()
@@ -472,7 +473,7 @@ class Tunnel:
         self._cancel_timer()
         if self.upstream is not None:
             self._open.dec()
-        self.gw.limiter.release(self.route.name)
+        self.ticket.release()
         self.gw.tunnel_finished(self)
 
     # -- deadlines -----------------------------------------------------------------------------
@@ -549,14 +550,12 @@ class TCPDownstream(_Side):
     def handshakeCompleted(self) -> None:
         assert self.transport is not None
         self._cancel_timer()
+        self.tls_info = tls_info(self.transport)
         handle: SSL.Connection = self.transport.getHandle()  # type: ignore[attr-defined]
-        cert = handle.get_peer_certificate(as_cryptography=True)
-        peer = PeerCertificate.from_x509(cert) if cert is not None else None
-        self.tls_info = TLSInfo(handle.get_protocol_version_name(), handle.get_cipher_name(), peer)
         name = handle.get_servername()
         if name:
             self.server_name = normalise_server_name(name.decode("ascii", "replace"))
-        recognition = self.recognition = self.gw.resolver.for_certificate(peer)
+        recognition = self.recognition = self.gw.resolver.for_certificate(self.tls_info.peer)
         self.decided = True
         self.gw.connection_ready(self, recognition, b"")
 
@@ -786,9 +785,8 @@ class TCPGateway:
         self.passthrough = self.settings.mode == "passthrough"
         self.deadlines = listener.deadlines
         self.clock = clock
-        self.limiter = limiter
-        self.audit = audit
-        self.deny_unaudited = config.audit.on_failure == "deny"
+        self.admitter = Admitter(limiter, audit, metrics, config.audit.on_failure == "deny")
+        self.recorder = Recorder(listener.name, audit, metrics)
         self.metrics = metrics
         self.connector = connector
         self.policy = ConnectionPolicy(self.settings, config.routes_of(listener.name))
@@ -821,16 +819,11 @@ class TCPGateway:
             return
         identity = recognition.identity if recognition is not None else None
         who = identity.name if identity is not None else ""
-        admission = self.limiter.admit(route.name, route.limits, who, target.address)
-        if not admission.allowed:
-            self.metrics.rate_limited.labels(route.name, admission.reason).inc()
-            self.refuse(conn, admission.reason, route, target)
+        admitted = self.admitter.admit(route.name, route.limits, who, target.address)
+        if not isinstance(admitted, Ticket):
+            self.refuse(conn, admitted.reason, route, target)
             return
-        if self.deny_unaudited and not self.audit.healthy:
-            self.limiter.release(route.name)
-            self.refuse(conn, "audit_unavailable", route, target)
-            return
-        tunnel = conn.tunnel = Tunnel(self, conn, route, target)
+        tunnel = conn.tunnel = Tunnel(self, conn, route, target, admitted)
         tunnel.start(initial)
 
     def refuse(
@@ -865,45 +858,37 @@ class TCPGateway:
         conn: TCPDownstream,
         route: Route | None,
         target: Target | None,
-        decision: str,
+        decision: Verdict,
         reason: str,
         tunnel: Tunnel | None,
         detail: str | None,
     ) -> None:
         """The one audit record of a connection, and its metrics."""
-        now = self.clock.seconds()
-        duration = now - conn.start
-        route_label = route.name if route is not None else ""
-        self.metrics.tcp_connections.labels(self.name, route_label, reason).inc()
-        if tunnel is not None:
-            self.metrics.tcp_duration.labels(self.name, route_label).observe(duration)
         recognition = conn.recognition
         identity = recognition.identity if recognition is not None else None
-        self.audit.record(
-            connection_event(
-                "connection",
-                self.name,
-                conn.peer,
-                conn.tls_info,
-                identity,
-                route=route.name if route is not None else None,
-                target=target.address if target is not None else None,
-                decision=decision,
-                reason=reason,
-                bytes_in=tunnel.bytes_in if tunnel is not None else 0,
-                bytes_out=tunnel.bytes_out if tunnel is not None else 0,
-                duration=duration,
-                detail=detail,
-                server_name=conn.server_name,
-            )
+        outcome = Outcome(
+            decision,
+            reason,
+            route=route.name if route is not None else None,
+            target=target.address if target is not None else None,
+            bytes_in=tunnel.bytes_in if tunnel is not None else 0,
+            bytes_out=tunnel.bytes_out if tunnel is not None else 0,
+            detail=detail,
+        )
+        self.recorder.connection(
+            ConnectionInfo(self.name, conn.peer, conn.tls_info),
+            identity.name if identity is not None else None,
+            outcome,
+            duration=self.clock.seconds() - conn.start,
+            server_name=conn.server_name,
+            relayed=tunnel is not None,
         )
 
     def handshake_failed(
         self, conn: TCPDownstream, reason: str, detail: str, cert: PeerCertificate | None
     ) -> None:
-        self.metrics.tls_handshake_failures.labels(self.name, reason).inc()
         self.metrics.tcp_connections.labels(self.name, "", reason).inc()
-        self.audit.record(handshake_failure_event(self.name, conn.peer, reason, detail, cert))
+        self.recorder.handshake_failed(conn.peer, reason, detail, cert)
 
     # -- the PROXY header ----------------------------------------------------------------------
 
