@@ -12,9 +12,9 @@ import glob
 import hashlib
 import ipaddress
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 from cryptography import x509
@@ -26,7 +26,8 @@ from service_identity.hazmat import DNS_ID
 from promgate.addresses import HOSTNAME as _HOSTNAME
 from promgate.addresses import split_address
 from promgate.config.errors import ConfigError, Problem
-from promgate.config.host_checks import Finding, audit_path_findings, endpoint_findings
+from promgate.config.fields import LABEL_NAME, NAME, Reader
+from promgate.config.host_checks import audit_path_findings
 from promgate.config.model import (
     DEFAULT_MAX_RESPONSE,
     DEFAULT_TIMEOUT,
@@ -52,28 +53,14 @@ from promgate.config.model import (
     UpstreamTLS,
     route_listeners,
 )
+from promgate.config.sections import Sections, read_sections
 from promgate.config.units import parse_duration, parse_rate, parse_size
-from promgate.config.yaml_source import MAX_FILES, Item, Source, join_key, parse_file
+from promgate.config.yaml_source import Item, join_key
 from promgate.paths import PathRefused, normalize_path
 from promgate.spiffe import is_spiffe, spiffe_id_error, spiffe_pattern_error
 
-T = TypeVar("T")
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _RESERVED_PARAMS = frozenset({"route", "target", "path"})
 
-_TOP_KEYS = {
-    "include",
-    "tls",
-    "admin",
-    "listeners",
-    "identities",
-    "web_configs",
-    "templates",
-    "routes",
-    "audit",
-}
 _IDENTITY_KEYS = ("cert", "roles", "bearer_sha256", "bearer_file", "basic")
 _CERT_RULES = ("cn", "dns", "uri", "spki_sha256")
 _SHA256_HEX = re.compile(r"^[0-9A-Fa-f]{64}$")
@@ -121,272 +108,24 @@ _ADDRESS_FIELDS = re.compile(r"\{([^{}]*)\}")
 class _Loader:
     """Collects sections from the main file and its drop-ins, then validates them."""
 
-    def __init__(self, main: Path, *, host_checks: bool = False) -> None:
-        self.main = main
-        self.host_checks = host_checks
-        self.errors: list[Problem] = []
-        self.warnings: list[Problem] = []
-        self.files: list[Path] = []
-        self.singletons: dict[str, Item] = {}
-        self.listeners: list[Item] = []
-        self.web_configs: list[Item] = []
-        self.named: dict[str, dict[str, Item]] = {"identities": {}, "templates": {}, "routes": {}}
+    def __init__(self, r: Reader, sections: Sections) -> None:
+        self.r = r
+        self.sections = sections
         # Header credentials seen so far, for "configured twice" errors: where, and whose.
         self._bearer_seen: dict[bytes, tuple[str, Item]] = {}
         self._users_seen: dict[str, tuple[str, Item]] = {}
 
-    # -- reporting -------------------------------------------------------------------
-
-    def error(self, src: Source | None, key: str, message: str) -> None:
-        file = src.file if src else self.main
-        problem = Problem(file, src.line(key) if src else None, key, message)
-        # A template is checked once per route using it: report each problem once.
-        if problem not in self.errors:
-            self.errors.append(problem)
-
-    def warn(self, src: Source | None, key: str, message: str) -> None:
-        file = src.file if src else self.main
-        problem = Problem(file, src.line(key) if src else None, key, message)
-        if problem not in self.warnings:
-            self.warnings.append(problem)
-
-    # -- reading files ---------------------------------------------------------------
-
-    def read(self, file: Path, seen: set[Path]) -> None:
-        real = file.resolve()
-        if real in seen:
-            return
-        if len(seen) >= MAX_FILES:
-            self.error(
-                None,
-                "include",
-                f"more than {MAX_FILES} files to read; the rest are not read",
-            )
-            return
-        seen.add(real)
-        parsed = parse_file(file, self.errors)
-        if parsed is None:
-            return
-        data, src = parsed
-        self.files.append(file)
-        if not isinstance(data, dict):
-            self.error(src, "", "the top level must be a mapping")
-            return
-        for key in data:
-            if key not in _TOP_KEYS:
-                self.error(
-                    src, key, f"unknown key (expected one of: {', '.join(sorted(_TOP_KEYS))})"
-                )
-        for key in ("tls", "admin", "audit"):
-            if key in data:
-                if key in self.singletons:
-                    first = self.singletons[key]
-                    self.error(
-                        src, key, f"defined twice (first at {first.src.file}:{first.src.line(key)})"
-                    )
-                else:
-                    self.singletons[key] = Item(data[key], src, key)
-        if "listeners" in data:
-            listeners = data["listeners"]
-            if not isinstance(listeners, list):
-                self.error(src, "listeners", "must be a list")
-            else:
-                self.listeners.extend(
-                    Item(v, src, f"listeners[{i}]") for i, v in enumerate(listeners)
-                )
-        if "web_configs" in data:
-            web_configs = data["web_configs"]
-            if not isinstance(web_configs, list):
-                self.error(src, "web_configs", "must be a list of {path, roles} mappings")
-            else:
-                self.web_configs.extend(
-                    Item(v, src, f"web_configs[{i}]") for i, v in enumerate(web_configs)
-                )
-        for section, table in self.named.items():
-            if section not in data:
-                continue
-            entries = data[section]
-            if entries is None:
-                continue
-            if not isinstance(entries, dict):
-                self.error(src, section, "must be a mapping of names")
-                continue
-            for name, value in entries.items():
-                key = f"{section}.{name}"
-                if not _NAME.match(name):
-                    self.error(src, key, "names use letters, digits, '_', '.', '-' (at most 63)")
-                if name in table:
-                    first = table[name]
-                    self.error(
-                        src,
-                        key,
-                        f"defined twice (first at {first.src.file}:{first.src.line(first.key)})",
-                    )
-                    continue
-                table[name] = Item(value, src, key)
-        for pattern_item in self._includes(data, src):
-            self.read(pattern_item, seen)
-
-    def _includes(self, data: dict[str, Any], src: Source) -> Iterable[Path]:
-        includes = data.get("include", [])
-        if isinstance(includes, str):
-            includes = [includes]
-        if not isinstance(includes, list):
-            self.error(src, "include", "must be a list of file names or globs")
-            return
-        for i, pattern in enumerate(includes):
-            key = f"include[{i}]"
-            if not isinstance(pattern, str) or not pattern:
-                self.error(src, key, "must be a file name or glob")
-                continue
-            full = src.resolve(pattern)
-            if glob.has_magic(pattern):
-                yield from (Path(p) for p in sorted(glob.glob(str(full))))
-            elif not full.is_file():
-                self.error(src, key, f"included file {full} does not exist")
-            else:
-                yield full
-
-    # -- typed field helpers -----------------------------------------------------------
-
-    def fields(
-        self, item: Item, allowed: Iterable[str], required: Iterable[str] = ()
-    ) -> dict[str, Item] | None:
-        if not isinstance(item.value, dict):
-            self.error(item.src, item.key, "must be a mapping")
-            return None
-        allowed = set(allowed)
-        out = {}
-        for key, value in item.value.items():
-            sub = join_key(item.key, key)
-            if key not in allowed:
-                self.error(
-                    item.src, sub, f"unknown key (expected one of: {', '.join(sorted(allowed))})"
-                )
-            else:
-                out[key] = Item(value, item.src, sub)
-        for key in required:
-            if key not in item.value:
-                self.error(item.src, item.key, f"missing required key {key!r}")
-        return out
-
-    def typed(self, item: Item, convert: Callable[[Any], T]) -> T | None:
-        try:
-            return convert(item.value)
-        except (ValueError, TypeError) as e:
-            self.error(item.src, item.key, str(e))
-            return None
-
-    def string(self, item: Item) -> str | None:
-        if not isinstance(item.value, str) or not item.value:
-            self.error(item.src, item.key, "must be a non-empty string")
-            return None
-        return item.value
-
-    def strings(self, item: Item) -> list[str] | None:
-        if not isinstance(item.value, list):
-            self.error(item.src, item.key, "must be a list of strings")
-            return None
-        out = []
-        for i, v in enumerate(item.value):
-            s = self.string(Item(v, item.src, f"{item.key}[{i}]"))
-            if s is not None:
-                out.append(s)
-        return out
-
-    def integer(self, item: Item, minimum: int) -> int | None:
-        value = item.value
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.error(item.src, item.key, f"must be an integer >= {minimum}")
-            return None
-        return value
-
-    def choice(self, item: Item, choices: Iterable[str]) -> str | None:
-        choices = tuple(choices)
-        if item.value not in choices:
-            self.error(item.src, item.key, f"must be one of: {', '.join(choices)}")
-            return None
-        return str(item.value)
-
-    def duration(self, item: Item) -> float | None:
-        return self.typed(item, parse_duration)
-
-    def positive(self, item: Item, convert: Callable[[Any], T]) -> T | None:
-        """Convert, then refuse zero: a zero timeout, size or interval is never meant."""
-        value = self.typed(item, convert)
-        if value is not None and not value:
-            self.error(item.src, item.key, "must be greater than zero")
-            return None
-        return value
-
-    def existing_file(self, item: Item) -> Path | None:
-        name = self.string(item)
-        if name is None:
-            return None
-        path = item.src.resolve(name)
-        if not path.is_file():
-            self.error(item.src, item.key, f"file {path} does not exist")
-            return None
-        return path
-
-    def labels(self, item: Item) -> dict[str, str]:
-        if not isinstance(item.value, dict):
-            self.error(item.src, item.key, "must be a mapping of label names to values")
-            return {}
-        out = {}
-        for name, value in item.value.items():
-            sub = join_key(item.key, name)
-            if not _LABEL.match(name) or name.startswith("__"):
-                self.error(
-                    item.src, sub, "not a valid label name (and names starting __ are reserved)"
-                )
-            elif not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                self.error(item.src, sub, "label values must be strings")
-            else:
-                out[name] = str(value)
-        return out
-
-    def endpoint(self, item: Item) -> str | None:
-        text = self.string(item)
-        if text is None:
-            return None
-        kind = text.split(":", 1)[0]
-        if kind not in ("tcp", "tcp6", "unix"):
-            self.error(
-                item.src,
-                item.key,
-                "endpoint must be tcp:, tcp6: or unix: "
-                "(TLS is configured with 'tls', not in the endpoint)",
-            )
-            return None
-        from twisted.internet.endpoints import serverFromString
-        from twisted.internet.testing import MemoryReactor
-
-        try:
-            serverFromString(MemoryReactor(), text)
-        except (ValueError, TypeError, KeyError, RuntimeError) as e:  # "tcp:1\\": RuntimeError
-            self.error(item.src, item.key, f"invalid endpoint {text!r}: {e}")
-            return None
-        if self.host_checks:
-            self.report(item, endpoint_findings(text))
-        return text
-
-    def report(self, item: Item, findings: Iterable[Finding]) -> None:
-        """Host check findings about ``item``, as errors or warnings."""
-        for finding in findings:
-            (self.error if finding.error else self.warn)(item.src, item.key, finding.message)
-
     # -- sections ----------------------------------------------------------------------
 
     def tls_files(self, item: Item) -> TLSFiles | None:
-        f = self.fields(
+        f = self.r.fields(
             item, ("certificate", "key", "client_ca"), ("certificate", "key", "client_ca")
         )
         if f is None or len(f) < 3:
             return None
-        cert_path = self.existing_file(f["certificate"])
-        key_path = self.existing_file(f["key"])
-        ca_path = self.existing_file(f["client_ca"])
+        cert_path = self.r.existing_file(f["certificate"])
+        key_path = self.r.existing_file(f["key"])
+        ca_path = self.r.existing_file(f["client_ca"])
         if cert_path is None or key_path is None or ca_path is None:
             return None
         certs = self._certificates(f["certificate"], cert_path)
@@ -404,7 +143,7 @@ class _Loader:
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         ):
-            self.error(
+            self.r.error(
                 f["key"].src,
                 f["key"].key,
                 f"key {key_path} does not match certificate {cert_path}",
@@ -415,14 +154,14 @@ class _Loader:
         try:
             certs = x509.load_pem_x509_certificates(path.read_bytes())
         except (ValueError, OSError) as e:
-            self.error(item.src, item.key, f"{path}: not a PEM certificate ({e})")
+            self.r.error(item.src, item.key, f"{path}: not a PEM certificate ({e})")
             return []
         import datetime
 
         now = datetime.datetime.now(datetime.timezone.utc)
         for cert in certs:
             if cert.not_valid_after_utc < now:
-                self.warn(
+                self.r.warn(
                     item.src,
                     item.key,
                     f"{path}: certificate {cert.subject.rfc4514_string()} has expired",
@@ -433,59 +172,59 @@ class _Loader:
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except (ValueError, TypeError, OSError) as e:
-            self.error(item.src, item.key, f"{path}: not an unencrypted PEM private key ({e})")
+            self.r.error(item.src, item.key, f"{path}: not an unencrypted PEM private key ({e})")
             return None
         if not isinstance(
             key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)
         ):
-            self.error(item.src, item.key, f"{path}: unsupported key type")
+            self.r.error(item.src, item.key, f"{path}: unsupported key type")
             return None
         return key
 
     def listener(self, item: Item, default_tls: TLSFiles | None, have_tls: bool) -> Listener | None:
-        f = self.fields(
+        f = self.r.fields(
             item,
             ("name", "protocol", "endpoint", "advertise", "sd", "tls", "tunnel_idle", *_TCP_KEYS),
             ("name", "endpoint"),
         )
         if f is None:
             return None
-        name = self.string(f["name"]) if "name" in f else None
-        if name is not None and not _NAME.match(name):
-            self.error(
+        name = self.r.string(f["name"]) if "name" in f else None
+        if name is not None and not NAME.match(name):
+            self.r.error(
                 item.src, f["name"].key, "names use letters, digits, '_', '.', '-' (at most 63)"
             )
         protocol = "http"
         if "protocol" in f:
             if isinstance(f["protocol"].value, str) and f["protocol"].value in _LATER_PROTOCOLS:
-                self.error(
+                self.r.error(
                     item.src,
                     f["protocol"].key,
                     f"protocol {f['protocol'].value!r} is not available in this version",
                 )
                 return None
-            protocol = self.choice(f["protocol"], ("http", "forward", "tcp")) or "http"
-        endpoint = self.endpoint(f["endpoint"]) if "endpoint" in f else None
+            protocol = self.r.choice(f["protocol"], ("http", "forward", "tcp")) or "http"
+        endpoint = self.r.endpoint(f["endpoint"]) if "endpoint" in f else None
         advertise = None
         if "advertise" in f:
-            advertise = self.string(f["advertise"])
+            advertise = self.r.string(f["advertise"])
             if advertise is not None and split_address(advertise) is None:
-                self.error(item.src, f["advertise"].key, "must be host:port")
+                self.r.error(item.src, f["advertise"].key, "must be host:port")
             if protocol != "http":
-                self.error(item.src, f["advertise"].key, "only http listeners advertise (/sd)")
+                self.r.error(item.src, f["advertise"].key, "only http listeners advertise (/sd)")
         sd_route_label: str | None = "route"
         if "sd" in f:
             if protocol != "http":
-                self.error(item.src, f["sd"].key, "only http listeners serve /sd")
+                self.r.error(item.src, f["sd"].key, "only http listeners serve /sd")
             sd_route_label = self.sd_settings(f["sd"])
         deadlines = Deadlines()
         if "tunnel_idle" in f:
             if protocol not in ("forward", "tcp"):
-                self.error(
+                self.r.error(
                     item.src, f["tunnel_idle"].key, "only forward and tcp listeners have tunnels"
                 )
             else:
-                tunnel_idle = self.positive(f["tunnel_idle"], parse_duration)
+                tunnel_idle = self.r.positive(f["tunnel_idle"], parse_duration)
                 if tunnel_idle is not None:
                     deadlines = Deadlines(tunnel_idle=tunnel_idle)
         # A passthrough tcp listener relays the client's TLS: it needs no TLS files.
@@ -495,7 +234,7 @@ class _Loader:
             if f["tls"].value is False:
                 tls = None
                 if protocol != "tcp":  # tcp listeners: see tcp_settings
-                    self.warn(
+                    self.r.warn(
                         item.src,
                         f["tls"].key,
                         "plain-text listener: no client certificates, and bearer tokens and "
@@ -504,13 +243,13 @@ class _Loader:
             elif isinstance(f["tls"].value, dict):
                 tls = self.tls_files(f["tls"])
             else:
-                self.error(
+                self.r.error(
                     item.src,
                     f["tls"].key,
                     "must be false or a mapping with certificate, key and client_ca",
                 )
         elif not have_tls and not passthrough:
-            self.error(
+            self.r.error(
                 item.src,
                 item.key,
                 "no top-level 'tls' section; give this listener 'tls' or say 'tls: false'",
@@ -523,7 +262,7 @@ class _Loader:
         else:
             for key in _TCP_KEYS:
                 if key in f:
-                    self.error(item.src, f[key].key, "only tcp listeners take this key")
+                    self.r.error(item.src, f[key].key, "only tcp listeners take this key")
         if name is None or endpoint is None or (protocol == "tcp" and tcp is None):
             return None
         return Listener(
@@ -543,19 +282,19 @@ class _Loader:
         by_name = {li.name: li for li in listeners}
         items = {
             it.value["name"]: it
-            for it in self.listeners
+            for it in self.sections.listeners
             if isinstance(it.value, dict) and isinstance(it.value.get("name"), str)
         }
         for name, route in routes.items():
-            item = self.named["routes"][name]
+            item = self.sections.routes[name]
             for listener_name in route.listeners:
                 listener = by_name.get(listener_name)
                 if listener is None:
-                    self.error(
+                    self.r.error(
                         item.src, f"{item.key}.listeners", f"unknown listener {listener_name!r}"
                     )
                 elif listener.protocol == "tcp" and name not in listener.named_routes():
-                    self.error(
+                    self.r.error(
                         item.src,
                         f"{item.key}.listeners",
                         f"tcp listener {listener_name!r} does not forward to this route "
@@ -566,15 +305,15 @@ class _Loader:
             for name in sorted(listener.named_routes()):
                 if name in routes and listener.name not in served[name]:
                     at = items.get(listener.name)
-                    self.error(
+                    self.r.error(
                         at.src if at else None,
                         at.key if at else "listeners",
                         f"route {name!r} leaves this listener out of its listeners:",
                     )
         for name in sorted(routes):
             if not served[name]:
-                item = self.named["routes"][name]
-                self.warn(item.src, item.key, "no listener serves this route")
+                item = self.sections.routes[name]
+                self.r.warn(item.src, item.key, "no listener serves this route")
         for listener in listeners:
             if listener.protocol != "http":
                 continue
@@ -587,7 +326,7 @@ class _Loader:
                         first = seen.setdefault(target.address, route.name)
                         if first != route.name:
                             at = items.get(listener.name)
-                            self.warn(
+                            self.r.warn(
                                 at.src if at else None,
                                 f"{at.key}.sd" if at else "listeners",
                                 f"routes {first!r} and {route.name!r} share target "
@@ -597,8 +336,8 @@ class _Loader:
                 continue
             for route in mine:
                 if label in route.labels:
-                    item = self.named["routes"][route.name]
-                    self.error(
+                    item = self.sections.routes[route.name]
+                    self.r.error(
                         item.src,
                         f"{item.key}.labels",
                         f"label {label!r} is the route label /sd adds on listener "
@@ -607,21 +346,21 @@ class _Loader:
 
     def sd_settings(self, item: Item) -> str | None:
         """``sd: {route_label: NAME}``: the label naming the route, or null/false for none."""
-        f = self.fields(item, ("route_label",))
+        f = self.r.fields(item, ("route_label",))
         if f is None or "route_label" not in f:
             return "route"
         value = f["route_label"].value
         if value is None or value is False:
             return None
-        if not isinstance(value, str) or not _LABEL.match(value) or value.startswith("__"):
-            self.error(
+        if not isinstance(value, str) or not LABEL_NAME.match(value) or value.startswith("__"):
+            self.r.error(
                 item.src,
                 f["route_label"].key,
                 "must be a Prometheus label name not starting with '__', or null for none",
             )
             return "route"
         if value in ("instance", "job"):
-            self.error(
+            self.r.error(
                 item.src,
                 f["route_label"].key,
                 f"{value!r} names the target or the job in Prometheus; choose another label",
@@ -634,12 +373,12 @@ class _Loader:
     ) -> TCPForwarding | None:
         """The tcp keys of one listener. Route and target names are checked later, in
         tcp_destinations, once the routes are known."""
-        mode = self.choice(f["mode"], _TCP_MODES) if "mode" in f else "terminate"
+        mode = self.r.choice(f["mode"], _TCP_MODES) if "mode" in f else "terminate"
         if mode is None:
             return None
         ok = True
         if mode == "passthrough" and "tls" in f and f["tls"].value is not False:
-            self.error(
+            self.r.error(
                 item.src,
                 f["tls"].key,
                 "a passthrough listener relays the client's TLS untouched: it has no TLS "
@@ -647,7 +386,7 @@ class _Loader:
             )
             ok = False
         if mode == "terminate" and "tls" in f and f["tls"].value is False:
-            self.error(
+            self.r.error(
                 item.src,
                 f["tls"].key,
                 "a terminate-mode tcp listener needs mutual TLS; "
@@ -656,34 +395,34 @@ class _Loader:
             ok = False
         proxy_protocol = None
         if "proxy_protocol" in f:
-            proxy_protocol = self.choice(f["proxy_protocol"], ("v2",))
+            proxy_protocol = self.r.choice(f["proxy_protocol"], ("v2",))
             ok = ok and proxy_protocol is not None
         pending: list[tuple[str, Item, Item | None, bool]] = []
         destination = None
         sni: dict[str, Destination] = {}
         sni_default = None
         if "route" in f and "sni" in f:
-            self.error(item.src, f["sni"].key, "give either 'route' or 'sni', not both")
+            self.r.error(item.src, f["sni"].key, "give either 'route' or 'sni', not both")
             return None
         if "route" not in f and "sni" not in f:
-            self.error(item.src, item.key, "a tcp listener needs 'route' or 'sni'")
+            self.r.error(item.src, item.key, "a tcp listener needs 'route' or 'sni'")
             return None
         if "target" in f and "route" not in f:
-            self.error(
+            self.r.error(
                 item.src,
                 f["target"].key,
                 "'target' goes with 'route' (in 'sni', give {route: ..., target: ...})",
             )
             ok = False
         if "sni_default" in f and "sni" not in f:
-            self.error(item.src, f["sni_default"].key, "'sni_default' goes with 'sni'")
+            self.r.error(item.src, f["sni_default"].key, "'sni_default' goes with 'sni'")
             ok = False
         if "route" in f:
             destination = self.tcp_destination(f["route"], f.get("target"), pending, False)
         else:
             entries = f["sni"]
             if not isinstance(entries.value, dict) or not entries.value:
-                self.error(
+                self.r.error(
                     entries.src,
                     entries.key,
                     "must map server names (or *.parent) to a route or {route, target}",
@@ -693,11 +432,13 @@ class _Loader:
                 key = join_key(entries.key, server_name)
                 pattern = _sni_pattern(server_name)
                 if pattern is None:
-                    self.error(entries.src, key, "not a server name (a DNS name, or *.parent.name)")
+                    self.r.error(
+                        entries.src, key, "not a server name (a DNS name, or *.parent.name)"
+                    )
                     ok = False
                     continue
                 if pattern in sni:
-                    self.error(entries.src, key, f"server name {pattern!r} given twice")
+                    self.r.error(entries.src, key, f"server name {pattern!r} given twice")
                     ok = False
                     continue
                 dest = self.tcp_destination(Item(value, entries.src, key), None, pending, True)
@@ -728,20 +469,20 @@ class _Loader:
         """A route name, or (in ``sni``) a route name or {route, target}; the target is
         filled in by tcp_destinations when the route has exactly one."""
         if nested and isinstance(item.value, dict):
-            g = self.fields(item, ("route", "target"), ("route",))
+            g = self.r.fields(item, ("route", "target"), ("route",))
             if g is None or "route" not in g:
                 return None
             item, target_item = g["route"], g.get("target")
-        route = self.string(item)
+        route = self.r.string(item)
         if route is None:
             return None
         target = ""
         if target_item is not None:
-            text = self.string(target_item)
+            text = self.r.string(target_item)
             if text is None:
                 return None
             if split_address(text) is None:
-                self.error(
+                self.r.error(
                     target_item.src,
                     target_item.key,
                     f"target {text!r} must be host:port ([v6]:port for IPv6)",
@@ -790,13 +531,13 @@ class _Loader:
     ) -> Destination | None:
         route = routes.get(name)
         if route is None:
-            if name not in self.named["routes"]:  # else the route's own errors say why
-                self.error(route_item.src, route_item.key, f"undefined route {name!r}")
+            if name not in self.sections.routes:  # else the route's own errors say why
+                self.r.error(route_item.src, route_item.key, f"undefined route {name!r}")
             return None
         if target_item is None:
             if len(route.targets) != 1:
                 how = "{route: ..., target: HOST:PORT}" if nested else "'target: HOST:PORT'"
-                self.error(
+                self.r.error(
                     route_item.src,
                     route_item.key,
                     f"route {name!r} has {len(route.targets)} targets; name one with {how}",
@@ -806,14 +547,14 @@ class _Loader:
         else:
             address = str(target_item.value)
             if not route.has_target(address):
-                self.error(
+                self.r.error(
                     target_item.src,
                     target_item.key,
                     f"{address!r} is not a target of route {name!r}",
                 )
                 return None
         if passthrough and not any(e.startswith("sni:") for e in route.allow):
-            self.warn(
+            self.r.warn(
                 route_item.src,
                 route_item.key,
                 f"passthrough connections carry no identity and route {name!r} has no "
@@ -822,7 +563,7 @@ class _Loader:
         return Destination(name, address)
 
     def identity(self, name: str, item: Item) -> Identity | None:
-        f = self.fields(item, _IDENTITY_KEYS)
+        f = self.r.fields(item, _IDENTITY_KEYS)
         if f is None:
             return None
         matches: list[CertMatch] = []
@@ -831,48 +572,50 @@ class _Loader:
             entries = raw if isinstance(raw, list) else [raw]
             for i, entry in enumerate(entries):
                 key = f"{f['cert'].key}[{i}]" if isinstance(raw, list) else f["cert"].key
-                sub = self.fields(Item(entry, item.src, key), _CERT_RULES)
+                sub = self.r.fields(Item(entry, item.src, key), _CERT_RULES)
                 if sub is None:
                     continue
                 if len(sub) != 1:
-                    self.error(item.src, key, f"give exactly one of {', '.join(_CERT_RULES)}")
+                    self.r.error(item.src, key, f"give exactly one of {', '.join(_CERT_RULES)}")
                     continue
                 ((kind, value),) = sub.items()
-                text = self.sha256_hex(value) if kind == "spki_sha256" else self.string(value)
+                text = self.sha256_hex(value) if kind == "spki_sha256" else self.r.string(value)
                 if text is not None and kind == "uri" and is_spiffe(text):
                     why = spiffe_pattern_error(text)
                     if why is not None:
-                        self.error(value.src, value.key, f"not a valid SPIFFE ID: {why}")
+                        self.r.error(value.src, value.key, f"not a valid SPIFFE ID: {why}")
                         continue
                 if text is not None:
                     matches.append(CertMatch(**{kind: text}))
         bearer: list[bytes] = []
         if "bearer_sha256" in f:
-            for sub_item in self.one_or_many(f["bearer_sha256"]):
+            for sub_item in self.r.one_or_many(f["bearer_sha256"]):
                 hexdigest = self.sha256_hex(sub_item)
                 if hexdigest is not None:
                     bearer.append(self.bearer(name, sub_item, bytes.fromhex(hexdigest)))
         if "bearer_file" in f:
-            for sub_item in self.one_or_many(f["bearer_file"]):
+            for sub_item in self.r.one_or_many(f["bearer_file"]):
                 digest = self.token_file(sub_item)
                 if digest is not None:
                     bearer.append(self.bearer(name, sub_item, digest))
         basic: list[BasicCredential] = []
         if "basic" in f:
-            for sub_item in self.one_or_many(f["basic"]):
-                b = self.fields(sub_item, ("user", "bcrypt"), ("user", "bcrypt"))
+            for sub_item in self.r.one_or_many(f["basic"]):
+                b = self.r.fields(sub_item, ("user", "bcrypt"), ("user", "bcrypt"))
                 if b is None or "user" not in b or "bcrypt" not in b:
                     continue
-                user = self.string(b["user"])
+                user = self.r.string(b["user"])
                 if user is not None and ":" in user:
-                    self.error(b["user"].src, b["user"].key, "a basic auth user cannot contain ':'")
+                    self.r.error(
+                        b["user"].src, b["user"].key, "a basic auth user cannot contain ':'"
+                    )
                     user = None
                 hashed = self.bcrypt_hash(b["bcrypt"])
                 if user is not None and hashed is not None and self.basic_user(name, b["user"]):
                     basic.append(BasicCredential(user, hashed))
         if not any(k in f for k in ("cert", "bearer_sha256", "bearer_file", "basic")):
-            self.warn(item.src, item.key, "identity has no credential and can never match")
-        roles = frozenset(self.strings(f["roles"]) or ()) if "roles" in f else frozenset()
+            self.r.warn(item.src, item.key, "identity has no credential and can never match")
+        roles = frozenset(self.r.strings(f["roles"]) or ()) if "roles" in f else frozenset()
         return Identity(
             name=name,
             cert=tuple(matches),
@@ -881,19 +624,11 @@ class _Loader:
             basic=tuple(basic),
         )
 
-    def one_or_many(self, item: Item) -> list[Item]:
-        """A value that may be given once, or as a list: its items, each with its key."""
-        if isinstance(item.value, list):
-            if not item.value:
-                self.error(item.src, item.key, "must not be an empty list")
-            return [Item(v, item.src, f"{item.key}[{i}]") for i, v in enumerate(item.value)]
-        return [item]
-
     def sha256_hex(self, item: Item) -> str | None:
         """A SHA-256 digest written as 64 hexadecimal characters; returned in lower case."""
         text = item.value
         if not isinstance(text, str) or not _SHA256_HEX.match(text):
-            self.error(
+            self.r.error(
                 item.src,
                 item.key,
                 "must be a SHA-256 digest: 64 hexadecimal characters"
@@ -905,20 +640,20 @@ class _Loader:
     def token_file(self, item: Item) -> bytes | None:
         """Read a bearer token file (the token itself) and return the SHA-256 of the token;
         the token is not kept."""
-        path = self.existing_file(item)
+        path = self.r.existing_file(item)
         if path is None:
             return None
         try:
             token = path.read_bytes().strip()
             mode = path.stat().st_mode
         except OSError as e:
-            self.error(item.src, item.key, f"cannot read {path}: {e.strerror or e}")
+            self.r.error(item.src, item.key, f"cannot read {path}: {e.strerror or e}")
             return None
         if not token:
-            self.error(item.src, item.key, f"token file {path} is empty")
+            self.r.error(item.src, item.key, f"token file {path} is empty")
             return None
         if not _TOKEN_TEXT.match(token):
-            self.error(
+            self.r.error(
                 item.src,
                 item.key,
                 f"token file {path} must hold one token of visible ASCII characters "
@@ -926,7 +661,7 @@ class _Loader:
             )
             return None
         if mode & 0o044:
-            self.warn(
+            self.r.warn(
                 item.src,
                 item.key,
                 f"token file {path} is readable by group or others; chmod 600 it",
@@ -937,7 +672,7 @@ class _Loader:
         """Note a bearer token digest of identity ``name``; one token names one identity."""
         first = self._bearer_seen.setdefault(digest, (name, item))
         if first[0] != name:
-            self.error(
+            self.r.error(
                 item.src,
                 item.key,
                 f"the same bearer token is configured for identity {first[0]!r} "
@@ -950,7 +685,7 @@ class _Loader:
         user = str(item.value)
         first = self._users_seen.setdefault(user, (name, item))
         if first[1] is not item:
-            self.error(
+            self.r.error(
                 item.src,
                 item.key,
                 f"basic auth user {user!r} is already configured for identity {first[0]!r} "
@@ -962,7 +697,7 @@ class _Loader:
     def bcrypt_hash(self, item: Item) -> bytes | None:
         text = item.value
         if not isinstance(text, str) or not _BCRYPT.match(text):
-            self.error(
+            self.r.error(
                 item.src,
                 item.key,
                 "must be a bcrypt hash: $2a$, $2b$ or $2y$, a cost from 04 to 31, "
@@ -970,7 +705,7 @@ class _Loader:
             )
             return None
         if int(text[4:6]) > _BCRYPT_SLOW_COST:
-            self.warn(
+            self.r.warn(
                 item.src,
                 item.key,
                 f"bcrypt cost {int(text[4:6])}: each new login costs seconds of CPU "
@@ -982,31 +717,30 @@ class _Loader:
         """Identities from exporter-toolkit ``web-config.yml`` files: each user of
         ``basic_auth_users`` becomes an identity of that name, with the entry's roles."""
         out: dict[str, Identity] = {}
-        for item in self.web_configs:
-            f = self.fields(item, ("path", "roles"), ("path",))
+        for item in self.sections.web_configs:
+            f = self.r.fields(item, ("path", "roles"), ("path",))
             if f is None or "path" not in f:
                 continue
-            roles = frozenset(self.strings(f["roles"]) or ()) if "roles" in f else frozenset()
-            path = self.existing_file(f["path"])
+            roles = frozenset(self.r.strings(f["roles"]) or ()) if "roles" in f else frozenset()
+            path = self.r.existing_file(f["path"])
             if path is None:
                 continue
-            parsed = parse_file(path, self.errors)
+            parsed = self.r.parse(path)
             if parsed is None:
                 continue
             data, src = parsed
-            self.files.append(path)
             if data is None:
                 data = {}
             if not isinstance(data, dict):
-                self.error(src, "", "a web-config.yml file is a mapping")
+                self.r.error(src, "", "a web-config.yml file is a mapping")
                 continue
             for key in data:
                 if key not in _WEB_CONFIG_KEYS:
-                    self.error(
+                    self.r.error(
                         src, key, f"unknown key (expected one of: {', '.join(_WEB_CONFIG_KEYS)})"
                     )
                 elif key != "basic_auth_users":
-                    self.warn(
+                    self.r.warn(
                         src,
                         key,
                         "ignored: promgate's own listener settings apply "
@@ -1014,18 +748,18 @@ class _Loader:
                     )
             users = data.get("basic_auth_users")
             if users is None:
-                self.warn(src, "", "no basic_auth_users: this file adds no identity")
+                self.r.warn(src, "", "no basic_auth_users: this file adds no identity")
                 continue
             if not isinstance(users, dict):
-                self.error(
+                self.r.error(
                     src, "basic_auth_users", "must be a mapping of user names to bcrypt hashes"
                 )
                 continue
             for user, hashed in users.items():
                 key = f"basic_auth_users.{user}"
                 user_item = Item(user, src, key)
-                if not _NAME.match(user):
-                    self.error(
+                if not NAME.match(user):
+                    self.r.error(
                         src,
                         key,
                         "the user becomes an identity of that name: use letters, digits, "
@@ -1034,7 +768,7 @@ class _Loader:
                     continue
                 first = known.get(user)
                 if first is not None:
-                    self.error(
+                    self.r.error(
                         src,
                         key,
                         f"identity {user!r} defined twice "
@@ -1050,17 +784,17 @@ class _Loader:
 
     def route(self, name: str, item: Item, templates: dict[str, Item]) -> Route | None:
         allowed = _ROUTE_KEYS | {"template", "targets"}
-        own = self.fields(item, allowed, ("targets",))
+        own = self.r.fields(item, allowed, ("targets",))
         if own is None:
             return None
         merged: dict[str, Item] = {}
         if "template" in own:
-            tname = self.string(own["template"])
+            tname = self.r.string(own["template"])
             if tname is not None:
                 if tname not in templates:
-                    self.error(item.src, own["template"].key, f"undefined template {tname!r}")
+                    self.r.error(item.src, own["template"].key, f"undefined template {tname!r}")
                 else:
-                    tfields = self.fields(templates[tname], _ROUTE_KEYS) or {}
+                    tfields = self.r.fields(templates[tname], _ROUTE_KEYS) or {}
                     if any(k in own for k in _UPSTREAM_AUTH_KEYS):
                         # The route's own credentials replace the template's, whatever kind.
                         tfields = {k: v for k, v in tfields.items() if k not in _UPSTREAM_AUTH_KEYS}
@@ -1069,7 +803,7 @@ class _Loader:
 
         kw: dict[str, Any] = {}
         if "scheme" in merged:
-            kw["scheme"] = self.choice(merged["scheme"], ("http", "https")) or "http"
+            kw["scheme"] = self.r.choice(merged["scheme"], ("http", "https")) or "http"
         if "metrics_path" in merged:
             kw["metrics_path"] = self.upstream_path(merged["metrics_path"])
         metrics_path = kw.get("metrics_path") or "/metrics"
@@ -1084,24 +818,24 @@ class _Loader:
                 if checked and checked not in paths:
                     paths.append(checked)
             if not isinstance(merged["paths"].value, list):
-                self.error(merged["paths"].src, merged["paths"].key, "must be a list of paths")
+                self.r.error(merged["paths"].src, merged["paths"].key, "must be a list of paths")
         kw["paths"] = tuple(paths)
         kw["metrics_path"] = metrics_path
         if "params" in merged:
-            params = self.strings(merged["params"]) or []
+            params = self.r.strings(merged["params"]) or []
             for p in params:
                 if p in _RESERVED_PARAMS:
-                    self.error(
+                    self.r.error(
                         merged["params"].src,
                         merged["params"].key,
                         f"parameter {p!r} is the gateway's own",
                     )
             kw["params"] = tuple(p for p in params if p not in _RESERVED_PARAMS)
         if "allow" in merged:
-            kw["allow"] = tuple(self.strings(merged["allow"]) or ())
+            kw["allow"] = tuple(self.r.strings(merged["allow"]) or ())
             self._allow_refs.append((merged["allow"], kw["allow"]))
         else:
-            self.warn(
+            self.r.warn(
                 item.src, item.key, "route has no 'allow' list; nobody may use it (deny by default)"
             )
         if "limits" in merged:
@@ -1109,10 +843,10 @@ class _Loader:
             if lim is not None:
                 kw["limits"] = lim
         if "timeout" in merged:
-            kw["timeout"] = self.positive(merged["timeout"], parse_duration) or DEFAULT_TIMEOUT
+            kw["timeout"] = self.r.positive(merged["timeout"], parse_duration) or DEFAULT_TIMEOUT
         if "max_response_size" in merged:
             kw["max_response_size"] = (
-                self.positive(
+                self.r.positive(
                     merged["max_response_size"], lambda v: parse_size(v, MAX_RESPONSE_LIMIT)
                 )
                 or DEFAULT_MAX_RESPONSE
@@ -1122,7 +856,7 @@ class _Loader:
             if upstream_tls is not None:
                 kw["upstream_tls"] = upstream_tls
                 if kw.get("scheme") != "https":
-                    self.warn(
+                    self.r.warn(
                         merged["tls"].src,
                         merged["tls"].key,
                         "tls settings are ignored unless scheme is https",
@@ -1130,7 +864,7 @@ class _Loader:
         given = [(k, merged[k]) for k in _UPSTREAM_AUTH_KEYS if k in merged]
         if len(given) > 1:
             second = given[1][1]
-            self.error(second.src, second.key, "give at most one of authorization and basic_auth")
+            self.r.error(second.src, second.key, "give at most one of authorization and basic_auth")
         elif given:
             kind, auth_item = given[0]
             auth = (
@@ -1140,24 +874,24 @@ class _Loader:
             )
             kw["upstream_auth"] = auth
             if auth is not None and kw.get("scheme") != "https":
-                self.warn(
+                self.r.warn(
                     auth_item.src,
                     auth_item.key,
                     "upstream credentials are sent in clear text unless scheme is https",
                 )
         if "labels" in merged:
-            kw["labels"] = self.labels(merged["labels"])
+            kw["labels"] = self.r.labels(merged["labels"])
         if "keep_meta_labels" in merged:
             if isinstance(merged["keep_meta_labels"].value, bool):
                 kw["keep_meta_labels"] = merged["keep_meta_labels"].value
             else:
                 item_k = merged["keep_meta_labels"]
-                self.error(item_k.src, item_k.key, "must be true or false")
+                self.r.error(item_k.src, item_k.key, "must be true or false")
         if "listeners" in merged:
-            names = self.strings(merged["listeners"])
+            names = self.r.strings(merged["listeners"])
             if names is not None and not names:
                 item_l = merged["listeners"]
-                self.error(item_l.src, item_l.key, "name at least one listener, or leave it out")
+                self.r.error(item_l.src, item_l.key, "name at least one listener, or leave it out")
             kw["listeners"] = tuple(names or ())
         targets: list[Target] = []
         if "targets" in merged:
@@ -1168,18 +902,18 @@ class _Loader:
 
     def upstream_tls(self, item: Item) -> UpstreamTLS | None:
         """A route's ``tls``: how the upstream is verified, and the client certificate shown."""
-        t = self.fields(item, ("ca", "server_name", "cert", "key", "identity"))
+        t = self.r.fields(item, ("ca", "server_name", "cert", "key", "identity"))
         if t is None:
             return None
-        ca = self.existing_file(t["ca"]) if "ca" in t else None
+        ca = self.r.existing_file(t["ca"]) if "ca" in t else None
         if ca is not None:
             self._certificates(t["ca"], ca)
-        server_name = self.string(t["server_name"]) if "server_name" in t else None
+        server_name = self.r.string(t["server_name"]) if "server_name" in t else None
         cert = key = None
         if "cert" in t and "key" not in t:
-            self.error(item.src, t["cert"].key, "a client certificate needs its 'key'")
+            self.r.error(item.src, t["cert"].key, "a client certificate needs its 'key'")
         elif "key" in t and "cert" not in t:
-            self.error(item.src, t["key"].key, "a client key needs its 'cert'")
+            self.r.error(item.src, t["key"].key, "a client key needs its 'cert'")
         elif "cert" in t:
             cert, key = self.client_certificate(t["cert"], t["key"])
         identity = self.upstream_identity(t["identity"]) if "identity" in t else None
@@ -1189,8 +923,8 @@ class _Loader:
         self, cert_item: Item, key_item: Item
     ) -> tuple[Path | None, Path | None]:
         """The certificate and key the gateway shows an upstream: both parse, and match."""
-        cert_path = self.existing_file(cert_item)
-        key_path = self.existing_file(key_item)
+        cert_path = self.r.existing_file(cert_item)
+        key_path = self.r.existing_file(key_item)
         if cert_path is None or key_path is None:
             return cert_path, key_path
         certs = self._certificates(cert_item, cert_path)
@@ -1201,7 +935,7 @@ class _Loader:
         if certs[0].public_key().public_bytes(der, spki) != key.public_key().public_bytes(
             der, spki
         ):
-            self.error(
+            self.r.error(
                 key_item.src, key_item.key, f"key {key_path} does not match certificate {cert_path}"
             )
             return cert_path, key_path
@@ -1210,7 +944,7 @@ class _Loader:
         except x509.ExtensionNotFound:
             return cert_path, key_path
         if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
-            self.warn(
+            self.r.warn(
                 cert_item.src,
                 cert_item.key,
                 f"{cert_path}: extended key usage lacks clientAuth; upstreams will refuse it",
@@ -1219,54 +953,54 @@ class _Loader:
 
     def upstream_identity(self, item: Item) -> UpstreamIdentity | None:
         """``{dns: NAME}`` or ``{uri: URI}``: what the upstream's certificate must name."""
-        f = self.fields(item, ("dns", "uri"))
+        f = self.r.fields(item, ("dns", "uri"))
         if f is None:
             return None
         if len(f) != 1:
-            self.error(item.src, item.key, "give exactly one of dns, uri")
+            self.r.error(item.src, item.key, "give exactly one of dns, uri")
             return None
         ((kind, value),) = f.items()
-        text = self.string(value)
+        text = self.r.string(value)
         if text is None:
             return None
         if kind == "dns":
             try:
                 DNS_ID(text)
             except ValueError:
-                self.error(
+                self.r.error(
                     value.src, value.key, "must be a DNS name (no wildcard, not an IP address)"
                 )
                 return None
             return UpstreamIdentity(dns=text)
         if not _URI.fullmatch(text):
-            self.error(
+            self.r.error(
                 value.src,
                 value.key,
                 "must be an absolute URI such as spiffe://example.org/ns/prod/sa/exporter",
             )
             return None
         if is_spiffe(text) and (why := spiffe_id_error(text)) is not None:
-            self.error(value.src, value.key, f"not a valid SPIFFE ID: {why}")
+            self.r.error(value.src, value.key, f"not a valid SPIFFE ID: {why}")
             return None
         return UpstreamIdentity(uri=text)
 
     def authorization(self, item: Item) -> UpstreamAuth | None:
         """``authorization: {type, credentials_file}``, as in a Prometheus scrape config."""
-        f = self.fields(item, ("type", "credentials_file", "credentials"))
+        f = self.r.fields(item, ("type", "credentials_file", "credentials"))
         if f is None:
             return None
         scheme = "Bearer"
         if "type" in f:
-            text = self.string(f["type"])
+            text = self.r.string(f["type"])
             if text is None:
                 return None
             if not _AUTH_SCHEME.fullmatch(text):
-                self.error(
+                self.r.error(
                     f["type"].src, f["type"].key, "must be an HTTP auth scheme such as Bearer"
                 )
                 return None
             if text.lower() == "basic":
-                self.error(
+                self.r.error(
                     f["type"].src,
                     f["type"].key,
                     "Basic credentials are written as basic_auth (username, password_file)",
@@ -1274,7 +1008,7 @@ class _Loader:
                 return None
             scheme = text
         if "credentials" in f:
-            self.error(
+            self.r.error(
                 f["credentials"].src,
                 f["credentials"].key,
                 "secrets are not written into the configuration; "
@@ -1282,14 +1016,14 @@ class _Loader:
             )
             return None
         if "credentials_file" not in f:
-            self.error(item.src, item.key, "missing required key 'credentials_file'")
+            self.r.error(item.src, item.key, "missing required key 'credentials_file'")
             return None
         secret = self.secret_file(f["credentials_file"])
         if secret is None:
             return None
         path, token = secret
         if not _AUTH_CREDENTIALS.fullmatch(token):
-            self.error(
+            self.r.error(
                 f["credentials_file"].src,
                 f["credentials_file"].key,
                 f"{path}: the credentials must be one line of printable ASCII without spaces",
@@ -1300,14 +1034,14 @@ class _Loader:
 
     def basic_auth(self, item: Item) -> UpstreamAuth | None:
         """``basic_auth: {username, password_file}``, as in a Prometheus scrape config."""
-        f = self.fields(item, ("username", "password_file", "password"), ("username",))
+        f = self.r.fields(item, ("username", "password_file", "password"), ("username",))
         if f is None:
             return None
-        username = self.string(f["username"]) if "username" in f else None
+        username = self.r.string(f["username"]) if "username" in f else None
         if username is not None and (
             ":" in username or any(ord(c) < 0x20 or ord(c) == 0x7F for c in username)
         ):
-            self.error(
+            self.r.error(
                 f["username"].src,
                 f["username"].key,
                 "must not contain ':' or control characters",
@@ -1315,14 +1049,14 @@ class _Loader:
             username = None
         secret = None
         if "password" in f:
-            self.error(
+            self.r.error(
                 f["password"].src,
                 f["password"].key,
                 "secrets are not written into the configuration; "
                 "put the password in a file and name it with password_file",
             )
         elif "password_file" not in f:
-            self.error(item.src, item.key, "missing required key 'password_file'")
+            self.r.error(item.src, item.key, "missing required key 'password_file'")
         else:
             secret = self.secret_file(f["password_file"])
         if username is None or secret is None:
@@ -1338,38 +1072,38 @@ class _Loader:
 
         Problems name the file, never what is in it.
         """
-        path = self.existing_file(item)
+        path = self.r.existing_file(item)
         if path is None:
             return None
         try:
             text = path.read_bytes().decode("utf-8").strip()  # no newline translation
             mode = path.stat().st_mode
         except OSError as e:
-            self.error(item.src, item.key, f"cannot read {path}: {e.strerror or e}")
+            self.r.error(item.src, item.key, f"cannot read {path}: {e.strerror or e}")
             return None
         except UnicodeDecodeError:
-            self.error(item.src, item.key, f"{path} is not UTF-8 text")
+            self.r.error(item.src, item.key, f"{path} is not UTF-8 text")
             return None
         if not text:
-            self.error(item.src, item.key, f"{path} is empty")
+            self.r.error(item.src, item.key, f"{path} is empty")
             return None
         if mode & 0o077:
-            self.warn(item.src, item.key, f"{path} is readable by others; chmod 600 it")
+            self.r.warn(item.src, item.key, f"{path} is readable by others; chmod 600 it")
         return path, text
 
     def upstream_path(self, item: Item) -> str | None:
         """A configured path must already be what ``normalize_path`` makes of it: the
         form a request's ``path=`` is compared in (see docs/policy.md)."""
-        path = self.string(item)
+        path = self.r.string(item)
         if path is None:
             return None
         try:
             canonical = normalize_path(path)
         except PathRefused as e:
-            self.error(item.src, item.key, f"must be an absolute path in canonical form: {e}")
+            self.r.error(item.src, item.key, f"must be an absolute path in canonical form: {e}")
             return None
         if canonical != path:
-            self.error(
+            self.r.error(
                 item.src,
                 item.key,
                 f"must be an absolute path in canonical form: write {canonical!r}",
@@ -1378,13 +1112,13 @@ class _Loader:
         return path
 
     def limits(self, item: Item) -> Limits | None:
-        f = self.fields(item, ("rate", "burst", "per", "max_concurrent"))
+        f = self.r.fields(item, ("rate", "burst", "per", "max_concurrent"))
         if f is None:
             return None
-        rate = self.typed(f["rate"], parse_rate) if "rate" in f else None
-        burst = self.integer(f["burst"], 1) if "burst" in f else None
-        per = self.choice(f["per"], _LIMIT_PER) if "per" in f else None
-        conc = self.integer(f["max_concurrent"], 1) if "max_concurrent" in f else None
+        rate = self.r.typed(f["rate"], parse_rate) if "rate" in f else None
+        burst = self.r.integer(f["burst"], 1) if "burst" in f else None
+        per = self.r.choice(f["per"], _LIMIT_PER) if "per" in f else None
+        conc = self.r.integer(f["max_concurrent"], 1) if "max_concurrent" in f else None
         return Limits(
             rate=rate,
             burst=burst if burst is not None else (max(1, int(rate)) if rate else 1),
@@ -1394,11 +1128,11 @@ class _Loader:
 
     def targets(self, item: Item) -> tuple[list[Target], tuple[ProviderSpec, ...], Selector]:
         """A route's static targets, its discovery providers and its selector."""
-        f = self.fields(item, _PROVIDERS + _SELECTOR_KEYS)
+        f = self.r.fields(item, _PROVIDERS + _SELECTOR_KEYS)
         if f is None:
             return [], (), Selector()
         if not any(k in f for k in _PROVIDERS):
-            self.error(item.src, item.key, f"give at least one of: {', '.join(_PROVIDERS)}")
+            self.r.error(item.src, item.key, f"give at least one of: {', '.join(_PROVIDERS)}")
         providers: list[ProviderSpec] = []
         if "file_sd" in f:
             providers.extend(self.file_sd(f["file_sd"]))
@@ -1408,7 +1142,7 @@ class _Loader:
             providers.extend(self.plugins(f["plugin"]))
         selector = self.selector(f)
         if selector != Selector() and not providers:
-            self.warn(item.src, item.key, "match/port/address apply to discovered targets only")
+            self.r.warn(item.src, item.key, "match/port/address apply to discovered targets only")
         return self.static_targets(f), tuple(providers), selector
 
     # -- discovery providers -------------------------------------------------------------
@@ -1419,12 +1153,12 @@ class _Loader:
         """A provider's settings: a bare list is short for ``{list_key: [...]}``."""
         if isinstance(item.value, list):
             return {list_key: item}
-        f = self.fields(item, (list_key, *allowed), (list_key,))
+        f = self.r.fields(item, (list_key, *allowed), (list_key,))
         return f if f is not None and list_key in f else None
 
     def _interval(self, f: dict[str, Item], key: str, out: dict[str, Any]) -> None:
         if key in f:
-            value = self.positive(f[key], parse_duration)
+            value = self.r.positive(f[key], parse_duration)
             if value is not None:
                 out[key] = value
 
@@ -1432,18 +1166,18 @@ class _Loader:
         f = self._settings(item, "files", ("refresh_interval", "poll_interval"))
         if f is None:
             return []
-        patterns = self.strings(f["files"]) or []
+        patterns = self.r.strings(f["files"]) or []
         if not patterns:
-            self.error(f["files"].src, f["files"].key, "name at least one file or glob")
+            self.r.error(f["files"].src, f["files"].key, "name at least one file or glob")
             return []
         files = []
         for i, pattern in enumerate(patterns):
             key = f"{f['files'].key}[{i}]"
             if not pattern.endswith((".json", ".yml", ".yaml", "*")):
-                self.error(f["files"].src, key, "file_sd files end in .json, .yml or .yaml")
+                self.r.error(f["files"].src, key, "file_sd files end in .json, .yml or .yaml")
             path = f["files"].src.resolve(pattern)
             if not glob.has_magic(pattern) and not path.parent.is_dir():
-                self.warn(f["files"].src, key, f"directory {path.parent} does not exist (yet)")
+                self.r.warn(f["files"].src, key, f"directory {path.parent} does not exist (yet)")
             files.append(str(path))
         settings: dict[str, Any] = {"files": tuple(files)}
         self._interval(f, "refresh_interval", settings)
@@ -1454,19 +1188,19 @@ class _Loader:
         f = self._settings(item, "names", ("servers", "refresh_interval", "min_interval"))
         if f is None:
             return []
-        names = self.strings(f["names"]) or []
+        names = self.r.strings(f["names"]) or []
         if not names:
-            self.error(f["names"].src, f["names"].key, "name at least one SRV record")
+            self.r.error(f["names"].src, f["names"].key, "name at least one SRV record")
         for i, name in enumerate(names):
             if not _HOSTNAME.match(name):
-                self.error(f["names"].src, f"{f['names'].key}[{i}]", f"{name!r}: not a DNS name")
+                self.r.error(f["names"].src, f"{f['names'].key}[{i}]", f"{name!r}: not a DNS name")
         settings: dict[str, Any] = {"names": tuple(names)}
         if "servers" in f:
             servers = []
-            for i, text in enumerate(self.strings(f["servers"]) or []):
+            for i, text in enumerate(self.r.strings(f["servers"]) or []):
                 split = (text, 53) if _is_ip(text) else split_address(text)
                 if split is None or not _is_ip(split[0]):
-                    self.error(
+                    self.r.error(
                         f["servers"].src,
                         f"{f['servers'].key}[{i}]",
                         f"{text!r}: give IP or IP:PORT ([v6]:port for IPv6)",
@@ -1481,22 +1215,22 @@ class _Loader:
     def plugins(self, item: Item) -> list[ProviderSpec]:
         from promgate.discovery import discovery_factories
 
-        entries = self.one_or_many(item)
+        entries = self.r.one_or_many(item)
         try:
             factories = discovery_factories()
         except Exception as e:  # a broken plugin module: say so, not a traceback
-            self.error(item.src, item.key, f"cannot load discovery plugins: {e}")
+            self.r.error(item.src, item.key, f"cannot load discovery plugins: {e}")
             return []
         out = []
         for entry in entries:
             if not isinstance(entry.value, dict) or not isinstance(entry.value.get("name"), str):
-                self.error(entry.src, entry.key, "must be a mapping with a 'name'")
+                self.r.error(entry.src, entry.key, "must be a mapping with a 'name'")
                 continue
             name = entry.value["name"]
             factory = factories.get(name)
             if factory is None:
                 known = ", ".join(sorted(factories)) or "none installed"
-                self.error(
+                self.r.error(
                     entry.src,
                     join_key(entry.key, "name"),
                     f"no discovery plugin named {name!r} (known: {known})",
@@ -1508,7 +1242,7 @@ class _Loader:
             except Exception as e:
                 problems = [("", f"plugin {name!r} failed checking its settings: {e}")]
             for key, message in problems:
-                self.error(entry.src, join_key(entry.key, key) if key else entry.key, message)
+                self.r.error(entry.src, join_key(entry.key, key) if key else entry.key, message)
             if not problems:
                 out.append(ProviderSpec("plugin", name, settings, entry.src.file.parent))
         return out
@@ -1518,45 +1252,45 @@ class _Loader:
         if "match" in f:
             m = f["match"]
             if not isinstance(m.value, dict):
-                self.error(m.src, m.key, "must map label names to regular expressions")
+                self.r.error(m.src, m.key, "must map label names to regular expressions")
             else:
                 match = {}
                 for name, rx in m.value.items():
                     sub = join_key(m.key, str(name))
-                    if not isinstance(name, str) or not _LABEL.match(name):
-                        self.error(m.src, sub, "not a valid label name")
+                    if not isinstance(name, str) or not LABEL_NAME.match(name):
+                        self.r.error(m.src, sub, "not a valid label name")
                     elif not isinstance(rx, (str, int)) or isinstance(rx, bool):
-                        self.error(m.src, sub, "must be a regular expression (a string)")
+                        self.r.error(m.src, sub, "must be a regular expression (a string)")
                     else:
                         try:
                             re.compile(str(rx))
                         except re.error as e:
-                            self.error(m.src, sub, f"not a valid regular expression: {e}")
+                            self.r.error(m.src, sub, f"not a valid regular expression: {e}")
                             continue
                         match[name] = str(rx)
                 kw["match"] = match
         if "port" in f and "address" in f:
-            self.error(f["address"].src, f["address"].key, "give port or address, not both")
+            self.r.error(f["address"].src, f["address"].key, "give port or address, not both")
         elif "port" in f:
-            port = self.integer(f["port"], 1)
+            port = self.r.integer(f["port"], 1)
             if port is not None and port > 65535:
-                self.error(f["port"].src, f["port"].key, "must be a port number (1-65535)")
+                self.r.error(f["port"].src, f["port"].key, "must be a port number (1-65535)")
             elif port is not None:
                 kw["port"] = port
         elif "address" in f:
-            text = self.string(f["address"])
+            text = self.r.string(f["address"])
             if text is not None:
                 fields = _ADDRESS_FIELDS.findall(text)
                 probe = _ADDRESS_FIELDS.sub("h", text.replace("{port}", "1"))
-                if not fields or any(not _LABEL.match(x) for x in fields):
-                    self.error(
+                if not fields or any(not LABEL_NAME.match(x) for x in fields):
+                    self.r.error(
                         f["address"].src,
                         f["address"].key,
                         'a template such as "{host}:9100" ({host}, {port}, {address} '
                         "or a label name in braces)",
                     )
                 elif split_address(probe) is None:
-                    self.error(f["address"].src, f["address"].key, "must make host:port")
+                    self.r.error(f["address"].src, f["address"].key, "must make host:port")
                 else:
                     kw["address"] = text
         return Selector(**kw)
@@ -1567,7 +1301,7 @@ class _Loader:
             return out
         static = f["static"]
         if not isinstance(static.value, list):
-            self.error(
+            self.r.error(
                 static.src,
                 static.key,
                 "must be a list of host:port strings or {targets, labels} groups",
@@ -1576,12 +1310,14 @@ class _Loader:
         for i, entry in enumerate(static.value):
             key = f"{static.key}[{i}]"
             if isinstance(entry, dict):
-                g = self.fields(Item(entry, static.src, key), ("targets", "labels"), ("targets",))
+                g = self.r.fields(Item(entry, static.src, key), ("targets", "labels"), ("targets",))
                 if g is None or "targets" not in g:
                     continue
-                labels = self.labels(g["labels"]) if "labels" in g else {}
+                labels = self.r.labels(g["labels"]) if "labels" in g else {}
                 if not isinstance(g["targets"].value, list):
-                    self.error(static.src, g["targets"].key, "must be a list of host:port strings")
+                    self.r.error(
+                        static.src, g["targets"].key, "must be a list of host:port strings"
+                    )
                 for j, addr in enumerate(
                     g["targets"].value if isinstance(g["targets"].value, list) else []
                 ):
@@ -1595,23 +1331,23 @@ class _Loader:
         seen: set[str] = set()
         for t in out:
             if t.address in seen:
-                self.error(static.src, static.key, f"target {t.address} listed twice")
+                self.r.error(static.src, static.key, f"target {t.address} listed twice")
             seen.add(t.address)
         return out
 
     def target(self, item: Item, labels: dict[str, str]) -> Target | None:
-        text = self.string(item)
+        text = self.r.string(item)
         if text is None:
             return None
         if split_address(text) is None:
-            self.error(
+            self.r.error(
                 item.src, item.key, f"target {text!r} must be host:port ([v6]:port for IPv6)"
             )
             return None
         return Target(address=text, labels=labels)
 
     def audit(self, item: Item) -> Audit | None:
-        f = self.fields(
+        f = self.r.fields(
             item,
             (
                 "path",
@@ -1626,37 +1362,37 @@ class _Loader:
         )
         if f is None or "path" not in f or "key_file" not in f:
             return None
-        name = self.string(f["path"])
+        name = self.r.string(f["path"])
         path = f["path"].src.resolve(name) if name else None
         if path is not None and not path.parent.is_dir():
-            self.error(f["path"].src, f["path"].key, f"directory {path.parent} does not exist")
-        elif path is not None and self.host_checks:
-            self.report(f["path"], audit_path_findings(path))
-        key_file = self.existing_file(f["key_file"])
+            self.r.error(f["path"].src, f["path"].key, f"directory {path.parent} does not exist")
+        elif path is not None and self.r.host_checks:
+            self.r.report(f["path"], audit_path_findings(path))
+        key_file = self.r.existing_file(f["key_file"])
         if key_file is not None:
             try:
                 if not key_file.read_text().strip():
-                    self.error(f["key_file"].src, f["key_file"].key, f"{key_file} is empty")
+                    self.r.error(f["key_file"].src, f["key_file"].key, f"{key_file} is empty")
                 elif key_file.stat().st_mode & 0o077:
-                    self.warn(
+                    self.r.warn(
                         f["key_file"].src,
                         f["key_file"].key,
                         f"{key_file} is readable by others; chmod 600 it",
                     )
             except (OSError, UnicodeDecodeError) as e:
-                self.error(f["key_file"].src, f["key_file"].key, f"cannot read {key_file}: {e}")
+                self.r.error(f["key_file"].src, f["key_file"].key, f"cannot read {key_file}: {e}")
         kw: dict[str, Any] = {}
         if "fsync" in f:
-            kw["fsync"] = self.choice(f["fsync"], ("always", "interval", "never")) or "interval"
+            kw["fsync"] = self.r.choice(f["fsync"], ("always", "interval", "never")) or "interval"
         if "fsync_interval" in f:
-            kw["fsync_interval"] = self.positive(f["fsync_interval"], parse_duration) or 1.0
+            kw["fsync_interval"] = self.r.positive(f["fsync_interval"], parse_duration) or 1.0
         if "on_failure" in f:
-            kw["on_failure"] = self.choice(f["on_failure"], ("deny", "allow")) or "deny"
+            kw["on_failure"] = self.r.choice(f["on_failure"], ("deny", "allow")) or "deny"
         if "max_field_length" in f:
-            kw["max_field_length"] = self.integer(f["max_field_length"], 16) or 1024
+            kw["max_field_length"] = self.r.integer(f["max_field_length"], 16) or 1024
         if "aggregate_interval" in f:
             kw["aggregate_interval"] = (
-                self.positive(f["aggregate_interval"], parse_duration) or 10.0
+                self.r.positive(f["aggregate_interval"], parse_duration) or 10.0
             )
         if path is None or key_file is None:
             return None
@@ -1669,23 +1405,27 @@ class _Loader:
         self._tcp_pending: list[
             tuple[TCPForwarding, list[tuple[str, Item, Item | None, bool]]]
         ] = []
-        tls = self.tls_files(self.singletons["tls"]) if "tls" in self.singletons else None
+        tls = (
+            self.tls_files(self.sections.singletons["tls"])
+            if "tls" in self.sections.singletons
+            else None
+        )
         admin = Admin()
-        if "admin" in self.singletons:
-            f = self.fields(self.singletons["admin"], ("endpoint",))
+        if "admin" in self.sections.singletons:
+            f = self.r.fields(self.sections.singletons["admin"], ("endpoint",))
             if f and "endpoint" in f:
-                endpoint = self.endpoint(f["endpoint"])
+                endpoint = self.r.endpoint(f["endpoint"])
                 if endpoint is not None:
                     admin = Admin(endpoint=endpoint)
         listeners: list[Listener] = []
         names: dict[str, Item] = {}
-        for item in self.listeners:
-            lst = self.listener(item, tls, "tls" in self.singletons)
+        for item in self.sections.listeners:
+            lst = self.listener(item, tls, "tls" in self.sections.singletons)
             if lst is None:
                 continue
             if lst.name in names:
                 first = names[lst.name]
-                self.error(
+                self.r.error(
                     item.src,
                     f"{item.key}.name",
                     f"listener {lst.name!r} defined twice "
@@ -1694,19 +1434,19 @@ class _Loader:
                 continue
             names[lst.name] = item
             listeners.append(lst)
-        if not self.listeners:
-            self.error(None, "listeners", "no listeners defined")
+        if not self.sections.listeners:
+            self.r.error(None, "listeners", "no listeners defined")
         identities = {}
-        for name, item in self.named["identities"].items():
+        for name, item in self.sections.identities.items():
             ident = self.identity(name, item)
             if ident is not None:
                 identities[name] = ident
-        identities.update(self.web_config_identities(dict(self.named["identities"])))
-        for item in self.named["templates"].values():
-            self.fields(item, _ROUTE_KEYS)
+        identities.update(self.web_config_identities(dict(self.sections.identities)))
+        for item in self.sections.templates.values():
+            self.r.fields(item, _ROUTE_KEYS)
         routes = {}
-        for name, item in self.named["routes"].items():
-            route = self.route(name, item, self.named["templates"])
+        for name, item in self.sections.routes.items():
+            route = self.route(name, item, self.sections.templates)
             if route is not None:
                 routes[name] = route
         listeners = self.tcp_destinations(listeners, routes)
@@ -1716,34 +1456,34 @@ class _Loader:
             for entry in allow:
                 if entry.startswith("role:"):
                     if entry[5:] not in roles:
-                        self.warn(item.src, item.key, f"no identity carries role {entry[5:]!r}")
+                        self.r.warn(item.src, item.key, f"no identity carries role {entry[5:]!r}")
                 elif entry.startswith("sni:"):  # passthrough tcp connections, by server name
                     if entry != "sni:*" and _sni_pattern(entry[4:]) is None:
-                        self.error(
+                        self.r.error(
                             item.src,
                             item.key,
                             f"{entry!r}: give sni:* or sni: and a server name or *.parent",
                         )
-                elif entry not in self.named["identities"] and entry not in identities:
-                    self.error(item.src, item.key, f"undefined identity {entry!r}")
+                elif entry not in self.sections.identities and entry not in identities:
+                    self.r.error(item.src, item.key, f"undefined identity {entry!r}")
         audit = None
-        if "audit" in self.singletons:
-            audit = self.audit(self.singletons["audit"])
+        if "audit" in self.sections.singletons:
+            audit = self.audit(self.sections.singletons["audit"])
         else:
-            self.error(
+            self.r.error(
                 None, "audit", "missing: every gateway keeps an audit log (give path and key_file)"
             )
-        if self.errors or audit is None:
+        if self.r.errors or audit is None:
             return None
         return Config(
-            source=self.main,
+            source=self.r.main,
             listeners=tuple(listeners),
             identities=identities,
             routes=routes,
             admin=admin,
             audit=audit,
-            files=tuple(self.files),
-            warnings=tuple(str(w) for w in self.warnings),
+            files=tuple(self.r.files),
+            warnings=tuple(str(w) for w in self.r.warnings),
         )
 
 
@@ -1784,10 +1524,10 @@ def check_config(
     in one line).
     """
     main = Path(path)
-    loader = _Loader(main, host_checks=host_checks)
-    loader.read(main, set())
-    config = loader.build() if loader.files else None
-    return config, loader.errors, loader.warnings
+    r = Reader(main, host_checks=host_checks)
+    sections = read_sections(r, main)
+    config = _Loader(r, sections).build() if r.files else None
+    return config, r.errors, r.warnings
 
 
 def load_config(path: str | Path) -> Config:
