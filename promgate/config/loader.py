@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import glob
-import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -17,14 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from service_identity.hazmat import DNS_ID
 
 from promgate.addresses import HOSTNAME as _HOSTNAME
 from promgate.addresses import split_address
+from promgate.config import files
 from promgate.config.errors import ConfigError, Problem
 from promgate.config.fields import LABEL_NAME, NAME, Reader
 from promgate.config.host_checks import audit_path_findings
@@ -64,12 +60,6 @@ _RESERVED_PARAMS = frozenset({"route", "target", "path"})
 _IDENTITY_KEYS = ("cert", "roles", "bearer_sha256", "bearer_file", "basic")
 _CERT_RULES = ("cn", "dns", "uri", "spki_sha256")
 _SHA256_HEX = re.compile(r"^[0-9A-Fa-f]{64}$")
-#: A bcrypt hash as exporter-toolkit's web-config.yml holds it (``htpasswd -B`` makes $2y$).
-_BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
-#: A bearer token as it can arrive in a header: one line of visible ASCII, no spaces.
-_TOKEN_TEXT = re.compile(rb"^[\x21-\x7e]+$")
-#: Above this bcrypt cost one check takes about a second or more.
-_BCRYPT_SLOW_COST = 14
 _WEB_CONFIG_KEYS = ("basic_auth_users", "http_server_config", "tls_server_config")
 _ROUTE_KEYS = {
     "scheme",
@@ -116,70 +106,6 @@ class _Loader:
         self._users_seen: dict[str, tuple[str, Item]] = {}
 
     # -- sections ----------------------------------------------------------------------
-
-    def tls_files(self, item: Item) -> TLSFiles | None:
-        f = self.r.fields(
-            item, ("certificate", "key", "client_ca"), ("certificate", "key", "client_ca")
-        )
-        if f is None or len(f) < 3:
-            return None
-        cert_path = self.r.existing_file(f["certificate"])
-        key_path = self.r.existing_file(f["key"])
-        ca_path = self.r.existing_file(f["client_ca"])
-        if cert_path is None or key_path is None or ca_path is None:
-            return None
-        certs = self._certificates(f["certificate"], cert_path)
-        key = self._private_key(f["key"], key_path)
-        self._certificates(f["client_ca"], ca_path)
-        if (
-            certs
-            and key is not None
-            and certs[0]
-            .public_key()
-            .public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            != key.public_key().public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        ):
-            self.r.error(
-                f["key"].src,
-                f["key"].key,
-                f"key {key_path} does not match certificate {cert_path}",
-            )
-        return TLSFiles(cert_path, key_path, ca_path)
-
-    def _certificates(self, item: Item, path: Path) -> list[x509.Certificate]:
-        try:
-            certs = x509.load_pem_x509_certificates(path.read_bytes())
-        except (ValueError, OSError) as e:
-            self.r.error(item.src, item.key, f"{path}: not a PEM certificate ({e})")
-            return []
-        import datetime
-
-        now = datetime.datetime.now(datetime.timezone.utc)
-        for cert in certs:
-            if cert.not_valid_after_utc < now:
-                self.r.warn(
-                    item.src,
-                    item.key,
-                    f"{path}: certificate {cert.subject.rfc4514_string()} has expired",
-                )
-        return certs
-
-    def _private_key(self, item: Item, path: Path) -> Any:
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (ValueError, TypeError, OSError) as e:
-            self.r.error(item.src, item.key, f"{path}: not an unencrypted PEM private key ({e})")
-            return None
-        if not isinstance(
-            key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)
-        ):
-            self.r.error(item.src, item.key, f"{path}: unsupported key type")
-            return None
-        return key
 
     def listener(self, item: Item, default_tls: TLSFiles | None, have_tls: bool) -> Listener | None:
         f = self.r.fields(
@@ -241,7 +167,7 @@ class _Loader:
                         "passwords cross the network in clear text",
                     )
             elif isinstance(f["tls"].value, dict):
-                tls = self.tls_files(f["tls"])
+                tls = files.tls_files(self.r, f["tls"])
             else:
                 self.r.error(
                     item.src,
@@ -595,7 +521,7 @@ class _Loader:
                     bearer.append(self.bearer(name, sub_item, bytes.fromhex(hexdigest)))
         if "bearer_file" in f:
             for sub_item in self.r.one_or_many(f["bearer_file"]):
-                digest = self.token_file(sub_item)
+                digest = files.token_file(self.r, sub_item)
                 if digest is not None:
                     bearer.append(self.bearer(name, sub_item, digest))
         basic: list[BasicCredential] = []
@@ -610,7 +536,7 @@ class _Loader:
                         b["user"].src, b["user"].key, "a basic auth user cannot contain ':'"
                     )
                     user = None
-                hashed = self.bcrypt_hash(b["bcrypt"])
+                hashed = files.bcrypt_hash(self.r, b["bcrypt"])
                 if user is not None and hashed is not None and self.basic_user(name, b["user"]):
                     basic.append(BasicCredential(user, hashed))
         if not any(k in f for k in ("cert", "bearer_sha256", "bearer_file", "basic")):
@@ -637,37 +563,6 @@ class _Loader:
             return None
         return text.lower()
 
-    def token_file(self, item: Item) -> bytes | None:
-        """Read a bearer token file (the token itself) and return the SHA-256 of the token;
-        the token is not kept."""
-        path = self.r.existing_file(item)
-        if path is None:
-            return None
-        try:
-            token = path.read_bytes().strip()
-            mode = path.stat().st_mode
-        except OSError as e:
-            self.r.error(item.src, item.key, f"cannot read {path}: {e.strerror or e}")
-            return None
-        if not token:
-            self.r.error(item.src, item.key, f"token file {path} is empty")
-            return None
-        if not _TOKEN_TEXT.match(token):
-            self.r.error(
-                item.src,
-                item.key,
-                f"token file {path} must hold one token of visible ASCII characters "
-                "(no spaces or line breaks inside it)",
-            )
-            return None
-        if mode & 0o044:
-            self.r.warn(
-                item.src,
-                item.key,
-                f"token file {path} is readable by group or others; chmod 600 it",
-            )
-        return hashlib.sha256(token).digest()
-
     def bearer(self, name: str, item: Item, digest: bytes) -> bytes:
         """Note a bearer token digest of identity ``name``; one token names one identity."""
         first = self._bearer_seen.setdefault(digest, (name, item))
@@ -693,25 +588,6 @@ class _Loader:
             )
             return False
         return True
-
-    def bcrypt_hash(self, item: Item) -> bytes | None:
-        text = item.value
-        if not isinstance(text, str) or not _BCRYPT.match(text):
-            self.r.error(
-                item.src,
-                item.key,
-                "must be a bcrypt hash: $2a$, $2b$ or $2y$, a cost from 04 to 31, "
-                "then 53 characters of salt and hash (htpasswd -nBC 10 USER makes one)",
-            )
-            return None
-        if int(text[4:6]) > _BCRYPT_SLOW_COST:
-            self.r.warn(
-                item.src,
-                item.key,
-                f"bcrypt cost {int(text[4:6])}: each new login costs seconds of CPU "
-                f"(at most {_BCRYPT_SLOW_COST} is usual)",
-            )
-        return text.encode("ascii")
 
     def web_config_identities(self, known: dict[str, Item]) -> dict[str, Identity]:
         """Identities from exporter-toolkit ``web-config.yml`` files: each user of
@@ -776,7 +652,7 @@ class _Loader:
                     )
                     continue
                 known[user] = user_item
-                digest = self.bcrypt_hash(Item(hashed, src, key))
+                digest = files.bcrypt_hash(self.r, Item(hashed, src, key))
                 if digest is None or not self.basic_user(user, user_item):
                     continue
                 out[user] = Identity(name=user, roles=roles, basic=(BasicCredential(user, digest),))
@@ -907,7 +783,7 @@ class _Loader:
             return None
         ca = self.r.existing_file(t["ca"]) if "ca" in t else None
         if ca is not None:
-            self._certificates(t["ca"], ca)
+            files.certificates(self.r, t["ca"], ca)
         server_name = self.r.string(t["server_name"]) if "server_name" in t else None
         cert = key = None
         if "cert" in t and "key" not in t:
@@ -915,41 +791,9 @@ class _Loader:
         elif "key" in t and "cert" not in t:
             self.r.error(item.src, t["key"].key, "a client key needs its 'cert'")
         elif "cert" in t:
-            cert, key = self.client_certificate(t["cert"], t["key"])
+            cert, key = files.client_certificate(self.r, t["cert"], t["key"])
         identity = self.upstream_identity(t["identity"]) if "identity" in t else None
         return UpstreamTLS(ca=ca, server_name=server_name, cert=cert, key=key, identity=identity)
-
-    def client_certificate(
-        self, cert_item: Item, key_item: Item
-    ) -> tuple[Path | None, Path | None]:
-        """The certificate and key the gateway shows an upstream: both parse, and match."""
-        cert_path = self.r.existing_file(cert_item)
-        key_path = self.r.existing_file(key_item)
-        if cert_path is None or key_path is None:
-            return cert_path, key_path
-        certs = self._certificates(cert_item, cert_path)
-        key = self._private_key(key_item, key_path)
-        if not certs or key is None:
-            return cert_path, key_path
-        der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        if certs[0].public_key().public_bytes(der, spki) != key.public_key().public_bytes(
-            der, spki
-        ):
-            self.r.error(
-                key_item.src, key_item.key, f"key {key_path} does not match certificate {cert_path}"
-            )
-            return cert_path, key_path
-        try:
-            usage = certs[0].extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound:
-            return cert_path, key_path
-        if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
-            self.r.warn(
-                cert_item.src,
-                cert_item.key,
-                f"{cert_path}: extended key usage lacks clientAuth; upstreams will refuse it",
-            )
-        return cert_path, key_path
 
     def upstream_identity(self, item: Item) -> UpstreamIdentity | None:
         """``{dns: NAME}`` or ``{uri: URI}``: what the upstream's certificate must name."""
@@ -1018,7 +862,7 @@ class _Loader:
         if "credentials_file" not in f:
             self.r.error(item.src, item.key, "missing required key 'credentials_file'")
             return None
-        secret = self.secret_file(f["credentials_file"])
+        secret = files.secret_file(self.r, f["credentials_file"])
         if secret is None:
             return None
         path, token = secret
@@ -1058,7 +902,7 @@ class _Loader:
         elif "password_file" not in f:
             self.r.error(item.src, item.key, "missing required key 'password_file'")
         else:
-            secret = self.secret_file(f["password_file"])
+            secret = files.secret_file(self.r, f["password_file"])
         if username is None or secret is None:
             return None
         path, password = secret
@@ -1066,30 +910,6 @@ class _Loader:
         return UpstreamAuth(
             scheme="Basic", source=path, header=b"Authorization: Basic " + token + b"\r\n"
         )
-
-    def secret_file(self, item: Item) -> tuple[Path, str] | None:
-        """A credentials file's text, surrounding whitespace stripped; never empty.
-
-        Problems name the file, never what is in it.
-        """
-        path = self.r.existing_file(item)
-        if path is None:
-            return None
-        try:
-            text = path.read_bytes().decode("utf-8").strip()  # no newline translation
-            mode = path.stat().st_mode
-        except OSError as e:
-            self.r.error(item.src, item.key, f"cannot read {path}: {e.strerror or e}")
-            return None
-        except UnicodeDecodeError:
-            self.r.error(item.src, item.key, f"{path} is not UTF-8 text")
-            return None
-        if not text:
-            self.r.error(item.src, item.key, f"{path} is empty")
-            return None
-        if mode & 0o077:
-            self.r.warn(item.src, item.key, f"{path} is readable by others; chmod 600 it")
-        return path, text
 
     def upstream_path(self, item: Item) -> str | None:
         """A configured path must already be what ``normalize_path`` makes of it: the
@@ -1368,19 +1188,7 @@ class _Loader:
             self.r.error(f["path"].src, f["path"].key, f"directory {path.parent} does not exist")
         elif path is not None and self.r.host_checks:
             self.r.report(f["path"], audit_path_findings(path))
-        key_file = self.r.existing_file(f["key_file"])
-        if key_file is not None:
-            try:
-                if not key_file.read_text().strip():
-                    self.r.error(f["key_file"].src, f["key_file"].key, f"{key_file} is empty")
-                elif key_file.stat().st_mode & 0o077:
-                    self.r.warn(
-                        f["key_file"].src,
-                        f["key_file"].key,
-                        f"{key_file} is readable by others; chmod 600 it",
-                    )
-            except (OSError, UnicodeDecodeError) as e:
-                self.r.error(f["key_file"].src, f["key_file"].key, f"cannot read {key_file}: {e}")
+        key_file = files.audit_key_file(self.r, f["key_file"])
         kw: dict[str, Any] = {}
         if "fsync" in f:
             kw["fsync"] = self.r.choice(f["fsync"], ("always", "interval", "never")) or "interval"
@@ -1406,7 +1214,7 @@ class _Loader:
             tuple[TCPForwarding, list[tuple[str, Item, Item | None, bool]]]
         ] = []
         tls = (
-            self.tls_files(self.sections.singletons["tls"])
+            files.tls_files(self.r, self.sections.singletons["tls"])
             if "tls" in self.sections.singletons
             else None
         )
