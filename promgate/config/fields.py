@@ -17,7 +17,7 @@ from promgate.config.errors import Problem
 from promgate.config.host_checks import Finding, endpoint_findings
 from promgate.config.yaml_source import Item, Source, join_key, parse_file
 
-__all__ = ["LABEL_NAME", "NAME", "NAME_RULE", "Reader"]
+__all__ = ["LABEL_NAME", "NAME", "NAME_RULE", "Reader", "where"]
 
 T = TypeVar("T")
 C = TypeVar("C", bound=str)
@@ -28,6 +28,11 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 NAME_RULE = "names use letters, digits, '_', '.', '-' (at most 63)"
 #: A Prometheus label name.
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def where(item: Item) -> str:
+    """``FILE:LINE`` of an item, for a message that points at an earlier definition."""
+    return f"{item.src.file}:{item.src.line(item.key)}"
 
 
 class Reader:

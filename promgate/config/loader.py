@@ -24,18 +24,16 @@ from promgate.config import files
 from promgate.config.errors import ConfigError, Problem
 from promgate.config.fields import LABEL_NAME, NAME, Reader
 from promgate.config.host_checks import audit_path_findings
+from promgate.config.identities import identities as check_identities
 from promgate.config.model import (
     DEFAULT_MAX_RESPONSE,
     DEFAULT_TIMEOUT,
     MAX_RESPONSE_LIMIT,
     Admin,
     Audit,
-    BasicCredential,
-    CertMatch,
     Config,
     Deadlines,
     Destination,
-    Identity,
     Limits,
     Listener,
     ProviderSpec,
@@ -53,14 +51,10 @@ from promgate.config.sections import Sections, read_sections
 from promgate.config.units import parse_duration, parse_rate, parse_size
 from promgate.config.yaml_source import Item, join_key
 from promgate.paths import PathRefused, normalize_path
-from promgate.spiffe import is_spiffe, spiffe_id_error, spiffe_pattern_error
+from promgate.spiffe import is_spiffe, spiffe_id_error
 
 _RESERVED_PARAMS = frozenset({"route", "target", "path"})
 
-_IDENTITY_KEYS = ("cert", "roles", "bearer_sha256", "bearer_file", "basic")
-_CERT_RULES = ("cn", "dns", "uri", "spki_sha256")
-_SHA256_HEX = re.compile(r"^[0-9A-Fa-f]{64}$")
-_WEB_CONFIG_KEYS = ("basic_auth_users", "http_server_config", "tls_server_config")
 _ROUTE_KEYS = {
     "scheme",
     "metrics_path",
@@ -101,9 +95,6 @@ class _Loader:
     def __init__(self, r: Reader, sections: Sections) -> None:
         self.r = r
         self.sections = sections
-        # Header credentials seen so far, for "configured twice" errors: where, and whose.
-        self._bearer_seen: dict[bytes, tuple[str, Item]] = {}
-        self._users_seen: dict[str, tuple[str, Item]] = {}
 
     # -- sections ----------------------------------------------------------------------
 
@@ -487,176 +478,6 @@ class _Loader:
                 "'sni:' allow entry: every connection will be refused",
             )
         return Destination(name, address)
-
-    def identity(self, name: str, item: Item) -> Identity | None:
-        f = self.r.fields(item, _IDENTITY_KEYS)
-        if f is None:
-            return None
-        matches: list[CertMatch] = []
-        if "cert" in f:
-            raw = f["cert"].value
-            entries = raw if isinstance(raw, list) else [raw]
-            for i, entry in enumerate(entries):
-                key = f"{f['cert'].key}[{i}]" if isinstance(raw, list) else f["cert"].key
-                sub = self.r.fields(Item(entry, item.src, key), _CERT_RULES)
-                if sub is None:
-                    continue
-                if len(sub) != 1:
-                    self.r.error(item.src, key, f"give exactly one of {', '.join(_CERT_RULES)}")
-                    continue
-                ((kind, value),) = sub.items()
-                text = self.sha256_hex(value) if kind == "spki_sha256" else self.r.string(value)
-                if text is not None and kind == "uri" and is_spiffe(text):
-                    why = spiffe_pattern_error(text)
-                    if why is not None:
-                        self.r.error(value.src, value.key, f"not a valid SPIFFE ID: {why}")
-                        continue
-                if text is not None:
-                    matches.append(CertMatch(**{kind: text}))
-        bearer: list[bytes] = []
-        if "bearer_sha256" in f:
-            for sub_item in self.r.one_or_many(f["bearer_sha256"]):
-                hexdigest = self.sha256_hex(sub_item)
-                if hexdigest is not None:
-                    bearer.append(self.bearer(name, sub_item, bytes.fromhex(hexdigest)))
-        if "bearer_file" in f:
-            for sub_item in self.r.one_or_many(f["bearer_file"]):
-                digest = files.token_file(self.r, sub_item)
-                if digest is not None:
-                    bearer.append(self.bearer(name, sub_item, digest))
-        basic: list[BasicCredential] = []
-        if "basic" in f:
-            for sub_item in self.r.one_or_many(f["basic"]):
-                b = self.r.fields(sub_item, ("user", "bcrypt"), ("user", "bcrypt"))
-                if b is None or "user" not in b or "bcrypt" not in b:
-                    continue
-                user = self.r.string(b["user"])
-                if user is not None and ":" in user:
-                    self.r.error(
-                        b["user"].src, b["user"].key, "a basic auth user cannot contain ':'"
-                    )
-                    user = None
-                hashed = files.bcrypt_hash(self.r, b["bcrypt"])
-                if user is not None and hashed is not None and self.basic_user(name, b["user"]):
-                    basic.append(BasicCredential(user, hashed))
-        if not any(k in f for k in ("cert", "bearer_sha256", "bearer_file", "basic")):
-            self.r.warn(item.src, item.key, "identity has no credential and can never match")
-        roles = frozenset(self.r.strings(f["roles"]) or ()) if "roles" in f else frozenset()
-        return Identity(
-            name=name,
-            cert=tuple(matches),
-            roles=roles,
-            bearer_sha256=tuple(dict.fromkeys(bearer)),
-            basic=tuple(basic),
-        )
-
-    def sha256_hex(self, item: Item) -> str | None:
-        """A SHA-256 digest written as 64 hexadecimal characters; returned in lower case."""
-        text = item.value
-        if not isinstance(text, str) or not _SHA256_HEX.match(text):
-            self.r.error(
-                item.src,
-                item.key,
-                "must be a SHA-256 digest: 64 hexadecimal characters"
-                + (f" (this has {len(text)})" if isinstance(text, str) else ""),
-            )
-            return None
-        return text.lower()
-
-    def bearer(self, name: str, item: Item, digest: bytes) -> bytes:
-        """Note a bearer token digest of identity ``name``; one token names one identity."""
-        first = self._bearer_seen.setdefault(digest, (name, item))
-        if first[0] != name:
-            self.r.error(
-                item.src,
-                item.key,
-                f"the same bearer token is configured for identity {first[0]!r} "
-                f"(at {first[1].src.file}:{first[1].src.line(first[1].key)})",
-            )
-        return digest
-
-    def basic_user(self, name: str, item: Item) -> bool:
-        """Note a basic-auth user of identity ``name``; one user names one identity."""
-        user = str(item.value)
-        first = self._users_seen.setdefault(user, (name, item))
-        if first[1] is not item:
-            self.r.error(
-                item.src,
-                item.key,
-                f"basic auth user {user!r} is already configured for identity {first[0]!r} "
-                f"(at {first[1].src.file}:{first[1].src.line(first[1].key)})",
-            )
-            return False
-        return True
-
-    def web_config_identities(self, known: dict[str, Item]) -> dict[str, Identity]:
-        """Identities from exporter-toolkit ``web-config.yml`` files: each user of
-        ``basic_auth_users`` becomes an identity of that name, with the entry's roles."""
-        out: dict[str, Identity] = {}
-        for item in self.sections.web_configs:
-            f = self.r.fields(item, ("path", "roles"), ("path",))
-            if f is None or "path" not in f:
-                continue
-            roles = frozenset(self.r.strings(f["roles"]) or ()) if "roles" in f else frozenset()
-            path = self.r.existing_file(f["path"])
-            if path is None:
-                continue
-            parsed = self.r.parse(path)
-            if parsed is None:
-                continue
-            data, src = parsed
-            if data is None:
-                data = {}
-            if not isinstance(data, dict):
-                self.r.error(src, "", "a web-config.yml file is a mapping")
-                continue
-            for key in data:
-                if key not in _WEB_CONFIG_KEYS:
-                    self.r.error(
-                        src, key, f"unknown key (expected one of: {', '.join(_WEB_CONFIG_KEYS)})"
-                    )
-                elif key != "basic_auth_users":
-                    self.r.warn(
-                        src,
-                        key,
-                        "ignored: promgate's own listener settings apply "
-                        "(only basic_auth_users is used)",
-                    )
-            users = data.get("basic_auth_users")
-            if users is None:
-                self.r.warn(src, "", "no basic_auth_users: this file adds no identity")
-                continue
-            if not isinstance(users, dict):
-                self.r.error(
-                    src, "basic_auth_users", "must be a mapping of user names to bcrypt hashes"
-                )
-                continue
-            for user, hashed in users.items():
-                key = f"basic_auth_users.{user}"
-                user_item = Item(user, src, key)
-                if not NAME.match(user):
-                    self.r.error(
-                        src,
-                        key,
-                        "the user becomes an identity of that name: use letters, digits, "
-                        "'_', '.', '-' (at most 63)",
-                    )
-                    continue
-                first = known.get(user)
-                if first is not None:
-                    self.r.error(
-                        src,
-                        key,
-                        f"identity {user!r} defined twice "
-                        f"(first at {first.src.file}:{first.src.line(first.key)})",
-                    )
-                    continue
-                known[user] = user_item
-                digest = files.bcrypt_hash(self.r, Item(hashed, src, key))
-                if digest is None or not self.basic_user(user, user_item):
-                    continue
-                out[user] = Identity(name=user, roles=roles, basic=(BasicCredential(user, digest),))
-        return out
 
     def route(self, name: str, item: Item, templates: dict[str, Item]) -> Route | None:
         allowed = _ROUTE_KEYS | {"template", "targets"}
@@ -1244,12 +1065,7 @@ class _Loader:
             listeners.append(lst)
         if not self.sections.listeners:
             self.r.error(None, "listeners", "no listeners defined")
-        identities = {}
-        for name, item in self.sections.identities.items():
-            ident = self.identity(name, item)
-            if ident is not None:
-                identities[name] = ident
-        identities.update(self.web_config_identities(dict(self.sections.identities)))
+        identities = check_identities(self.r, self.sections)
         for item in self.sections.templates.values():
             self.r.fields(item, _ROUTE_KEYS)
         routes = {}

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from promgate.config.fields import NAME, NAME_RULE, Reader
+from promgate.config.fields import NAME, NAME_RULE, Reader, where
 from promgate.config.yaml_source import MAX_FILES, Item, Source
 
 __all__ = ["Sections", "read_sections"]
@@ -83,9 +83,7 @@ def _read(r: Reader, sections: Sections, file: Path, seen: set[Path]) -> None:
         if key in data:
             if key in sections.singletons:
                 first = sections.singletons[key]
-                r.error(
-                    src, key, f"defined twice (first at {first.src.file}:{first.src.line(key)})"
-                )
+                r.error(src, key, f"defined twice (first at {where(first)})")
             else:
                 sections.singletons[key] = Item(data[key], src, key)
     if "listeners" in data:
@@ -117,11 +115,7 @@ def _read(r: Reader, sections: Sections, file: Path, seen: set[Path]) -> None:
                 r.error(src, key, NAME_RULE)
             if name in table:
                 first = table[name]
-                r.error(
-                    src,
-                    key,
-                    f"defined twice (first at {first.src.file}:{first.src.line(first.key)})",
-                )
+                r.error(src, key, f"defined twice (first at {where(first)})")
                 continue
             table[name] = Item(value, src, key)
     for included in _includes(r, data, src):
