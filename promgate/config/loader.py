@@ -8,10 +8,7 @@ same complete list.
 from __future__ import annotations
 
 import base64
-import glob
-import ipaddress
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +33,7 @@ from promgate.config.model import (
     Destination,
     Limits,
     Listener,
-    ProviderSpec,
     Route,
-    Selector,
     Target,
     TCPForwarding,
     TLSFiles,
@@ -48,6 +43,7 @@ from promgate.config.model import (
     route_listeners,
 )
 from promgate.config.sections import Sections, read_sections
+from promgate.config.targets import targets as check_targets
 from promgate.config.units import parse_duration, parse_rate, parse_size
 from promgate.config.yaml_source import Item, join_key
 from promgate.paths import PathRefused, normalize_path
@@ -83,10 +79,6 @@ _LATER_PROTOCOLS: set[str] = set()
 #: Listener keys only ``protocol: tcp`` listeners take.
 _TCP_KEYS = ("mode", "route", "target", "sni", "sni_default", "proxy_protocol")
 _TCP_MODES = ("terminate", "passthrough")
-#: The keys of a route's ``targets``: providers, then the selector's.
-_PROVIDERS = ("static", "file_sd", "dns_srv", "plugin")
-_SELECTOR_KEYS = ("match", "port", "address")
-_ADDRESS_FIELDS = re.compile(r"\{([^{}]*)\}")
 
 
 class _Loader:
@@ -592,7 +584,7 @@ class _Loader:
             kw["listeners"] = tuple(names or ())
         targets: list[Target] = []
         if "targets" in merged:
-            targets, kw["providers"], kw["selector"] = self.targets(merged["targets"])
+            targets, kw["providers"], kw["selector"] = check_targets(self.r, merged["targets"])
         return Route(name=name, targets=tuple(targets), **kw)
 
     # -- upstream TLS and credentials (per route) ---------------------------------------
@@ -767,226 +759,6 @@ class _Loader:
             max_concurrent=conc,
         )
 
-    def targets(self, item: Item) -> tuple[list[Target], tuple[ProviderSpec, ...], Selector]:
-        """A route's static targets, its discovery providers and its selector."""
-        f = self.r.fields(item, _PROVIDERS + _SELECTOR_KEYS)
-        if f is None:
-            return [], (), Selector()
-        if not any(k in f for k in _PROVIDERS):
-            self.r.error(item.src, item.key, f"give at least one of: {', '.join(_PROVIDERS)}")
-        providers: list[ProviderSpec] = []
-        if "file_sd" in f:
-            providers.extend(self.file_sd(f["file_sd"]))
-        if "dns_srv" in f:
-            providers.extend(self.dns_srv(f["dns_srv"]))
-        if "plugin" in f:
-            providers.extend(self.plugins(f["plugin"]))
-        selector = self.selector(f)
-        if selector != Selector() and not providers:
-            self.r.warn(item.src, item.key, "match/port/address apply to discovered targets only")
-        return self.static_targets(f), tuple(providers), selector
-
-    # -- discovery providers -------------------------------------------------------------
-
-    def _settings(
-        self, item: Item, list_key: str, allowed: Iterable[str]
-    ) -> dict[str, Item] | None:
-        """A provider's settings: a bare list is short for ``{list_key: [...]}``."""
-        if isinstance(item.value, list):
-            return {list_key: item}
-        f = self.r.fields(item, (list_key, *allowed), (list_key,))
-        return f if f is not None and list_key in f else None
-
-    def _interval(self, f: dict[str, Item], key: str, out: dict[str, Any]) -> None:
-        if key in f:
-            value = self.r.positive(f[key], parse_duration)
-            if value is not None:
-                out[key] = value
-
-    def file_sd(self, item: Item) -> list[ProviderSpec]:
-        f = self._settings(item, "files", ("refresh_interval", "poll_interval"))
-        if f is None:
-            return []
-        patterns = self.r.strings(f["files"]) or []
-        if not patterns:
-            self.r.error(f["files"].src, f["files"].key, "name at least one file or glob")
-            return []
-        files = []
-        for i, pattern in enumerate(patterns):
-            key = f"{f['files'].key}[{i}]"
-            if not pattern.endswith((".json", ".yml", ".yaml", "*")):
-                self.r.error(f["files"].src, key, "file_sd files end in .json, .yml or .yaml")
-            path = f["files"].src.resolve(pattern)
-            if not glob.has_magic(pattern) and not path.parent.is_dir():
-                self.r.warn(f["files"].src, key, f"directory {path.parent} does not exist (yet)")
-            files.append(str(path))
-        settings: dict[str, Any] = {"files": tuple(files)}
-        self._interval(f, "refresh_interval", settings)
-        self._interval(f, "poll_interval", settings)
-        return [ProviderSpec("file_sd", "file_sd", settings, item.src.file.parent)]
-
-    def dns_srv(self, item: Item) -> list[ProviderSpec]:
-        f = self._settings(item, "names", ("servers", "refresh_interval", "min_interval"))
-        if f is None:
-            return []
-        names = self.r.strings(f["names"]) or []
-        if not names:
-            self.r.error(f["names"].src, f["names"].key, "name at least one SRV record")
-        for i, name in enumerate(names):
-            if not _HOSTNAME.match(name):
-                self.r.error(f["names"].src, f"{f['names'].key}[{i}]", f"{name!r}: not a DNS name")
-        settings: dict[str, Any] = {"names": tuple(names)}
-        if "servers" in f:
-            servers = []
-            for i, text in enumerate(self.r.strings(f["servers"]) or []):
-                split = (text, 53) if _is_ip(text) else split_address(text)
-                if split is None or not _is_ip(split[0]):
-                    self.r.error(
-                        f["servers"].src,
-                        f"{f['servers'].key}[{i}]",
-                        f"{text!r}: give IP or IP:PORT ([v6]:port for IPv6)",
-                    )
-                else:
-                    servers.append(split)
-            settings["servers"] = tuple(servers)
-        self._interval(f, "refresh_interval", settings)
-        self._interval(f, "min_interval", settings)
-        return [ProviderSpec("dns_srv", "dns_srv", settings, item.src.file.parent)]
-
-    def plugins(self, item: Item) -> list[ProviderSpec]:
-        from promgate.discovery import discovery_factories
-
-        entries = self.r.one_or_many(item)
-        try:
-            factories = discovery_factories()
-        except Exception as e:  # a broken plugin module: say so, not a traceback
-            self.r.error(item.src, item.key, f"cannot load discovery plugins: {e}")
-            return []
-        out = []
-        for entry in entries:
-            if not isinstance(entry.value, dict) or not isinstance(entry.value.get("name"), str):
-                self.r.error(entry.src, entry.key, "must be a mapping with a 'name'")
-                continue
-            name = entry.value["name"]
-            factory = factories.get(name)
-            if factory is None:
-                known = ", ".join(sorted(factories)) or "none installed"
-                self.r.error(
-                    entry.src,
-                    join_key(entry.key, "name"),
-                    f"no discovery plugin named {name!r} (known: {known})",
-                )
-                continue
-            settings = {k: v for k, v in entry.value.items() if k != "name"}
-            try:
-                problems = list(factory.check(settings))
-            except Exception as e:
-                problems = [("", f"plugin {name!r} failed checking its settings: {e}")]
-            for key, message in problems:
-                self.r.error(entry.src, join_key(entry.key, key) if key else entry.key, message)
-            if not problems:
-                out.append(ProviderSpec("plugin", name, settings, entry.src.file.parent))
-        return out
-
-    def selector(self, f: dict[str, Item]) -> Selector:
-        kw: dict[str, Any] = {}
-        if "match" in f:
-            m = f["match"]
-            if not isinstance(m.value, dict):
-                self.r.error(m.src, m.key, "must map label names to regular expressions")
-            else:
-                match = {}
-                for name, rx in m.value.items():
-                    sub = join_key(m.key, str(name))
-                    if not isinstance(name, str) or not LABEL_NAME.match(name):
-                        self.r.error(m.src, sub, "not a valid label name")
-                    elif not isinstance(rx, (str, int)) or isinstance(rx, bool):
-                        self.r.error(m.src, sub, "must be a regular expression (a string)")
-                    else:
-                        try:
-                            re.compile(str(rx))
-                        except re.error as e:
-                            self.r.error(m.src, sub, f"not a valid regular expression: {e}")
-                            continue
-                        match[name] = str(rx)
-                kw["match"] = match
-        if "port" in f and "address" in f:
-            self.r.error(f["address"].src, f["address"].key, "give port or address, not both")
-        elif "port" in f:
-            port = self.r.integer(f["port"], 1)
-            if port is not None and port > 65535:
-                self.r.error(f["port"].src, f["port"].key, "must be a port number (1-65535)")
-            elif port is not None:
-                kw["port"] = port
-        elif "address" in f:
-            text = self.r.string(f["address"])
-            if text is not None:
-                fields = _ADDRESS_FIELDS.findall(text)
-                probe = _ADDRESS_FIELDS.sub("h", text.replace("{port}", "1"))
-                if not fields or any(not LABEL_NAME.match(x) for x in fields):
-                    self.r.error(
-                        f["address"].src,
-                        f["address"].key,
-                        'a template such as "{host}:9100" ({host}, {port}, {address} '
-                        "or a label name in braces)",
-                    )
-                elif split_address(probe) is None:
-                    self.r.error(f["address"].src, f["address"].key, "must make host:port")
-                else:
-                    kw["address"] = text
-        return Selector(**kw)
-
-    def static_targets(self, f: dict[str, Item]) -> list[Target]:
-        out: list[Target] = []
-        if "static" not in f:
-            return out
-        static = f["static"]
-        if not isinstance(static.value, list):
-            self.r.error(
-                static.src,
-                static.key,
-                "must be a list of host:port strings or {targets, labels} groups",
-            )
-            return out
-        for i, entry in enumerate(static.value):
-            key = f"{static.key}[{i}]"
-            if isinstance(entry, dict):
-                g = self.r.fields(Item(entry, static.src, key), ("targets", "labels"), ("targets",))
-                if g is None or "targets" not in g:
-                    continue
-                labels = self.r.labels(g["labels"]) if "labels" in g else {}
-                if not isinstance(g["targets"].value, list):
-                    self.r.error(
-                        static.src, g["targets"].key, "must be a list of host:port strings"
-                    )
-                for j, addr in enumerate(
-                    g["targets"].value if isinstance(g["targets"].value, list) else []
-                ):
-                    t = self.target(Item(addr, static.src, f"{key}.targets[{j}]"), labels)
-                    if t:
-                        out.append(t)
-            else:
-                t = self.target(Item(entry, static.src, key), {})
-                if t:
-                    out.append(t)
-        seen: set[str] = set()
-        for t in out:
-            if t.address in seen:
-                self.r.error(static.src, static.key, f"target {t.address} listed twice")
-            seen.add(t.address)
-        return out
-
-    def target(self, item: Item, labels: dict[str, str]) -> Target | None:
-        text = self.r.string(item)
-        if text is None:
-            return None
-        if split_address(text) is None:
-            self.r.error(
-                item.src, item.key, f"target {text!r} must be host:port ([v6]:port for IPv6)"
-            )
-            return None
-        return Target(address=text, labels=labels)
-
     def audit(self, item: Item) -> Audit | None:
         f = self.r.fields(
             item,
@@ -1109,14 +881,6 @@ class _Loader:
             files=tuple(self.r.files),
             warnings=tuple(str(w) for w in self.r.warnings),
         )
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _filled(
