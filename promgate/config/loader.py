@@ -7,13 +7,10 @@ same complete list.
 
 from __future__ import annotations
 
-import base64
-import re
 from pathlib import Path
 from typing import Any
 
 import attrs
-from service_identity.hazmat import DNS_ID
 
 from promgate.addresses import HOSTNAME as _HOSTNAME
 from promgate.addresses import split_address
@@ -23,58 +20,22 @@ from promgate.config.fields import LABEL_NAME, NAME, Reader
 from promgate.config.host_checks import audit_path_findings
 from promgate.config.identities import identities as check_identities
 from promgate.config.model import (
-    DEFAULT_MAX_RESPONSE,
-    DEFAULT_TIMEOUT,
-    MAX_RESPONSE_LIMIT,
     Admin,
     Audit,
     Config,
     Deadlines,
     Destination,
-    Limits,
     Listener,
     Route,
-    Target,
     TCPForwarding,
     TLSFiles,
-    UpstreamAuth,
-    UpstreamIdentity,
-    UpstreamTLS,
     route_listeners,
 )
+from promgate.config.routes import routes as check_routes
 from promgate.config.sections import Sections, read_sections
-from promgate.config.targets import targets as check_targets
-from promgate.config.units import parse_duration, parse_rate, parse_size
+from promgate.config.units import parse_duration
 from promgate.config.yaml_source import Item, join_key
-from promgate.paths import PathRefused, normalize_path
-from promgate.spiffe import is_spiffe, spiffe_id_error
 
-_RESERVED_PARAMS = frozenset({"route", "target", "path"})
-
-_ROUTE_KEYS = {
-    "scheme",
-    "metrics_path",
-    "paths",
-    "params",
-    "allow",
-    "limits",
-    "timeout",
-    "max_response_size",
-    "tls",
-    "labels",
-    "authorization",
-    "basic_auth",
-    "keep_meta_labels",
-    "listeners",
-}
-#: Route keys giving the gateway's own credentials for the upstream; at most one applies.
-_UPSTREAM_AUTH_KEYS = ("authorization", "basic_auth")
-#: An HTTP token (RFC 9110), for an ``authorization.type``.
-_AUTH_SCHEME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-#: A bearer credential: one line of visible ASCII, no spaces.
-_AUTH_CREDENTIALS = re.compile(r"^[\x21-\x7e]+$")
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[\x21-\x7e]+$")
-_LIMIT_PER = ("identity", "target", "identity_target")
 _LATER_PROTOCOLS: set[str] = set()
 #: Listener keys only ``protocol: tcp`` listeners take.
 _TCP_KEYS = ("mode", "route", "target", "sni", "sni_default", "proxy_protocol")
@@ -471,294 +432,6 @@ class _Loader:
             )
         return Destination(name, address)
 
-    def route(self, name: str, item: Item, templates: dict[str, Item]) -> Route | None:
-        allowed = _ROUTE_KEYS | {"template", "targets"}
-        own = self.r.fields(item, allowed, ("targets",))
-        if own is None:
-            return None
-        merged: dict[str, Item] = {}
-        if "template" in own:
-            tname = self.r.string(own["template"])
-            if tname is not None:
-                if tname not in templates:
-                    self.r.error(item.src, own["template"].key, f"undefined template {tname!r}")
-                else:
-                    tfields = self.r.fields(templates[tname], _ROUTE_KEYS) or {}
-                    if any(k in own for k in _UPSTREAM_AUTH_KEYS):
-                        # The route's own credentials replace the template's, whatever kind.
-                        tfields = {k: v for k, v in tfields.items() if k not in _UPSTREAM_AUTH_KEYS}
-                    merged.update(tfields)
-        merged.update({k: v for k, v in own.items() if k != "template"})
-
-        kw: dict[str, Any] = {}
-        if "scheme" in merged:
-            kw["scheme"] = self.r.choice(merged["scheme"], ("http", "https")) or "http"
-        if "metrics_path" in merged:
-            kw["metrics_path"] = self.upstream_path(merged["metrics_path"])
-        metrics_path = kw.get("metrics_path") or "/metrics"
-        paths = [metrics_path]
-        if "paths" in merged:
-            for i, p in enumerate(
-                merged["paths"].value if isinstance(merged["paths"].value, list) else []
-            ):
-                checked = self.upstream_path(
-                    Item(p, merged["paths"].src, f"{merged['paths'].key}[{i}]")
-                )
-                if checked and checked not in paths:
-                    paths.append(checked)
-            if not isinstance(merged["paths"].value, list):
-                self.r.error(merged["paths"].src, merged["paths"].key, "must be a list of paths")
-        kw["paths"] = tuple(paths)
-        kw["metrics_path"] = metrics_path
-        if "params" in merged:
-            params = self.r.strings(merged["params"]) or []
-            for p in params:
-                if p in _RESERVED_PARAMS:
-                    self.r.error(
-                        merged["params"].src,
-                        merged["params"].key,
-                        f"parameter {p!r} is the gateway's own",
-                    )
-            kw["params"] = tuple(p for p in params if p not in _RESERVED_PARAMS)
-        if "allow" in merged:
-            kw["allow"] = tuple(self.r.strings(merged["allow"]) or ())
-            self._allow_refs.append((merged["allow"], kw["allow"]))
-        else:
-            self.r.warn(
-                item.src, item.key, "route has no 'allow' list; nobody may use it (deny by default)"
-            )
-        if "limits" in merged:
-            lim = self.limits(merged["limits"])
-            if lim is not None:
-                kw["limits"] = lim
-        if "timeout" in merged:
-            kw["timeout"] = self.r.positive(merged["timeout"], parse_duration) or DEFAULT_TIMEOUT
-        if "max_response_size" in merged:
-            kw["max_response_size"] = (
-                self.r.positive(
-                    merged["max_response_size"], lambda v: parse_size(v, MAX_RESPONSE_LIMIT)
-                )
-                or DEFAULT_MAX_RESPONSE
-            )
-        if "tls" in merged:
-            upstream_tls = self.upstream_tls(merged["tls"])
-            if upstream_tls is not None:
-                kw["upstream_tls"] = upstream_tls
-                if kw.get("scheme") != "https":
-                    self.r.warn(
-                        merged["tls"].src,
-                        merged["tls"].key,
-                        "tls settings are ignored unless scheme is https",
-                    )
-        given = [(k, merged[k]) for k in _UPSTREAM_AUTH_KEYS if k in merged]
-        if len(given) > 1:
-            second = given[1][1]
-            self.r.error(second.src, second.key, "give at most one of authorization and basic_auth")
-        elif given:
-            kind, auth_item = given[0]
-            auth = (
-                self.authorization(auth_item)
-                if kind == "authorization"
-                else self.basic_auth(auth_item)
-            )
-            kw["upstream_auth"] = auth
-            if auth is not None and kw.get("scheme") != "https":
-                self.r.warn(
-                    auth_item.src,
-                    auth_item.key,
-                    "upstream credentials are sent in clear text unless scheme is https",
-                )
-        if "labels" in merged:
-            kw["labels"] = self.r.labels(merged["labels"])
-        if "keep_meta_labels" in merged:
-            if isinstance(merged["keep_meta_labels"].value, bool):
-                kw["keep_meta_labels"] = merged["keep_meta_labels"].value
-            else:
-                item_k = merged["keep_meta_labels"]
-                self.r.error(item_k.src, item_k.key, "must be true or false")
-        if "listeners" in merged:
-            names = self.r.strings(merged["listeners"])
-            if names is not None and not names:
-                item_l = merged["listeners"]
-                self.r.error(item_l.src, item_l.key, "name at least one listener, or leave it out")
-            kw["listeners"] = tuple(names or ())
-        targets: list[Target] = []
-        if "targets" in merged:
-            targets, kw["providers"], kw["selector"] = check_targets(self.r, merged["targets"])
-        return Route(name=name, targets=tuple(targets), **kw)
-
-    # -- upstream TLS and credentials (per route) ---------------------------------------
-
-    def upstream_tls(self, item: Item) -> UpstreamTLS | None:
-        """A route's ``tls``: how the upstream is verified, and the client certificate shown."""
-        t = self.r.fields(item, ("ca", "server_name", "cert", "key", "identity"))
-        if t is None:
-            return None
-        ca = self.r.existing_file(t["ca"]) if "ca" in t else None
-        if ca is not None:
-            files.certificates(self.r, t["ca"], ca)
-        server_name = self.r.string(t["server_name"]) if "server_name" in t else None
-        cert = key = None
-        if "cert" in t and "key" not in t:
-            self.r.error(item.src, t["cert"].key, "a client certificate needs its 'key'")
-        elif "key" in t and "cert" not in t:
-            self.r.error(item.src, t["key"].key, "a client key needs its 'cert'")
-        elif "cert" in t:
-            cert, key = files.client_certificate(self.r, t["cert"], t["key"])
-        identity = self.upstream_identity(t["identity"]) if "identity" in t else None
-        return UpstreamTLS(ca=ca, server_name=server_name, cert=cert, key=key, identity=identity)
-
-    def upstream_identity(self, item: Item) -> UpstreamIdentity | None:
-        """``{dns: NAME}`` or ``{uri: URI}``: what the upstream's certificate must name."""
-        f = self.r.fields(item, ("dns", "uri"))
-        if f is None:
-            return None
-        if len(f) != 1:
-            self.r.error(item.src, item.key, "give exactly one of dns, uri")
-            return None
-        ((kind, value),) = f.items()
-        text = self.r.string(value)
-        if text is None:
-            return None
-        if kind == "dns":
-            try:
-                DNS_ID(text)
-            except ValueError:
-                self.r.error(
-                    value.src, value.key, "must be a DNS name (no wildcard, not an IP address)"
-                )
-                return None
-            return UpstreamIdentity(dns=text)
-        if not _URI.fullmatch(text):
-            self.r.error(
-                value.src,
-                value.key,
-                "must be an absolute URI such as spiffe://example.org/ns/prod/sa/exporter",
-            )
-            return None
-        if is_spiffe(text) and (why := spiffe_id_error(text)) is not None:
-            self.r.error(value.src, value.key, f"not a valid SPIFFE ID: {why}")
-            return None
-        return UpstreamIdentity(uri=text)
-
-    def authorization(self, item: Item) -> UpstreamAuth | None:
-        """``authorization: {type, credentials_file}``, as in a Prometheus scrape config."""
-        f = self.r.fields(item, ("type", "credentials_file", "credentials"))
-        if f is None:
-            return None
-        scheme = "Bearer"
-        if "type" in f:
-            text = self.r.string(f["type"])
-            if text is None:
-                return None
-            if not _AUTH_SCHEME.fullmatch(text):
-                self.r.error(
-                    f["type"].src, f["type"].key, "must be an HTTP auth scheme such as Bearer"
-                )
-                return None
-            if text.lower() == "basic":
-                self.r.error(
-                    f["type"].src,
-                    f["type"].key,
-                    "Basic credentials are written as basic_auth (username, password_file)",
-                )
-                return None
-            scheme = text
-        if "credentials" in f:
-            self.r.error(
-                f["credentials"].src,
-                f["credentials"].key,
-                "secrets are not written into the configuration; "
-                "put the token in a file and name it with credentials_file",
-            )
-            return None
-        if "credentials_file" not in f:
-            self.r.error(item.src, item.key, "missing required key 'credentials_file'")
-            return None
-        secret = files.secret_file(self.r, f["credentials_file"])
-        if secret is None:
-            return None
-        path, token = secret
-        if not _AUTH_CREDENTIALS.fullmatch(token):
-            self.r.error(
-                f["credentials_file"].src,
-                f["credentials_file"].key,
-                f"{path}: the credentials must be one line of printable ASCII without spaces",
-            )
-            return None
-        header = b"Authorization: %s %s\r\n" % (scheme.encode("ascii"), token.encode("ascii"))
-        return UpstreamAuth(scheme=scheme, source=path, header=header)
-
-    def basic_auth(self, item: Item) -> UpstreamAuth | None:
-        """``basic_auth: {username, password_file}``, as in a Prometheus scrape config."""
-        f = self.r.fields(item, ("username", "password_file", "password"), ("username",))
-        if f is None:
-            return None
-        username = self.r.string(f["username"]) if "username" in f else None
-        if username is not None and (
-            ":" in username or any(ord(c) < 0x20 or ord(c) == 0x7F for c in username)
-        ):
-            self.r.error(
-                f["username"].src,
-                f["username"].key,
-                "must not contain ':' or control characters",
-            )
-            username = None
-        secret = None
-        if "password" in f:
-            self.r.error(
-                f["password"].src,
-                f["password"].key,
-                "secrets are not written into the configuration; "
-                "put the password in a file and name it with password_file",
-            )
-        elif "password_file" not in f:
-            self.r.error(item.src, item.key, "missing required key 'password_file'")
-        else:
-            secret = files.secret_file(self.r, f["password_file"])
-        if username is None or secret is None:
-            return None
-        path, password = secret
-        token = base64.b64encode(f"{username}:{password}".encode())
-        return UpstreamAuth(
-            scheme="Basic", source=path, header=b"Authorization: Basic " + token + b"\r\n"
-        )
-
-    def upstream_path(self, item: Item) -> str | None:
-        """A configured path must already be what ``normalize_path`` makes of it: the
-        form a request's ``path=`` is compared in (see docs/policy.md)."""
-        path = self.r.string(item)
-        if path is None:
-            return None
-        try:
-            canonical = normalize_path(path)
-        except PathRefused as e:
-            self.r.error(item.src, item.key, f"must be an absolute path in canonical form: {e}")
-            return None
-        if canonical != path:
-            self.r.error(
-                item.src,
-                item.key,
-                f"must be an absolute path in canonical form: write {canonical!r}",
-            )
-            return None
-        return path
-
-    def limits(self, item: Item) -> Limits | None:
-        f = self.r.fields(item, ("rate", "burst", "per", "max_concurrent"))
-        if f is None:
-            return None
-        rate = self.r.typed(f["rate"], parse_rate) if "rate" in f else None
-        burst = self.r.integer(f["burst"], 1) if "burst" in f else None
-        per = self.r.choice(f["per"], _LIMIT_PER) if "per" in f else None
-        conc = self.r.integer(f["max_concurrent"], 1) if "max_concurrent" in f else None
-        return Limits(
-            rate=rate,
-            burst=burst if burst is not None else (max(1, int(rate)) if rate else 1),
-            per=per or "identity_target",
-            max_concurrent=conc,
-        )
-
     def audit(self, item: Item) -> Audit | None:
         f = self.r.fields(
             item,
@@ -802,7 +475,6 @@ class _Loader:
     # -- whole configuration -------------------------------------------------------------
 
     def build(self) -> Config | None:
-        self._allow_refs: list[tuple[Item, tuple[str, ...]]] = []
         self._tcp_pending: list[
             tuple[TCPForwarding, list[tuple[str, Item, Item | None, bool]]]
         ] = []
@@ -838,18 +510,12 @@ class _Loader:
         if not self.sections.listeners:
             self.r.error(None, "listeners", "no listeners defined")
         identities = check_identities(self.r, self.sections)
-        for item in self.sections.templates.values():
-            self.r.fields(item, _ROUTE_KEYS)
-        routes = {}
-        for name, item in self.sections.routes.items():
-            route = self.route(name, item, self.sections.templates)
-            if route is not None:
-                routes[name] = route
+        routes, allow_items = check_routes(self.r, self.sections)
         listeners = self.tcp_destinations(listeners, routes)
         self.check_route_listeners(listeners, routes)
         roles = {r for i in identities.values() for r in i.roles}
-        for item, allow in self._allow_refs:
-            for entry in allow:
+        for name, item in allow_items.items():
+            for entry in routes[name].allow:
                 if entry.startswith("role:"):
                     if entry[5:] not in roles:
                         self.r.warn(item.src, item.key, f"no identity carries role {entry[5:]!r}")
