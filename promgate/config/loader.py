@@ -10,9 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import attrs
-
-from promgate.addresses import HOSTNAME as _HOSTNAME
 from promgate.addresses import split_address
 from promgate.config import files
 from promgate.config.errors import ConfigError, Problem
@@ -24,22 +21,18 @@ from promgate.config.model import (
     Audit,
     Config,
     Deadlines,
-    Destination,
     Listener,
     Route,
-    TCPForwarding,
     TLSFiles,
     route_listeners,
 )
 from promgate.config.routes import routes as check_routes
 from promgate.config.sections import Sections, read_sections
+from promgate.config.tcp_listeners import TCP_KEYS, TCPDestinations, sni_pattern
 from promgate.config.units import parse_duration
-from promgate.config.yaml_source import Item, join_key
+from promgate.config.yaml_source import Item
 
 _LATER_PROTOCOLS: set[str] = set()
-#: Listener keys only ``protocol: tcp`` listeners take.
-_TCP_KEYS = ("mode", "route", "target", "sni", "sni_default", "proxy_protocol")
-_TCP_MODES = ("terminate", "passthrough")
 
 
 class _Loader:
@@ -48,13 +41,14 @@ class _Loader:
     def __init__(self, r: Reader, sections: Sections) -> None:
         self.r = r
         self.sections = sections
+        self.tcp = TCPDestinations(r)
 
     # -- sections ----------------------------------------------------------------------
 
     def listener(self, item: Item, default_tls: TLSFiles | None, have_tls: bool) -> Listener | None:
         f = self.r.fields(
             item,
-            ("name", "protocol", "endpoint", "advertise", "sd", "tls", "tunnel_idle", *_TCP_KEYS),
+            ("name", "protocol", "endpoint", "advertise", "sd", "tls", "tunnel_idle", *TCP_KEYS),
             ("name", "endpoint"),
         )
         if f is None:
@@ -126,11 +120,11 @@ class _Loader:
             )
         tcp = None
         if protocol == "tcp":
-            tcp = self.tcp_settings(item, f, tls)
+            tcp = self.tcp.settings(item, f)
             if passthrough:
                 tls = None
         else:
-            for key in _TCP_KEYS:
+            for key in TCP_KEYS:
                 if key in f:
                     self.r.error(item.src, f[key].key, "only tcp listeners take this key")
         if name is None or endpoint is None or (protocol == "tcp" and tcp is None):
@@ -238,200 +232,6 @@ class _Loader:
             return "route"
         return value
 
-    def tcp_settings(
-        self, item: Item, f: dict[str, Item], tls: TLSFiles | None
-    ) -> TCPForwarding | None:
-        """The tcp keys of one listener. Route and target names are checked later, in
-        tcp_destinations, once the routes are known."""
-        mode = self.r.choice(f["mode"], _TCP_MODES) if "mode" in f else "terminate"
-        if mode is None:
-            return None
-        ok = True
-        if mode == "passthrough" and "tls" in f and f["tls"].value is not False:
-            self.r.error(
-                item.src,
-                f["tls"].key,
-                "a passthrough listener relays the client's TLS untouched: it has no TLS "
-                "files of its own (remove 'tls')",
-            )
-            ok = False
-        if mode == "terminate" and "tls" in f and f["tls"].value is False:
-            self.r.error(
-                item.src,
-                f["tls"].key,
-                "a terminate-mode tcp listener needs mutual TLS; "
-                "use 'mode: passthrough' to relay TLS untouched",
-            )
-            ok = False
-        proxy_protocol = None
-        if "proxy_protocol" in f:
-            proxy_protocol = self.r.choice(f["proxy_protocol"], ("v2",))
-            ok = ok and proxy_protocol is not None
-        pending: list[tuple[str, Item, Item | None, bool]] = []
-        destination = None
-        sni: dict[str, Destination] = {}
-        sni_default = None
-        if "route" in f and "sni" in f:
-            self.r.error(item.src, f["sni"].key, "give either 'route' or 'sni', not both")
-            return None
-        if "route" not in f and "sni" not in f:
-            self.r.error(item.src, item.key, "a tcp listener needs 'route' or 'sni'")
-            return None
-        if "target" in f and "route" not in f:
-            self.r.error(
-                item.src,
-                f["target"].key,
-                "'target' goes with 'route' (in 'sni', give {route: ..., target: ...})",
-            )
-            ok = False
-        if "sni_default" in f and "sni" not in f:
-            self.r.error(item.src, f["sni_default"].key, "'sni_default' goes with 'sni'")
-            ok = False
-        if "route" in f:
-            destination = self.tcp_destination(f["route"], f.get("target"), pending, False)
-        else:
-            entries = f["sni"]
-            if not isinstance(entries.value, dict) or not entries.value:
-                self.r.error(
-                    entries.src,
-                    entries.key,
-                    "must map server names (or *.parent) to a route or {route, target}",
-                )
-                return None
-            for server_name, value in entries.value.items():
-                key = join_key(entries.key, server_name)
-                pattern = _sni_pattern(server_name)
-                if pattern is None:
-                    self.r.error(
-                        entries.src, key, "not a server name (a DNS name, or *.parent.name)"
-                    )
-                    ok = False
-                    continue
-                if pattern in sni:
-                    self.r.error(entries.src, key, f"server name {pattern!r} given twice")
-                    ok = False
-                    continue
-                dest = self.tcp_destination(Item(value, entries.src, key), None, pending, True)
-                if dest is not None:
-                    sni[pattern] = dest
-            if "sni_default" in f:
-                sni_default = self.tcp_destination(f["sni_default"], None, pending, True)
-                ok = ok and sni_default is not None
-        if not ok or (destination is None and not sni):
-            return None
-        settings = TCPForwarding(
-            mode=mode,
-            destination=destination,
-            sni=sni,
-            sni_default=sni_default,
-            proxy_protocol=proxy_protocol,
-        )
-        self._tcp_pending.append((settings, pending))
-        return settings
-
-    def tcp_destination(
-        self,
-        item: Item,
-        target_item: Item | None,
-        pending: list[tuple[str, Item, Item | None, bool]],
-        nested: bool,
-    ) -> Destination | None:
-        """A route name, or (in ``sni``) a route name or {route, target}; the target is
-        filled in by tcp_destinations when the route has exactly one."""
-        if nested and isinstance(item.value, dict):
-            g = self.r.fields(item, ("route", "target"), ("route",))
-            if g is None or "route" not in g:
-                return None
-            item, target_item = g["route"], g.get("target")
-        route = self.r.string(item)
-        if route is None:
-            return None
-        target = ""
-        if target_item is not None:
-            text = self.r.string(target_item)
-            if text is None:
-                return None
-            if split_address(text) is None:
-                self.r.error(
-                    target_item.src,
-                    target_item.key,
-                    f"target {text!r} must be host:port ([v6]:port for IPv6)",
-                )
-                return None
-            target = text
-        pending.append((route, item, target_item, nested))
-        return Destination(route, target)
-
-    def tcp_destinations(
-        self, listeners: list[Listener], routes: dict[str, Route]
-    ) -> list[Listener]:
-        """Check every tcp listener's routes and targets, and fill in single targets."""
-        out = []
-        for lst in listeners:
-            if lst.tcp is None:
-                out.append(lst)
-                continue
-            pending = next((p for s, p in self._tcp_pending if s is lst.tcp), [])
-            resolved: dict[tuple[str, str], Destination] = {}
-            passthrough = lst.tcp.mode == "passthrough"
-            for name, route_item, target_item, nested in pending:
-                dest = self._resolve_destination(
-                    name, route_item, target_item, nested, routes, passthrough
-                )
-                if dest is not None:
-                    given = target_item.value if target_item is not None else ""
-                    resolved[(name, given)] = dest
-            tcp = attrs.evolve(
-                lst.tcp,
-                destination=_filled(resolved, lst.tcp.destination),
-                sni={k: _filled(resolved, v) or v for k, v in lst.tcp.sni.items()},
-                sni_default=_filled(resolved, lst.tcp.sni_default),
-            )
-            out.append(attrs.evolve(lst, tcp=tcp))
-        return out
-
-    def _resolve_destination(
-        self,
-        name: str,
-        route_item: Item,
-        target_item: Item | None,
-        nested: bool,
-        routes: dict[str, Route],
-        passthrough: bool,
-    ) -> Destination | None:
-        route = routes.get(name)
-        if route is None:
-            if name not in self.sections.routes:  # else the route's own errors say why
-                self.r.error(route_item.src, route_item.key, f"undefined route {name!r}")
-            return None
-        if target_item is None:
-            if len(route.targets) != 1:
-                how = "{route: ..., target: HOST:PORT}" if nested else "'target: HOST:PORT'"
-                self.r.error(
-                    route_item.src,
-                    route_item.key,
-                    f"route {name!r} has {len(route.targets)} targets; name one with {how}",
-                )
-                return None
-            address = route.targets[0].address
-        else:
-            address = str(target_item.value)
-            if not route.has_target(address):
-                self.r.error(
-                    target_item.src,
-                    target_item.key,
-                    f"{address!r} is not a target of route {name!r}",
-                )
-                return None
-        if passthrough and not any(e.startswith("sni:") for e in route.allow):
-            self.r.warn(
-                route_item.src,
-                route_item.key,
-                f"passthrough connections carry no identity and route {name!r} has no "
-                "'sni:' allow entry: every connection will be refused",
-            )
-        return Destination(name, address)
-
     def audit(self, item: Item) -> Audit | None:
         f = self.r.fields(
             item,
@@ -475,9 +275,6 @@ class _Loader:
     # -- whole configuration -------------------------------------------------------------
 
     def build(self) -> Config | None:
-        self._tcp_pending: list[
-            tuple[TCPForwarding, list[tuple[str, Item, Item | None, bool]]]
-        ] = []
         tls = (
             files.tls_files(self.r, self.sections.singletons["tls"])
             if "tls" in self.sections.singletons
@@ -511,7 +308,7 @@ class _Loader:
             self.r.error(None, "listeners", "no listeners defined")
         identities = check_identities(self.r, self.sections)
         routes, allow_items = check_routes(self.r, self.sections)
-        listeners = self.tcp_destinations(listeners, routes)
+        listeners = self.tcp.resolve(listeners, routes, self.sections.routes)
         self.check_route_listeners(listeners, routes)
         roles = {r for i in identities.values() for r in i.roles}
         for name, item in allow_items.items():
@@ -520,7 +317,7 @@ class _Loader:
                     if entry[5:] not in roles:
                         self.r.warn(item.src, item.key, f"no identity carries role {entry[5:]!r}")
                 elif entry.startswith("sni:"):  # passthrough tcp connections, by server name
-                    if entry != "sni:*" and _sni_pattern(entry[4:]) is None:
+                    if entry != "sni:*" and sni_pattern(entry[4:]) is None:
                         self.r.error(
                             item.src,
                             item.key,
@@ -547,25 +344,6 @@ class _Loader:
             files=tuple(self.r.files),
             warnings=tuple(str(w) for w in self.r.warnings),
         )
-
-
-def _filled(
-    resolved: dict[tuple[str, str], Destination], dest: Destination | None
-) -> Destination | None:
-    """``dest`` with the target the route check found for it."""
-    if dest is None:
-        return None
-    return resolved.get((dest.route, dest.target), dest)
-
-
-def _sni_pattern(text: str) -> str | None:
-    """A server name or ``*.parent`` as tcp listeners compare them (lower case, no final
-    dot), or None if it is neither."""
-    name = text.lower().rstrip(".")
-    rest = name[2:] if name.startswith("*.") else name
-    if not rest or "*" in rest or not _HOSTNAME.match(rest):
-        return None
-    return name
 
 
 def check_config(
