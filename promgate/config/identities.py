@@ -16,7 +16,7 @@ from promgate.config.sections import Sections
 from promgate.config.yaml_source import Item
 from promgate.spiffe import is_spiffe, spiffe_pattern_error
 
-__all__ = ["identities"]
+__all__ = ["check_identities"]
 
 _IDENTITY_KEYS = ("cert", "roles", "bearer_sha256", "bearer_file", "basic")
 _CREDENTIAL_KEYS = ("cert", "bearer_sha256", "bearer_file", "basic")
@@ -25,7 +25,7 @@ _SHA256_HEX = re.compile(r"^[0-9A-Fa-f]{64}$")
 _WEB_CONFIG_KEYS = ("basic_auth_users", "http_server_config", "tls_server_config")
 
 
-def identities(r: Reader, sections: Sections) -> dict[str, Identity]:
+def check_identities(r: Reader, sections: Sections) -> dict[str, Identity]:
     """Every identity: those of ``identities``, then the users of each web-config file."""
     credentials = _Credentials(r)
     out = {}

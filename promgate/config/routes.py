@@ -21,12 +21,12 @@ from promgate.config.model import (
     Target,
 )
 from promgate.config.sections import Sections
-from promgate.config.targets import targets as check_targets
+from promgate.config.targets import check_targets
 from promgate.config.units import parse_duration, parse_rate, parse_size
 from promgate.config.yaml_source import Item
 from promgate.paths import PathRefused, normalize_path
 
-__all__ = ["routes"]
+__all__ = ["check_routes"]
 
 _ROUTE_KEYS = {
     "scheme",
@@ -51,7 +51,7 @@ _RESERVED_PARAMS = frozenset({"route", "target", "path"})
 _LIMIT_PER = ("identity", "target", "identity_target")
 
 
-def routes(r: Reader, sections: Sections) -> tuple[dict[str, Route], dict[str, Item]]:
+def check_routes(r: Reader, sections: Sections) -> tuple[dict[str, Route], dict[str, Item]]:
     """Every route, merged over its template; and, by route, the ``allow`` list as
     written (the route's or its template's), for checking the names in it once every
     identity is known."""

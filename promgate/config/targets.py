@@ -20,7 +20,7 @@ from promgate.config.model import ProviderSpec, Selector, Target
 from promgate.config.units import parse_duration
 from promgate.config.yaml_source import Item, join_key
 
-__all__ = ["targets"]
+__all__ = ["check_targets"]
 
 #: The keys of a route's ``targets``: providers, then the selector's.
 _PROVIDERS = ("static", "file_sd", "dns_srv", "plugin")
@@ -28,7 +28,7 @@ _SELECTOR_KEYS = ("match", "port", "address")
 _ADDRESS_FIELDS = re.compile(r"\{([^{}]*)\}")
 
 
-def targets(r: Reader, item: Item) -> tuple[list[Target], tuple[ProviderSpec, ...], Selector]:
+def check_targets(r: Reader, item: Item) -> tuple[list[Target], tuple[ProviderSpec, ...], Selector]:
     """A route's static targets, its discovery providers and its selector."""
     f = r.fields(item, _PROVIDERS + _SELECTOR_KEYS)
     if f is None:
