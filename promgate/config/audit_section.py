@@ -11,7 +11,7 @@ from typing import Any
 from promgate.config.fields import Reader
 from promgate.config.files import audit_key_file
 from promgate.config.host_checks import audit_path_findings
-from promgate.config.model import Audit
+from promgate.config.model import FSYNC_POLICIES, ON_AUDIT_FAILURE, Audit
 from promgate.config.sections import Sections
 from promgate.config.units import parse_duration
 
@@ -49,11 +49,11 @@ def check_audit(r: Reader, sections: Sections) -> Audit | None:
     key_file = audit_key_file(r, f["key_file"])
     kw: dict[str, Any] = {}
     if "fsync" in f:
-        kw["fsync"] = r.choice(f["fsync"], ("always", "interval", "never")) or "interval"
+        kw["fsync"] = r.choice(f["fsync"], FSYNC_POLICIES) or "interval"
     if "fsync_interval" in f:
         kw["fsync_interval"] = r.positive(f["fsync_interval"], parse_duration) or 1.0
     if "on_failure" in f:
-        kw["on_failure"] = r.choice(f["on_failure"], ("deny", "allow")) or "deny"
+        kw["on_failure"] = r.choice(f["on_failure"], ON_AUDIT_FAILURE) or "deny"
     if "max_field_length" in f:
         kw["max_field_length"] = r.integer(f["max_field_length"], 16) or 1024
     if "aggregate_interval" in f:

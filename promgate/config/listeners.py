@@ -10,7 +10,14 @@ from __future__ import annotations
 from promgate.addresses import split_address
 from promgate.config.fields import LABEL_NAME, NAME, NAME_RULE, Reader, where
 from promgate.config.files import tls_files
-from promgate.config.model import Admin, Deadlines, Listener, TLSFiles
+from promgate.config.model import (
+    LISTENER_PROTOCOLS,
+    Admin,
+    Deadlines,
+    Listener,
+    ListenerProtocol,
+    TLSFiles,
+)
 from promgate.config.sections import Sections
 from promgate.config.tcp_listeners import TCP_KEYS, TCPDestinations
 from promgate.config.units import parse_duration
@@ -71,7 +78,7 @@ def _listener(
     name = r.string(f["name"]) if "name" in f else None
     if name is not None and not NAME.match(name):
         r.error(item.src, f["name"].key, NAME_RULE)
-    protocol = "http"
+    protocol: ListenerProtocol = "http"
     if "protocol" in f:
         if isinstance(f["protocol"].value, str) and f["protocol"].value in _LATER_PROTOCOLS:
             r.error(
@@ -80,7 +87,7 @@ def _listener(
                 f"protocol {f['protocol'].value!r} is not available in this version",
             )
             return None
-        protocol = r.choice(f["protocol"], ("http", "forward", "tcp")) or "http"
+        protocol = r.choice(f["protocol"], LISTENER_PROTOCOLS) or "http"
     endpoint = r.endpoint(f["endpoint"]) if "endpoint" in f else None
     advertise = None
     if "advertise" in f:

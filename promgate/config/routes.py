@@ -15,7 +15,9 @@ from promgate.config.fields import Reader
 from promgate.config.model import (
     DEFAULT_MAX_RESPONSE,
     DEFAULT_TIMEOUT,
+    LIMIT_KEYS,
     MAX_RESPONSE_LIMIT,
+    SCHEMES,
     Limits,
     Route,
     Target,
@@ -48,7 +50,6 @@ _ROUTE_KEYS = {
 _UPSTREAM_AUTH_KEYS = ("authorization", "basic_auth")
 #: Query parameters of ``/scrape`` itself, never passed upstream.
 _RESERVED_PARAMS = frozenset({"route", "target", "path"})
-_LIMIT_PER = ("identity", "target", "identity_target")
 
 
 def check_routes(r: Reader, sections: Sections) -> tuple[dict[str, Route], dict[str, Item]]:
@@ -89,7 +90,7 @@ def _route(
 
     kw: dict[str, Any] = {}
     if "scheme" in merged:
-        kw["scheme"] = r.choice(merged["scheme"], ("http", "https")) or "http"
+        kw["scheme"] = r.choice(merged["scheme"], SCHEMES) or "http"
     if "metrics_path" in merged:
         kw["metrics_path"] = _upstream_path(r, merged["metrics_path"])
     metrics_path = kw.get("metrics_path") or "/metrics"
@@ -206,7 +207,7 @@ def _limits(r: Reader, item: Item) -> Limits | None:
         return None
     rate = r.typed(f["rate"], parse_rate) if "rate" in f else None
     burst = r.integer(f["burst"], 1) if "burst" in f else None
-    per = r.choice(f["per"], _LIMIT_PER) if "per" in f else None
+    per = r.choice(f["per"], LIMIT_KEYS) if "per" in f else None
     conc = r.integer(f["max_concurrent"], 1) if "max_concurrent" in f else None
     return Limits(
         rate=rate,

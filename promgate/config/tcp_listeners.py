@@ -14,14 +14,22 @@ import attrs
 
 from promgate.addresses import HOSTNAME, split_address
 from promgate.config.fields import Reader
-from promgate.config.model import Destination, Listener, Route, TCPForwarding
+from promgate.config.model import (
+    PROXY_PROTOCOLS,
+    TCP_MODES,
+    Destination,
+    Listener,
+    ProxyProtocol,
+    Route,
+    TCPForwarding,
+    TCPMode,
+)
 from promgate.config.yaml_source import Item, join_key
 
 __all__ = ["TCP_KEYS", "TCPDestinations", "sni_pattern"]
 
 #: Listener keys only ``protocol: tcp`` listeners take.
 TCP_KEYS = ("mode", "route", "target", "sni", "sni_default", "proxy_protocol")
-_TCP_MODES = ("terminate", "passthrough")
 
 
 @attrs.frozen
@@ -45,7 +53,7 @@ class TCPDestinations:
     def settings(self, item: Item, f: dict[str, Item]) -> TCPForwarding | None:
         """The tcp keys among a listener's fields ``f``. Route and target names are
         checked later, in resolve, once the routes are known."""
-        mode = self.r.choice(f["mode"], _TCP_MODES) if "mode" in f else "terminate"
+        mode: TCPMode | None = self.r.choice(f["mode"], TCP_MODES) if "mode" in f else "terminate"
         if mode is None:
             return None
         ok = True
@@ -65,9 +73,9 @@ class TCPDestinations:
                 "use 'mode: passthrough' to relay TLS untouched",
             )
             ok = False
-        proxy_protocol = None
+        proxy_protocol: ProxyProtocol | None = None
         if "proxy_protocol" in f:
-            proxy_protocol = self.r.choice(f["proxy_protocol"], ("v2",))
+            proxy_protocol = self.r.choice(f["proxy_protocol"], PROXY_PROTOCOLS)
             ok = ok and proxy_protocol is not None
         pending: list[_Named] = []
         destination = None
