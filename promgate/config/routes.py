@@ -70,42 +70,13 @@ def check_routes(r: Reader, sections: Sections) -> tuple[dict[str, Route], dict[
 def _route(
     r: Reader, name: str, item: Item, templates: dict[str, Item], allow: dict[str, Item]
 ) -> Route | None:
-    allowed = _ROUTE_KEYS | {"template", "targets"}
-    own = r.fields(item, allowed, ("targets",))
-    if own is None:
+    merged = _merged(r, item, templates)
+    if merged is None:
         return None
-    merged: dict[str, Item] = {}
-    if "template" in own:
-        tname = r.string(own["template"])
-        if tname is not None:
-            if tname not in templates:
-                r.error(item.src, own["template"].key, f"undefined template {tname!r}")
-            else:
-                tfields = r.fields(templates[tname], _ROUTE_KEYS) or {}
-                if any(k in own for k in _UPSTREAM_AUTH_KEYS):
-                    # The route's own credentials replace the template's, whatever kind.
-                    tfields = {k: v for k, v in tfields.items() if k not in _UPSTREAM_AUTH_KEYS}
-                merged.update(tfields)
-    merged.update({k: v for k, v in own.items() if k != "template"})
-
     kw: dict[str, Any] = {}
     if "scheme" in merged:
         kw["scheme"] = r.choice(merged["scheme"], SCHEMES) or "http"
-    if "metrics_path" in merged:
-        kw["metrics_path"] = _upstream_path(r, merged["metrics_path"])
-    metrics_path = kw.get("metrics_path") or "/metrics"
-    paths = [metrics_path]
-    if "paths" in merged:
-        for i, p in enumerate(
-            merged["paths"].value if isinstance(merged["paths"].value, list) else []
-        ):
-            checked = _upstream_path(r, Item(p, merged["paths"].src, f"{merged['paths'].key}[{i}]"))
-            if checked and checked not in paths:
-                paths.append(checked)
-        if not isinstance(merged["paths"].value, list):
-            r.error(merged["paths"].src, merged["paths"].key, "must be a list of paths")
-    kw["paths"] = tuple(paths)
-    kw["metrics_path"] = metrics_path
+    _paths(r, merged, kw)
     if "params" in merged:
         params = r.strings(merged["params"]) or []
         for p in params:
@@ -132,6 +103,70 @@ def _route(
             r.positive(merged["max_response_size"], lambda v: parse_size(v, MAX_RESPONSE_LIMIT))
             or DEFAULT_MAX_RESPONSE
         )
+    _upstream(r, merged, kw)
+    if "labels" in merged:
+        kw["labels"] = r.labels(merged["labels"])
+    if "keep_meta_labels" in merged:
+        if isinstance(merged["keep_meta_labels"].value, bool):
+            kw["keep_meta_labels"] = merged["keep_meta_labels"].value
+        else:
+            item_k = merged["keep_meta_labels"]
+            r.error(item_k.src, item_k.key, "must be true or false")
+    if "listeners" in merged:
+        names = r.strings(merged["listeners"])
+        if names is not None and not names:
+            item_l = merged["listeners"]
+            r.error(item_l.src, item_l.key, "name at least one listener, or leave it out")
+        kw["listeners"] = tuple(names or ())
+    targets: list[Target] = []
+    if "targets" in merged:
+        targets, kw["providers"], kw["selector"] = check_targets(r, merged["targets"])
+    return Route(name=name, targets=tuple(targets), **kw)
+
+
+def _merged(r: Reader, item: Item, templates: dict[str, Item]) -> dict[str, Item] | None:
+    """A route's own keys over its template's (``template`` and ``targets`` are a route's
+    own); the route's own credentials replace the template's, whatever kind."""
+    own = r.fields(item, _ROUTE_KEYS | {"template", "targets"}, ("targets",))
+    if own is None:
+        return None
+    merged: dict[str, Item] = {}
+    if "template" in own:
+        tname = r.string(own["template"])
+        if tname is not None:
+            if tname not in templates:
+                r.error(item.src, own["template"].key, f"undefined template {tname!r}")
+            else:
+                tfields = r.fields(templates[tname], _ROUTE_KEYS) or {}
+                if any(k in own for k in _UPSTREAM_AUTH_KEYS):
+                    tfields = {k: v for k, v in tfields.items() if k not in _UPSTREAM_AUTH_KEYS}
+                merged.update(tfields)
+    merged.update({k: v for k, v in own.items() if k != "template"})
+    return merged
+
+
+def _paths(r: Reader, merged: dict[str, Item], kw: dict[str, Any]) -> None:
+    """``metrics_path`` and the further ``paths`` a route allows, into ``kw``."""
+    if "metrics_path" in merged:
+        kw["metrics_path"] = _upstream_path(r, merged["metrics_path"])
+    metrics_path = kw.get("metrics_path") or "/metrics"
+    paths = [metrics_path]
+    if "paths" in merged:
+        for i, p in enumerate(
+            merged["paths"].value if isinstance(merged["paths"].value, list) else []
+        ):
+            checked = _upstream_path(r, Item(p, merged["paths"].src, f"{merged['paths'].key}[{i}]"))
+            if checked and checked not in paths:
+                paths.append(checked)
+        if not isinstance(merged["paths"].value, list):
+            r.error(merged["paths"].src, merged["paths"].key, "must be a list of paths")
+    kw["paths"] = tuple(paths)
+    kw["metrics_path"] = metrics_path
+
+
+def _upstream(r: Reader, merged: dict[str, Item], kw: dict[str, Any]) -> None:
+    """How the upstream's TLS is verified, and the credentials the gateway presents to it
+    (at most one kind), into ``kw``; both are for ``https`` upstreams."""
     if "tls" in merged:
         upstream_tls = upstream.upstream_tls(r, merged["tls"])
         if upstream_tls is not None:
@@ -160,24 +195,6 @@ def _route(
                 auth_item.key,
                 "upstream credentials are sent in clear text unless scheme is https",
             )
-    if "labels" in merged:
-        kw["labels"] = r.labels(merged["labels"])
-    if "keep_meta_labels" in merged:
-        if isinstance(merged["keep_meta_labels"].value, bool):
-            kw["keep_meta_labels"] = merged["keep_meta_labels"].value
-        else:
-            item_k = merged["keep_meta_labels"]
-            r.error(item_k.src, item_k.key, "must be true or false")
-    if "listeners" in merged:
-        names = r.strings(merged["listeners"])
-        if names is not None and not names:
-            item_l = merged["listeners"]
-            r.error(item_l.src, item_l.key, "name at least one listener, or leave it out")
-        kw["listeners"] = tuple(names or ())
-    targets: list[Target] = []
-    if "targets" in merged:
-        targets, kw["providers"], kw["selector"] = check_targets(r, merged["targets"])
-    return Route(name=name, targets=tuple(targets), **kw)
 
 
 def _upstream_path(r: Reader, item: Item) -> str | None:

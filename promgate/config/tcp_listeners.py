@@ -100,30 +100,11 @@ class TCPDestinations:
         if "route" in f:
             destination = self._destination(f["route"], f.get("target"), pending, False)
         else:
-            entries = f["sni"]
-            if not isinstance(entries.value, dict) or not entries.value:
-                self.r.error(
-                    entries.src,
-                    entries.key,
-                    "must map server names (or *.parent) to a route or {route, target}",
-                )
+            checked = self._sni(f["sni"], pending)
+            if checked is None:
                 return None
-            for server_name, value in entries.value.items():
-                key = join_key(entries.key, server_name)
-                pattern = sni_pattern(server_name)
-                if pattern is None:
-                    self.r.error(
-                        entries.src, key, "not a server name (a DNS name, or *.parent.name)"
-                    )
-                    ok = False
-                    continue
-                if pattern in sni:
-                    self.r.error(entries.src, key, f"server name {pattern!r} given twice")
-                    ok = False
-                    continue
-                dest = self._destination(Item(value, entries.src, key), None, pending, True)
-                if dest is not None:
-                    sni[pattern] = dest
+            sni, all_valid = checked
+            ok = ok and all_valid
             if "sni_default" in f:
                 sni_default = self._destination(f["sni_default"], None, pending, True)
                 ok = ok and sni_default is not None
@@ -138,6 +119,36 @@ class TCPDestinations:
         )
         self._named.append((settings, pending))
         return settings
+
+    def _sni(
+        self, entries: Item, pending: list[_Named]
+    ) -> tuple[dict[str, Destination], bool] | None:
+        """``sni``: server names (or ``*.parent``) to destinations, and whether every
+        entry was valid; None if it is not a mapping."""
+        if not isinstance(entries.value, dict) or not entries.value:
+            self.r.error(
+                entries.src,
+                entries.key,
+                "must map server names (or *.parent) to a route or {route, target}",
+            )
+            return None
+        sni: dict[str, Destination] = {}
+        ok = True
+        for server_name, value in entries.value.items():
+            key = join_key(entries.key, server_name)
+            pattern = sni_pattern(server_name)
+            if pattern is None:
+                self.r.error(entries.src, key, "not a server name (a DNS name, or *.parent.name)")
+                ok = False
+                continue
+            if pattern in sni:
+                self.r.error(entries.src, key, f"server name {pattern!r} given twice")
+                ok = False
+                continue
+            dest = self._destination(Item(value, entries.src, key), None, pending, True)
+            if dest is not None:
+                sni[pattern] = dest
+        return sni, ok
 
     def _destination(
         self,
