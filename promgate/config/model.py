@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import attrs
 
@@ -16,6 +16,34 @@ DEFAULT_MAX_RESPONSE = parse_size("64MiB")
 #: The largest ``max_response_size`` accepted: one scrape is relayed, not stored, but a
 #: cap beyond what a process could ever count up to is a typo.
 MAX_RESPONSE_LIMIT = parse_size("4GiB")
+
+# The closed vocabularies of the configuration, spelled as in YAML (and in audit records).
+# Each tuple lists its type's values in the order error messages give them.
+
+#: What a listener speaks: the reverse gateway, the forward proxy, or TCP forwarding.
+ListenerProtocol = Literal["http", "forward", "tcp"]
+LISTENER_PROTOCOLS: tuple[ListenerProtocol, ...] = get_args(ListenerProtocol)
+#: Whether a ``tcp`` listener terminates TLS or relays the client's TLS untouched.
+TCPMode = Literal["terminate", "passthrough"]
+TCP_MODES: tuple[TCPMode, ...] = get_args(TCPMode)
+#: The PROXY protocol version a ``tcp`` listener sends upstream.
+ProxyProtocol = Literal["v2"]
+PROXY_PROTOCOLS: tuple[ProxyProtocol, ...] = get_args(ProxyProtocol)
+#: How a route's upstream is reached.
+Scheme = Literal["http", "https"]
+SCHEMES: tuple[Scheme, ...] = get_args(Scheme)
+#: What a route's rate limit is counted per.
+LimitKey = Literal["identity", "target", "identity_target"]
+LIMIT_KEYS: tuple[LimitKey, ...] = get_args(LimitKey)
+#: When the audit log is fsynced.
+FsyncPolicy = Literal["always", "interval", "never"]
+FSYNC_POLICIES: tuple[FsyncPolicy, ...] = get_args(FsyncPolicy)
+#: What the gateway does when the audit log cannot be written.
+OnAuditFailure = Literal["deny", "allow"]
+ON_AUDIT_FAILURE: tuple[OnAuditFailure, ...] = get_args(OnAuditFailure)
+#: Where a route's discovered targets come from.
+ProviderKind = Literal["file_sd", "dns_srv", "plugin"]
+PROVIDER_KINDS: tuple[ProviderKind, ...] = get_args(ProviderKind)
 
 
 @attrs.frozen
@@ -57,11 +85,11 @@ class TCPForwarding:
     server name is missing or not in ``sni``.
     """
 
-    mode: str = "terminate"  # "terminate" or "passthrough"
+    mode: TCPMode = "terminate"
     destination: Destination | None = None
     sni: Mapping[str, Destination] = attrs.field(factory=dict)
     sni_default: Destination | None = None
-    proxy_protocol: str | None = None  # "v2"
+    proxy_protocol: ProxyProtocol | None = None
 
 
 @attrs.frozen
@@ -69,7 +97,7 @@ class Listener:
     """One listening endpoint and the protocol spoken on it."""
 
     name: str
-    protocol: str
+    protocol: ListenerProtocol
     endpoint: str
     tls: TLSFiles | None
     advertise: str | None = None
@@ -127,7 +155,7 @@ class Limits:
 
     rate: float | None = None
     burst: int = 1
-    per: str = "identity_target"
+    per: LimitKey = "identity_target"
     max_concurrent: int | None = None
 
 
@@ -193,7 +221,7 @@ class ProviderSpec:
     own, already validated; relative paths in them resolve against ``base``.
     """
 
-    kind: str
+    kind: ProviderKind
     name: str
     settings: Mapping[str, Any] = attrs.field(factory=dict)
     base: Path = Path(".")
@@ -224,7 +252,7 @@ class Route:
 
     name: str
     targets: tuple[Target, ...]
-    scheme: str = "http"
+    scheme: Scheme = "http"
     metrics_path: str = "/metrics"
     paths: tuple[str, ...] = ("/metrics",)
     params: tuple[str, ...] = ()
@@ -260,9 +288,9 @@ class Audit:
 
     path: Path
     key_file: Path
-    fsync: str = "interval"
+    fsync: FsyncPolicy = "interval"
     fsync_interval: float = 1.0
-    on_failure: str = "deny"
+    on_failure: OnAuditFailure = "deny"
     max_field_length: int = 1024
     aggregate_interval: float = 10.0
 
