@@ -165,7 +165,7 @@ class ConnectionQuestion:
 def question(config: Config, listener: str | None) -> Question:
     """The listener named ``listener`` (default: the first ``http`` one), ready to be asked;
     it sees only the routes it serves."""
-    by_name = {li.name: li for li in config.listeners if li.protocol != "admin"}
+    by_name = {li.name: li for li in config.listeners}
     if listener is None:
         http = [li.name for li in config.listeners if li.protocol == "http"]
         if not http:
