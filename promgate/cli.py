@@ -197,12 +197,17 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--listener",
         metavar="NAME",
-        help="the http listener asked (default: the first); it sees only the routes it serves",
+        help="the listener asked (default: the first http one); it sees only the routes it serves",
     )
     explain.add_argument(
         "--as", dest="identity", required=True, help="the identity asking (its name)"
     )
-    explain.add_argument("url", help="https://HOST/scrape?route=R&target=T[&path=P] or /sd")
+    explain.add_argument(
+        "url",
+        metavar="REQUEST",
+        help="what the listener receives: /scrape?route=R&target=T[&path=P] or /sd (http), "
+        "http://HOST:PORT/PATH or 'CONNECT HOST:PORT' (forward), a server name or '' (tcp)",
+    )
     explain.set_defaults(run=_explain)
 
     test_policy = sub.add_parser(

@@ -413,3 +413,132 @@ class ListenerTests(PolicyCLITestCase):
         )
         code, out, err = run("test-policy", str(tests))
         self.assertEqual(code, 0, out + err)
+
+
+EVERY_KIND = (
+    CONFIG.replace(
+        'listeners: [{name: scrape, protocol: http, endpoint: "tcp:9443"}]',
+        """listeners:
+  - {name: scrape, protocol: http, endpoint: "tcp:9443"}
+  - {name: egress, protocol: forward, endpoint: "tcp:3128"}
+  - {name: raw, protocol: tcp, endpoint: "tcp:9101", route: node, target: "10.0.0.5:9100"}
+  - name: pass
+    protocol: tcp
+    endpoint: "tcp:9102"
+    mode: passthrough
+    sni: {web.example.org: web}""",
+    )
+    .replace("  node:\n", "  node:\n    listeners: [scrape, egress, raw]\n")
+    .replace(
+        "audit:",
+        """  web:
+    scheme: https
+    allow: ["sni:web.example.org"]
+    targets: {static: ["10.0.1.1:443"]}
+audit:""",
+    )
+)
+
+
+class EveryListenerKindTests(PolicyCLITestCase):
+    """explain and test-policy ask forward and tcp listeners what they receive: absolute
+    URLs and CONNECT, and server names; the answer is the one the gateway's own policy
+    objects give."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.config = self.write("promgate.yaml", EVERY_KIND)
+
+    def ask(self, listener: str, identity: str, request: str) -> tuple[int, str, str]:
+        return run(
+            "explain",
+            "--config",
+            str(self.config),
+            "--as",
+            identity,
+            "--listener",
+            listener,
+            request,
+        )
+
+    def test_forward_absolute_url(self) -> None:
+        code, out, err = self.ask("egress", "prometheus", "http://10.0.0.5:9100/metrics")
+        self.assertEqual(code, 0, out + err)
+        self.assertTrue(out.startswith("allow 200 ok\n"), out)
+        self.assertIn("upstream: GET http://10.0.0.5:9100/metrics\n", out)
+        code, out, _ = self.ask("egress", "prometheus", "http://10.0.0.5:9100/debug/pprof")
+        self.assertEqual(code, 1)
+        self.assertTrue(out.startswith("deny 403 path_refused\n"), out)
+        code, out, _ = self.ask("egress", "ops", "http://10.0.0.5:9100/metrics")
+        self.assertEqual(code, 1)
+        self.assertTrue(out.startswith("deny 403 authz_denied\n"), out)
+
+    def test_forward_connect(self) -> None:
+        """CONNECT reaches https routes only; an unknown target is the same 403."""
+        code, out, _ = self.ask("egress", "ops", "CONNECT 127.0.0.1:9115")
+        self.assertEqual(code, 0, out)
+        self.assertIn("upstream: https://127.0.0.1:9115\n", out)
+        code, out, _ = self.ask("egress", "ops", "CONNECT 10.0.0.5:9100")
+        self.assertEqual(code, 1)
+        self.assertTrue(out.startswith("deny 403 not_found\n"), out)
+        code, out, _ = self.ask("egress", "ops", "CONNECT nonsense")
+        self.assertEqual(code, 1)
+        self.assertTrue(out.startswith("deny 400 bad_request\n"), out)
+
+    def test_forward_unusable_request(self) -> None:
+        code, _, err = self.ask("egress", "ops", "/scrape?route=node&target=10.0.0.5%3A9100")
+        self.assertEqual(code, 2)
+        self.assertIn("give http://HOST:PORT/PATH or CONNECT HOST:PORT", err)
+
+    def test_tcp_terminate(self) -> None:
+        """A terminating tcp listener judges the caller's identity; no HTTP status."""
+        code, out, _ = self.ask("raw", "prometheus", "")
+        self.assertEqual(code, 0, out)
+        self.assertTrue(out.startswith("allow ok\n"), out)
+        self.assertIn("upstream: http://10.0.0.5:9100\n", out)
+        code, out, _ = self.ask("raw", "ops", "")
+        self.assertEqual(code, 1)
+        self.assertTrue(out.startswith("deny authz_denied\n"), out)
+
+    def test_tcp_passthrough_by_server_name(self) -> None:
+        """A passthrough listener routes and admits by server name alone."""
+        code, out, _ = self.ask("pass", "ops", "web.example.org")
+        self.assertEqual(code, 0, out)
+        self.assertIn("routes.web.allow: sni:web.example.org", out)
+        self.assertIn("passthrough: the connection carries no identity", out)
+        code, out, _ = self.ask("pass", "ops", "other.example.org")
+        self.assertEqual(code, 1)
+        self.assertTrue(out.startswith("deny unknown_server_name\n"), out)
+        code, out, _ = self.ask("pass", "ops", "")
+        self.assertTrue(out.startswith("deny no_server_name\n"), out)
+
+    def test_policy_cases_for_every_kind(self) -> None:
+        tests = self.write(
+            "tests.yaml",
+            """\
+            config: promgate.yaml
+            tests:
+              - {as: prometheus, listener: egress, url: "http://10.0.0.5:9100/metrics",
+                 expect: allow, status: 200}
+              - {as: ops, listener: egress, url: "CONNECT 10.0.0.5:9100", expect: deny,
+                 status: 403, reason: not_found}
+              - {as: ops, listener: raw, url: "", expect: deny, reason: authz_denied}
+              - {as: ops, listener: pass, url: web.example.org, expect: allow}
+            """,
+        )
+        code, out, err = run("test-policy", str(tests))
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertIn("OK: 4 case(s) passed", out)
+
+    def test_policy_status_on_tcp_is_a_problem(self) -> None:
+        tests = self.write(
+            "tests.yaml",
+            """\
+            config: promgate.yaml
+            tests:
+              - {as: ops, listener: raw, url: "", expect: deny, status: 403}
+            """,
+        )
+        code, _, err = run("test-policy", str(tests))
+        self.assertEqual(code, 2)
+        self.assertIn("tests[0].status: a tcp listener answers no HTTP status", err)
