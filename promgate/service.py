@@ -26,9 +26,10 @@ from promgate.http.server import HTTPListenerFactory
 from promgate.http.upstream import UpstreamPool
 from promgate.listeners.forward import ForwardGateway
 from promgate.listeners.scrape import ReverseGateway
-from promgate.listeners.tcp import EndpointConnector, TCPGateway, TCPGatewayFactory
+from promgate.listeners.tcp import TCPGateway, TCPGatewayFactory
 from promgate.listening import ListenerService
 from promgate.metrics import Metrics
+from promgate.net.relay_upstream import EndpointConnector
 from promgate.ratelimit import RateLimiter
 from promgate.tls import server_tls
 

@@ -50,8 +50,9 @@ from promgate.http.server import DownstreamProtocol, HTTPListenerFactory
 from promgate.http.targets import AbsoluteForm, parse_absolute_form, parse_authority_form
 from promgate.http.wire import HTTPError
 from promgate.identity import Recognition
-from promgate.listeners.forward import CONNECT_OK, MAX_EARLY_DATA, ForwardGateway
+from promgate.listeners.forward import CONNECT_OK, ForwardGateway
 from promgate.metrics import Metrics
+from promgate.net.relay import MAX_PENDING
 from promgate.policy import ForwardPolicy, Refusal
 from promgate.ratelimit import RateLimiter
 from promgate.tls import server_tls
@@ -65,6 +66,16 @@ from tests.test_gateway import (
     _server_transport,
     parse_responses,
 )
+
+
+class HalfCloseTransport(StringTransport):
+    """A StringTransport that also records a half-close (TCP shutdown of writing)."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
 
 #: Every refusal by policy says only this.
 FORBIDDEN = BY_STATUS[403]
@@ -373,7 +384,7 @@ class ForwardTestCase(SynchronousTestCase):
     ) -> tuple[DownstreamProtocol, StringTransport]:
         """A plain-text client connection; ``identity`` as if named by its certificate."""
         proto = HTTPListenerFactory(self.gateway.http).buildProtocol(None)
-        transport = StringTransport(
+        transport = HalfCloseTransport(
             hostAddress=IPv4Address("TCP", "192.0.2.1", 3128),
             peerAddress=IPv4Address("TCP", "198.51.100.7", 40000),
         )
@@ -614,7 +625,7 @@ class TunnelTestCase(ForwardTestCase):
         host, port, factory, timeout, _ = self.clock.tcpClients.pop(0)
         self.assertEqual(timeout, self.listener.deadlines.upstream_connect)
         upstream = factory.buildProtocol(IPv4Address("TCP", host, port))
-        upstream_transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        upstream_transport = HalfCloseTransport(peerAddress=IPv4Address("TCP", host, port))
         upstream.makeConnection(upstream_transport)
         return upstream, upstream_transport
 
@@ -645,6 +656,8 @@ class TunnelTests(TunnelTestCase):
         self.clock.advance(7)
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(upstream_transport.disconnecting)
+        self.assertEqual(self.requests(), [])  # recorded once both sides are gone
+        upstream.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(
             self.tunnel_record(),
             AuditEvent(
@@ -664,23 +677,27 @@ class TunnelTests(TunnelTestCase):
             ),
         )
         self.assertEqual(self.limiter.in_flight("secure"), 0)
-        upstream.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(len(self.requests()), 1)
 
-    def test_client_half_close_ends_tunnel(self) -> None:
-        """A client's FIN (plain TCP) ends its tunnel as its full close does: audited once
-        as client_closed, the upstream closed after what it was sent, the client closed."""
+    def test_client_half_close_passed_on(self) -> None:
+        """A client's FIN (plain TCP) is passed on as a FIN; the upstream's answer still
+        comes back, and its close ends the tunnel, audited once as client_closed (the side
+        that ended first)."""
         proto, transport, upstream, upstream_transport = self.open_tunnel()
         proto.dataReceived(b"ping")
         proto.readConnectionLost()
         self.assertEqual(upstream_transport.value(), b"ping")
-        self.assertTrue(upstream_transport.disconnecting)
+        self.assertTrue(upstream_transport.write_closed)  # a FIN
+        self.assertFalse(transport.disconnecting)
+        upstream.dataReceived(b"pong")
+        self.assertEqual(transport.value(), b"pong")
+        upstream.readConnectionLost()
+        self.assertTrue(transport.write_closed)
         self.assertTrue(transport.disconnecting)
-        self.assertEqual(self.tunnel_record().reason, "client_closed")
-        self.assertEqual(self.limiter.in_flight("secure"), 0)
+        self.assertEqual(self.requests(), [])
         proto.connectionLost(Failure(ConnectionDone()))
         upstream.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(len(self.requests()), 1)
+        self.assertEqual(self.tunnel_record().reason, "client_closed")
+        self.assertEqual(self.limiter.in_flight("secure"), 0)
 
     def test_upstream_closes(self) -> None:
         """The upstream ends the tunnel: the client gets what was sent, then a close."""
@@ -689,15 +706,16 @@ class TunnelTests(TunnelTestCase):
         upstream.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(transport.value(), b"last words")
         self.assertTrue(transport.disconnecting)
-        self.assertEqual(self.tunnel_record().reason, "upstream_closed")
         proto.dataReceived(b"GET http://10.0.0.5:9100/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         proto.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual((len(self.requests()), self.pool.pending), (1, []))
+        self.assertEqual(self.tunnel_record().reason, "upstream_closed")
+        self.assertEqual(self.pool.pending, [])
 
     def test_upstream_resets(self) -> None:
-        _, transport, upstream, _ = self.open_tunnel()
+        proto, transport, upstream, _ = self.open_tunnel()
         upstream.connectionLost(Failure(ConnectionLost("reset")))
         self.assertTrue(transport.disconnecting)
+        proto.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.tunnel_record().reason, "upstream_reset")
 
     def test_name_resolved_once(self) -> None:
@@ -745,17 +763,19 @@ class TunnelTests(TunnelTestCase):
 
     def test_shutdown(self) -> None:
         """The gateway stops: the tunnel is cut both ways and audited as such."""
-        proto, _, _, upstream_transport = self.open_tunnel()
+        proto, _, upstream, upstream_transport = self.open_tunnel()
         self.assertEqual(self.gateway.http.shut_down_connections(), 1)
         proto.connectionLost(Failure(ConnectionLost()))
         self.assertTrue(upstream_transport.disconnected)
+        upstream.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.tunnel_record().reason, "gateway_shutdown")
 
     def test_metrics(self) -> None:
-        proto, _, _, _ = self.open_tunnel()
+        proto, _, upstream, _ = self.open_tunnel()
         gauge = self.metrics.registry.get_sample_value
         self.assertEqual(gauge("promgate_open_tunnels", {"listener": "egress"}), 1.0)
         proto.connectionLost(Failure(ConnectionDone()))
+        upstream.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(gauge("promgate_open_tunnels", {"listener": "egress"}), 0.0)
         self.assertEqual(
             gauge(
@@ -784,17 +804,16 @@ class TunnelIdleTests(TunnelTestCase):
         self.assertEqual(self.audit.events, [])
         self.assertFalse(transport.disconnecting)
         self.clock.advance(1)
+        # Both sides are closed; the tunnel is audited once both are gone.
         self.assertTrue(transport.disconnecting)
-        self.assertTrue(upstream_transport.disconnected)
+        self.assertTrue(upstream_transport.disconnecting)
+        proto.connectionLost(Failure(ConnectionDone()))
+        upstream.connectionLost(Failure(ConnectionDone()))
         event = self.tunnel_record()
         self.assertEqual(
             (event.reason, event.duration), ("tunnel_idle_timeout", 3 * (TUNNEL_IDLE - 1) + 1)
         )
         self.assertEqual(self.limiter.in_flight("secure"), 0)
-        # The client's close completes later; nothing more is audited.
-        proto.connectionLost(Failure(ConnectionDone()))
-        upstream.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(len(self.requests()), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
@@ -802,10 +821,12 @@ class TunnelBackPressureTests(TunnelTestCase):
     """Producers registered both ways: neither side can make the gateway buffer."""
 
     def test_slow_client_pauses_upstream(self) -> None:
-        proto, _, _, upstream_transport = self.open_tunnel()
-        proto.pauseProducing()  # the client's socket is full
+        _, transport, _, upstream_transport = self.open_tunnel()
+        relay = transport.producer  # the relay's, registered once the tunnel opened
+        self.assertIsNotNone(relay)
+        relay.pauseProducing()  # the client's socket is full
         self.assertEqual(upstream_transport.producerState, "paused")
-        proto.resumeProducing()
+        relay.resumeProducing()
         self.assertEqual(upstream_transport.producerState, "producing")
 
     def test_slow_upstream_pauses_client(self) -> None:
@@ -817,27 +838,29 @@ class TunnelBackPressureTests(TunnelTestCase):
         tunnel.resumeProducing()
         self.assertEqual(transport.producerState, "producing")
 
-    def test_paused_before_connected(self) -> None:
-        """A client already unable to take more when the upstream connects: the upstream
-        starts paused."""
-        proto, _ = self.send(request(b"CONNECT", b"10.0.0.7:9443"))
-        proto.pauseProducing()
-        _, upstream_transport = self.accept_upstream()
-        self.assertEqual(upstream_transport.producerState, "paused")
-
     def test_early_data_bounded(self) -> None:
-        """Bytes sent before the tunnel opens are held up to a bound, then reading stops
-        until the upstream is there to take them."""
+        """While the upstream is being connected the client is not read; bytes that come
+        anyway (a transport that ignores the pause) are held up to a bound, and go
+        upstream first once it is there."""
+        proto, transport = self.send(request(b"CONNECT", b"10.0.0.7:9443") + b"early")
+        self.assertEqual(transport.producerState, "paused")
+        chunk = b"x" * 4096
+        proto.dataReceived(chunk)
+        _, upstream_transport = self.accept_upstream()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(upstream_transport.value(), b"early" + chunk)
+
+    def test_early_data_overflow(self) -> None:
+        """Beyond the bound, the connection is cut and the tunnel audited as such."""
         proto, transport = self.send(request(b"CONNECT", b"10.0.0.7:9443"))
         chunk = b"x" * 4096
-        for _ in range(MAX_EARLY_DATA // len(chunk)):
+        for _ in range(MAX_PENDING // len(chunk) + 1):
             proto.dataReceived(chunk)
-        self.assertEqual(transport.producerState, "producing")
-        proto.dataReceived(b"y")
-        self.assertEqual(transport.producerState, "paused")
-        _, upstream_transport = self.accept_upstream()
-        self.assertEqual(transport.producerState, "producing")
-        self.assertEqual(upstream_transport.value(), chunk * (MAX_EARLY_DATA // len(chunk)) + b"y")
+        self.assertTrue(transport.disconnecting)
+        proto.connectionLost(Failure(ConnectionLost()))
+        (event,) = self.requests()
+        self.assertEqual((event.reason, event.status), ("client_aborted", None))
+        self.assertEqual(self.limiter.in_flight("secure"), 0)
 
 
 class RefusedConnectTests(TunnelTestCase):
@@ -887,9 +910,10 @@ class RefusedConnectTests(TunnelTestCase):
         proto.dataReceived(request(b"CONNECT", b"10.0.0.7:9443", basic(b"alice", b"s3cret")))
         proto.dataReceived(b"early")
         self.finish_threads()
-        _, upstream_transport = self.accept_upstream()
+        upstream, upstream_transport = self.accept_upstream()
         self.assertEqual((transport.value(), upstream_transport.value()), (CONNECT_OK, b"early"))
         proto.connectionLost(Failure(ConnectionDone()))
+        upstream.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.tunnel_record().identity, "alice")
 
     def test_malformed_target(self) -> None:
@@ -963,6 +987,8 @@ class MutualTLSTunnelTests(TunnelTestCase):
         self.assertEqual(client.data, CONNECT_OK + b"inner answer")
         client_wire.loseConnection()
         pump.flush()
+        self.assertTrue(upstream_transport.disconnecting)
+        upstream.connectionLost(Failure(ConnectionDone()))
         event = self.tunnel_record()
         self.assertEqual((event.identity, event.reason), ("prometheus", "client_closed"))
         self.assertIsNotNone(event.cert_sha256)

@@ -47,15 +47,7 @@ from promgate.config.model import (
     TLSFiles,
 )
 from promgate.identity import Recognition
-from promgate.listeners.tcp import (
-    CLOSE_LINGER,
-    EndpointConnector,
-    TCPDownstream,
-    TCPGateway,
-    TCPGatewayFactory,
-    TCPUpstream,
-    TLSUpstream,
-)
+from promgate.listeners.tcp import TCPDownstream, TCPGateway, TCPGatewayFactory
 from promgate.metrics import Metrics
 from promgate.net.proxyproto import (
     PP2_TYPE_AUTHORITY,
@@ -64,6 +56,8 @@ from promgate.net.proxyproto import (
     decode_ssl_tlv,
     decode_v2,
 )
+from promgate.net.relay import CLOSE_LINGER
+from promgate.net.relay_upstream import EndpointConnector, TCPUpstream, TLSUpstream
 from promgate.policy import ConnectionPolicy, RouteRules, match_server_name
 from promgate.ratelimit import RateLimiter
 from promgate.testing import TestPKI
@@ -634,20 +628,25 @@ class RelayTests(TCPTestCase):
         self.assertEqual(transport.value(), b"banner")
 
     def test_idle_deadline(self) -> None:
-        """Nothing either way for tunnel_idle (300s): both sides are cut; idle_timeout."""
+        """Nothing either way for tunnel_idle (300s): both sides are closed (nothing is in
+        flight), and cut if they have not finished within CLOSE_LINGER; idle_timeout."""
         proto, transport, upstream, upstream_transport, _ = self.tunnel()
         self.clock.advance(200)
         upstream.dataReceived(b"x")
         self.clock.advance(200)
         self.assertFalse(transport.disconnecting)
         self.clock.advance(100)
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(upstream_transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(CLOSE_LINGER)
         self.assertTrue(transport.disconnected)
         self.assertTrue(upstream_transport.disconnected)
         lose(proto, clean=False)
         lose(upstream, clean=False)
         (event,) = self.records()
         self.assertEqual(event.reason, "idle_timeout")
-        self.assertEqual(event.duration, 500)
+        self.assertEqual(event.duration, 500 + CLOSE_LINGER)
 
     def test_linger(self) -> None:
         """Once one side is gone, the other has CLOSE_LINGER seconds to finish closing."""

@@ -41,18 +41,23 @@ from promgate.tls import PeerCertificate, verify_reason
 
 
 class ClientRelay(TypingProtocol):
-    """What holds a downstream connection while it is busy: an ``Exchange``, or a CONNECT
-    tunnel. No request is read meanwhile."""
+    """What holds a downstream connection while a request is relayed (an ``Exchange``).
+    No request is read meanwhile."""
 
     def client_lost(self, reason: str = Reason.CLIENT_ABORTED) -> None: ...
 
 
-class ClientTunnel(ClientRelay, TypingProtocol):
-    """A CONNECT tunnel that took over a connection's byte stream."""
+class ClientTunnel(TypingProtocol):
+    """What a connection's byte stream belongs to after an allowed CONNECT: a relay
+    (promgate.net.relay.Relay). The connection is no longer read as HTTP."""
 
     def client_data(self, data: bytes) -> None: ...
 
-    def client_full(self, full: bool) -> None: ...
+    def client_closed_write(self) -> None: ...
+
+    def client_lost(self, reason: Failure) -> None: ...
+
+    def shut_down(self) -> None: ...
 
 
 class Deadline(Enum):
@@ -112,6 +117,8 @@ class DownstreamProtocol(Protocol):
         self._processing = False
         self._shutdown = False
         self._reading_paused = False
+        #: Registered as its transport's producer (until closing, or a tunnel takes over).
+        self._producing = False
         #: The client half-closed (plain TCP only): answer what it sent, then close.
         self._read_closed = False
         #: The request whose credentials are being checked (bcrypt, in a thread), if any.
@@ -133,6 +140,7 @@ class DownstreamProtocol(Protocol):
         self.listener.open.add(self)
         no_delay(self.transport)
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._producing = True
         if self.listener.tls:
             self._arm(Deadline.HANDSHAKE)
         else:
@@ -179,9 +187,7 @@ class DownstreamProtocol(Protocol):
             return
         tunnel = self.tunnel
         if tunnel is not None:
-            # The client's FIN ends its tunnel, as its full close does.
-            tunnel.client_lost(Reason.CLIENT_ABORTED)
-            self.end_tunnel()
+            tunnel.client_closed_write()  # passed on as a FIN
             return
         self._read_closed = True
         if self._exchange is None and self._authenticating is None and not self._closing:
@@ -195,7 +201,9 @@ class DownstreamProtocol(Protocol):
         self._cancel_timer()
         self.listener.open_connections.dec()
         self.listener.open.discard(self)
-        if not self._ready and self.listener.tls:
+        if self.tunnel is not None:
+            self.tunnel.client_lost(reason)
+        elif not self._ready and self.listener.tls:
             self._report_handshake_failure(reason)
         elif self._exchange is not None:
             exchange, self._exchange = self._exchange, None
@@ -232,15 +240,11 @@ class DownstreamProtocol(Protocol):
         self._output_paused = True
         if self._upstream is not None:
             self._upstream.pause()
-        if self.tunnel is not None:
-            self.tunnel.client_full(True)
 
     def resumeProducing(self) -> None:
         self._output_paused = False
         if self._upstream is not None:
             self._upstream.resume()
-        if self.tunnel is not None:
-            self.tunnel.client_full(False)
 
     def stopProducing(self) -> None:
         pass  # connectionLost follows and ends any exchange
@@ -331,6 +335,9 @@ class DownstreamProtocol(Protocol):
         cut it, auditing what that interrupts (a request in flight or half-received, a
         handshake, a tunnel); one that never had an answer has nothing to deliver."""
         self._shutdown = True
+        if self.tunnel is not None:
+            self.tunnel.shut_down()
+            return
         if self._closing:
             return  # closing already, once its last answer is sent
         if self._idle() and self._answers:
@@ -343,6 +350,7 @@ class DownstreamProtocol(Protocol):
         return (
             self._ready
             and self._exchange is None
+            and self.tunnel is None
             and self._authenticating is None
             and not self._buf.strip()
             and not self._lost
@@ -437,7 +445,9 @@ class DownstreamProtocol(Protocol):
         """
         self._closing = True
         assert self.transport is not None
-        self.transport.unregisterProducer()  # type: ignore[attr-defined]
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
         self._reading_paused = False
         self.transport.resumeProducing()  # type: ignore[attr-defined]
         self.transport.loseConnection()
@@ -499,28 +509,22 @@ class DownstreamProtocol(Protocol):
     # -- tunnels ---------------------------------------------------------------------------
 
     def take_over(self, tunnel: ClientTunnel) -> bytes:
-        """Hand this connection's byte stream to ``tunnel``; return the bytes the client sent
-        after its CONNECT head (they belong to the tunnel)."""
-        self.begin_exchange(tunnel)
+        """Hand this connection's byte stream to ``tunnel``: from now on it is relayed, not
+        parsed. Returns the bytes the client sent after its CONNECT head (they belong to
+        the tunnel)."""
+        assert self.transport is not None
+        self._cancel_timer()
         self.tunnel = tunnel
         early, self._buf = self._buf, b""
+        # The relay registers its own producer: back-pressure is its business now.
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
         if self._reading_paused:
-            # Paused while the request's credentials were checked: the tunnel decides now.
-            self.pause_reading(False)
+            # Paused while the request's credentials were checked: the relay decides now.
             self._reading_paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
         return early
-
-    def pause_reading(self, pause: bool) -> None:
-        if not self._lost and self.transport is not None:
-            transport: Any = self.transport
-            if pause:
-                transport.pauseProducing()
-            else:
-                transport.resumeProducing()
-
-    def end_tunnel(self) -> None:
-        """The tunnel is over from the upstream's side (or idle): close once flushed."""
-        self.close_truncated()
 
 
 class HTTPListenerFactory(Factory):

@@ -23,16 +23,10 @@ allowed CONNECT, the connection hands its byte stream to a ``Tunnel``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectingCancelledError, ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from promgate.audit import IAuditSink
 from promgate.authn import Authenticator, door_headers
@@ -49,21 +43,22 @@ from promgate.http.wire import HTTPError, RequestHead
 from promgate.identity import Recognition
 from promgate.listeners.scrape import http_listener
 from promgate.metrics import Metrics
-from promgate.net.connector import connect, connect_failure, no_delay
+from promgate.net.relay import Relay, Side
+from promgate.net.relay_upstream import EndpointConnector, UpstreamConnection
 from promgate.policy import BAD_REQUEST, Decision, ForwardPolicy, Membership, parse_query
 from promgate.ratelimit import IRateLimiter
 from promgate.reactors import IConnectReactor
 
-__all__ = ["CONNECT_OK", "MAX_EARLY_DATA", "ForwardGateway", "Tunnel", "TunnelUpstream"]
+__all__ = ["CONNECT_OK", "ForwardGateway", "Tunnel"]
 
 #: The answer that opens a tunnel.
 CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
-#: Bytes a client may send after its CONNECT head, before the tunnel is open, before the
-#: gateway stops reading it.
-MAX_EARLY_DATA = 64 * 1024
 _METHODS = ((b"Allow", b"GET, HEAD, CONNECT"),)
-#: The idle deadline is checked this close to its due time (clock rounding).
-_IDLE_SLACK = 0.001
+#: How a tunnel's end is named in its audit record, where the relay's name differs.
+_TUNNEL_ENDINGS: dict[str, str] = {
+    Reason.CLIENT_ABORTED: Reason.CLIENT_CLOSED,
+    Reason.IDLE_TIMEOUT: Reason.TUNNEL_IDLE_TIMEOUT,
+}
 
 
 # -- the gateway ------------------------------------------------------------------------------
@@ -110,6 +105,7 @@ class ForwardGateway:
         )
         self.connect_timeout = listener.deadlines.upstream_connect
         self.tunnel_idle = listener.deadlines.tunnel_idle
+        self.connector = EndpointConnector(reactor, connect_timeout=self.connect_timeout)
         self.challenges = tuple(
             (b"Proxy-Authenticate", value) for _, value in authenticator.challenges
         )
@@ -226,37 +222,32 @@ class ForwardGateway:
         extra = self.challenges if status == 407 else door_headers(ctx.recognition, ())
         self.http.refuse(conn, req, ctx, outcome, extra)
 
-    def record_tunnel(self, tunnel: Tunnel, reason: str) -> None:
+    def record_tunnel(self, tunnel: Tunnel, relay: Relay) -> None:
         """Audit and count one tunnel, at its end: one record for its whole life."""
         outcome = Outcome(
             "allow",
-            reason,
+            _TUNNEL_ENDINGS.get(relay.ended or "", relay.ended or Reason.CLIENT_CLOSED),
             200,
             tunnel.route.name,
             tunnel.target.address,
-            bytes_in=tunnel.bytes_in,
-            bytes_out=tunnel.bytes_out,
-            detail=tunnel.detail,
+            bytes_in=tunnel.req.size + relay.bytes_in,
+            bytes_out=len(CONNECT_OK) + relay.bytes_out,
+            detail=relay.detail,
         )
         self.http.recorder.tunnel(tunnel.ctx, outcome, self.http.clock.seconds())
 
 
-# -- the tunnel --------------------------------------------------------------------------------
+# -- the tunnel ------------------------------------------------------------------------------
 
 
-@implementer(IPushProducer)
 class Tunnel:
-    """One CONNECT tunnel: connect, ``200``, then bytes both ways until one side ends.
+    """One CONNECT tunnel: the owner of the relay (promgate.net.relay) that carries it.
 
-    As the producer registered with the upstream connection, it stops reading the client
-    while the upstream cannot take more; the client connection, in turn, pauses reading the
-    upstream while the client cannot take more (``client_full``). Bytes the client sent
-    before the tunnel opened are held (up to MAX_EARLY_DATA, then reading stops) and go
-    upstream first. ``bytes_in`` counts the CONNECT head and what the client sent through;
-    ``bytes_out`` the ``200`` and what the upstream sent back.
+    Connects to the target, answers ``200`` once it is there, then leaves the bytes to the
+    relay; at the end, one audit record for the tunnel's whole life. ``bytes_in`` counts
+    the CONNECT head and what the client sent through, ``bytes_out`` the ``200`` and what
+    the upstream sent back.
     """
-
-    log = Logger()
 
     def __init__(
         self,
@@ -275,63 +266,34 @@ class Tunnel:
         self.route = route
         self.target = target
         self.ticket = ticket
-        start = ctx.start
-        self.bytes_in = req.size
-        self.bytes_out = 0
-        self.detail: str | None = None
-        self.upstream: TunnelUpstream | None = None
-        self.connecting: Deferred[Protocol] | None = None
-        self.open = False
-        self.done = False
-        self._early: list[bytes] = []
-        self._early_size = 0
-        self._idle: IDelayedCall | None = None
-        self._last = start
-        self._reading_paused = False
-        self._upstream_full = False
-        self._client_full = False
+        #: Connecting failed and the client was answered (a 502 or 504).
+        self.answered = False
 
     def start(self) -> None:
-        early = self.conn.take_over(self)
-        if early:
-            self.client_data(early)
         gw = self.gw
-        d = connect(gw.reactor, self.target, _TunnelUpstreamFactory(self), gw.connect_timeout)
-        self.connecting = d
-        d.addCallbacks(self._connected, self._connect_failed)
+        relay = Relay(
+            self,
+            Side(self.conn.transport, secure=gw.http.tls),
+            clock=gw.http.clock,
+            connect_timeout=gw.connect_timeout,
+            idle=gw.tunnel_idle,
+        )
+        relay.start(self.conn.take_over(relay))
 
-    # -- connecting ----------------------------------------------------------------------------
+    # -- RelayOwner --------------------------------------------------------------------------
 
-    def _connected(self, upstream: Protocol) -> None:
-        self.connecting = None
-        assert isinstance(upstream, TunnelUpstream)
-        transport: Any = upstream.transport
-        if self.done:
-            transport.abortConnection()
-            return
-        self.upstream = upstream
-        self.open = True
-        transport.registerProducer(self, True)
-        if self._client_full:
-            transport.pauseProducing()
+    def connect(self, relay: Relay) -> Deferred[UpstreamConnection]:
+        return self.gw.connector.connect(self.route, self.target, b"", False)
+
+    def opened(self, relay: Relay) -> None:
         self.gw.open_tunnels.inc()
-        self.bytes_out += len(CONNECT_OK)
         self.conn.send(CONNECT_OK)
-        early, self._early, self._early_size = self._early, [], 0
-        if early:
-            self.bytes_in += sum(len(b) for b in early)
-            transport.writeSequence(early)
-        self._last = self.gw.http.clock.seconds()
-        self._idle = self.gw.http.clock.callLater(self.gw.tunnel_idle, self._idle_check)
-        self._update_reading()
 
-    def _connect_failed(self, failure: Failure) -> None:
-        self.connecting = None
-        if self.done or failure.check(ConnectingCancelledError):
+    def connect_failed(self, relay: Relay, reason: str, detail: str) -> None:
+        if reason == Reason.GATEWAY_SHUTDOWN:
+            self.conn.abort()  # recorded when the client is gone, as an abandoned CONNECT
             return
-        self.done = True
-        reason, detail = connect_failure(failure)
-        status = 504 if reason is Reason.UPSTREAM_TIMEOUT else 502
+        self.answered = True
         gw = self.gw
         gw.http.metrics.upstream_errors.labels(self.route.name, reason).inc()
         gw.log.info(
@@ -342,155 +304,21 @@ class Tunnel:
             detail=detail,
         )
         self.ticket.release()
-        outcome = Outcome("allow", reason, status, self.route.name, self.target.address)
-        gw.http.answer(
-            self.conn,
-            self.req,
-            self.ctx,
-            attrs.evolve(outcome, detail=detail),
-            refusal_body(status, reason),
+        status = 504 if reason == Reason.UPSTREAM_TIMEOUT else 502
+        outcome = Outcome(
+            "allow", reason, status, self.route.name, self.target.address, detail=detail
         )
+        gw.http.answer(self.conn, self.req, self.ctx, outcome, refusal_body(status, reason))
 
-    # -- bytes -------------------------------------------------------------------------------
-
-    def client_data(self, data: bytes) -> None:
-        """Bytes from the client, for the upstream."""
-        if self.open:
-            self.bytes_in += len(data)
-            self._last = self.gw.http.clock.seconds()
-            assert self.upstream is not None and self.upstream.transport is not None
-            self.upstream.transport.write(data)
-        elif not self.done:
-            self._early.append(data)
-            self._early_size += len(data)
-            if self._early_size > MAX_EARLY_DATA:
-                self._update_reading()
-
-    def upstream_data(self, data: bytes) -> None:
-        """Bytes from the upstream, for the client."""
-        if self.open:
-            self.bytes_out += len(data)
-            self._last = self.gw.http.clock.seconds()
-            self.conn.send(data)
-
-    # -- back-pressure -----------------------------------------------------------------------
-
-    def pauseProducing(self) -> None:
-        """The upstream cannot take more: stop reading the client."""
-        self._upstream_full = True
-        self._update_reading()
-
-    def resumeProducing(self) -> None:
-        self._upstream_full = False
-        self._update_reading()
-
-    def stopProducing(self) -> None:
-        pass  # the upstream's connectionLost follows and ends the tunnel
-
-    def client_full(self, full: bool) -> None:
-        """The client cannot take more (or can again): pause (resume) reading the upstream."""
-        self._client_full = full
-        if self.upstream is not None and self.upstream.transport is not None and self.open:
-            transport: Any = self.upstream.transport
-            if full:
-                transport.pauseProducing()
-            else:
-                transport.resumeProducing()
-
-    def _update_reading(self) -> None:
-        pause = self._upstream_full if self.open else self._early_size > MAX_EARLY_DATA
-        if self.done or pause == self._reading_paused:
-            return
-        self._reading_paused = pause
-        self.conn.pause_reading(pause)
-
-    # -- endings ---------------------------------------------------------------------------
-
-    def _idle_check(self) -> None:
-        self._idle = None
-        now = self.gw.http.clock.seconds()
-        due = self._last + self.gw.tunnel_idle
-        if due - now > _IDLE_SLACK:
-            self._idle = self.gw.http.clock.callLater(due - now, self._idle_check)
-            return
-        self.detail = f"nothing sent either way for {self.gw.tunnel_idle:g}s"
-        self._end("tunnel_idle_timeout", abort_upstream=True, close_client=True)
-
-    def client_lost(self, reason: str = Reason.CLIENT_ABORTED) -> None:
-        """The client connection is gone (DownstreamProtocol.connectionLost)."""
-        if not self.open:
-            if self.connecting is not None:
-                self.connecting.cancel()
-            if not self.done:
-                # Not yet answered: audited as an abandoned CONNECT, like any request.
-                self.done = True
-                self.ticket.release()
-                outcome = Outcome("allow", reason, None, self.route.name, self.target.address)
-                self.gw.http.record(self.ctx, outcome)
-            return
-        if reason == Reason.CLIENT_ABORTED:
-            reason = Reason.CLIENT_CLOSED
-        self._end(reason, abort_upstream=reason == "gateway_shutdown", close_client=False)
-
-    def upstream_lost(self, reason: Failure) -> None:
-        """The upstream connection is gone."""
-        if not self.open:
-            return  # connecting failed, or the client went first
-        clean = reason.check(ConnectionDone) is not None
-        if not clean:
-            self.detail = reason.getErrorMessage()
-        self.upstream = None
-        self._end(
-            "upstream_closed" if clean else "upstream_reset",
-            abort_upstream=False,
-            close_client=True,
-        )
-
-    def _end(self, reason: str, *, abort_upstream: bool, close_client: bool) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.open = False
+    def finished(self, relay: Relay) -> None:
         gw = self.gw
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
-        gw.open_tunnels.dec()
         self.ticket.release()
-        upstream, self.upstream = self.upstream, None
-        if upstream is not None and upstream.transport is not None:
-            transport: Any = upstream.transport
-            transport.unregisterProducer()
-            if abort_upstream:
-                transport.abortConnection()
-            else:
-                transport.loseConnection()  # after what the client sent has been written
-        gw.record_tunnel(self, reason)
-        if close_client:
-            self.conn.end_tunnel()
-
-
-class TunnelUpstream(Protocol):
-    """The upstream end of a tunnel: bytes in and out, nothing parsed."""
-
-    def __init__(self, tunnel: Tunnel) -> None:
-        self.tunnel = tunnel
-
-    def connectionMade(self) -> None:
-        no_delay(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.tunnel.upstream_data(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.tunnel.upstream_lost(reason)
-
-
-class _TunnelUpstreamFactory(Factory):
-    noisy = False
-
-    def __init__(self, tunnel: Tunnel) -> None:
-        self.tunnel = tunnel
-
-    def buildProtocol(self, addr: object) -> TunnelUpstream:
-        return TunnelUpstream(self.tunnel)
+        if relay.opened:
+            gw.open_tunnels.dec()
+            gw.record_tunnel(self, relay)
+        elif not self.answered:
+            # Not yet answered: audited as an abandoned CONNECT, like any request.
+            shutdown = relay.ended == Reason.GATEWAY_SHUTDOWN
+            reason = Reason.GATEWAY_SHUTDOWN if shutdown else Reason.CLIENT_ABORTED
+            outcome = Outcome("allow", reason, None, self.route.name, self.target.address)
+            gw.http.record(self.ctx, outcome)
