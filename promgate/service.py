@@ -238,7 +238,8 @@ class GatewayService(MultiService):
             try:
                 factory: IProtocolFactory = protocol_factory(listener, gateway, self.reactor)
             except OSError as e:
-                raise StartupError(f"listener {listener.name}: TLS: {os_error_text(e)}") from e
+                where = f"{e.filename}: " if e.filename else ""
+                raise StartupError(f"listener {listener.name}: {where}{os_error_text(e)}") from e
             services.append(
                 ListenerService(listener.name, listener.endpoint, factory, self.reactor)
             )
@@ -276,7 +277,8 @@ class GatewayService(MultiService):
                 raise
             raise StartupError(f"audit log {self.audit.path}: {os_error_text(e)}") from e
         for warning in self.config.warnings:
-            self.log.warn("configuration: {warning}", warning=warning)
+            # Not ``warning=``: legacy log observers take that key for a warnings.warn().
+            self.log.warn("configuration: {problem}", problem=warning)
         for listener in [*self.listeners, self.admin]:
             listener.startService()
             self.log.info(

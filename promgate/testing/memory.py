@@ -208,6 +208,7 @@ class MemoryConnection:
             self.client.data[self._read :],
             head_only=self._methods[0] == "HEAD",
             closed=self.client.lost is not None,
+            join_repeated=True,
         )
         if found is None:
             return None

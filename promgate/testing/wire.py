@@ -56,12 +56,13 @@ class MalformedResponseError(ValueError):
 
 
 def read_response(
-    data: bytes, *, head_only: bool = False, closed: bool = False
+    data: bytes, *, head_only: bool = False, closed: bool = False, join_repeated: bool = False
 ) -> tuple[WireResponse, int] | None:
     """The first complete response in ``data`` and how many bytes it took, or None while
     it is incomplete. ``head_only``: the answer to a HEAD (no body, whatever its length);
     ``closed``: the connection has ended, which ends a body delimited by the close.
-    A repeated header is a :class:`MalformedResponseError`."""
+    A repeated header is a :class:`MalformedResponseError`, unless ``join_repeated``
+    (then its values are joined with ``", "``, as HTTP allows)."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
@@ -74,9 +75,13 @@ def read_response(
     headers: dict[bytes, bytes] = {}
     for line in lines[1:]:
         name, _, value = line.partition(b":")
-        if name.lower() in headers:
-            raise MalformedResponseError(f"repeated header: {line!r}")
-        headers[name.lower()] = value.strip()
+        key = name.lower()
+        if key in headers:
+            if not join_repeated:
+                raise MalformedResponseError(f"repeated header: {line!r}")
+            headers[key] += b", " + value.strip()
+        else:
+            headers[key] = value.strip()
     start = end + 4
     if head_only or status in (204, 304) or 100 <= status < 200:
         return WireResponse(status, headers, b"", data[:start]), start
