@@ -6,8 +6,11 @@ No test here opens a socket."""
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import socket
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -407,3 +410,57 @@ class ConstructionTests(NoSockets):
         self.assertTrue(sink.running)
         self.successResultOf(service.stopService())
         self.assertEqual([e.event for e in sink.events], ["start", "stop"])
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "test_integrator.py"
+
+
+def run_trial(test_file: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m twisted.trial FILE`` in ``cwd``, importing the same promgate as we do."""
+    import promgate
+
+    env = dict(os.environ)
+    root = str(Path(promgate.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "twisted.trial", str(test_file)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+class IntegratorExampleTests(SynchronousTestCase):
+    """docs/examples/test_integrator.py runs as an integrator runs it: from another
+    directory, with nothing but promgate importable, and it refuses sockets."""
+
+    def test_example_passes(self) -> None:
+        """trial runs the example from an unrelated directory, and it passes."""
+        cwd = Path(self.mktemp()).resolve()
+        cwd.mkdir(parents=True)
+        result = run_trial(EXAMPLE, cwd)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("PASSED (successes=2)", result.stdout)
+
+    def test_example_fails_on_a_socket(self) -> None:
+        """A test in the example that opens a socket fails, loudly."""
+        cwd = Path(self.mktemp()).resolve()
+        cwd.mkdir(parents=True)
+        copy = cwd / "test_integrator_socket.py"
+        copy.write_text(
+            EXAMPLE.read_text()
+            + textwrap.dedent(
+                """
+
+                class OpensASocket(IntegratorTests):
+                    def test_socket(self) -> None:
+                        socket.create_connection(("127.0.0.1", 9))
+                """
+            )
+        )
+        result = run_trial(copy, cwd)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("this test must not open a socket", result.stdout)
+        self.assertIn("FAILED", result.stdout)
