@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Callable
+from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.twisted import MetricsResource
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -43,15 +46,45 @@ class _Health(Resource):
     render_HEAD = render_GET
 
 
-def admin_site(registry: CollectorRegistry, readiness: Readiness) -> Site:
-    """The admin web site over promgate's own metrics registry."""
+class _Metrics(Resource):
+    """The registry's exposition, rendered on the reactor's thread as
+    ``prometheus_client``'s WSGI app renders it (text or OpenMetrics by ``Accept``,
+    gzip by ``Accept-Encoding``, ``name[]`` filters), without the global reactor's
+    thread pool that ``prometheus_client.twisted.MetricsResource`` runs it on."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = request.getHeader(b"accept")
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+        registry = self._registry
+        query = (request.uri or b"").partition(b"?")[2].decode("latin-1")
+        names = parse_qs(query).get("name[]")
+        if names:
+            registry = registry.restricted_registry(names)  # type: ignore[assignment]
+        output: bytes = encoder(registry)
+        request.setHeader(b"content-type", content_type.encode("latin-1"))
+        encoding = request.getHeader(b"accept-encoding")
+        if gzip_accepted(encoding.decode("latin-1") if encoding else ""):
+            output = gzip.compress(output)
+            request.setHeader(b"content-encoding", b"gzip")
+        return output
+
+
+def admin_site(registry: CollectorRegistry, readiness: Readiness, reactor: IReactorTime) -> Site:
+    """The admin web site over promgate's own metrics registry; its timeouts and log
+    timestamps run on ``reactor``."""
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=registry))  # type: ignore[no-untyped-call]
+    root.putChild(b"metrics", _Metrics(registry))
     dash = Resource()
     dash.putChild(b"healthy", _Health(None))
     dash.putChild(b"ready", _Health(readiness))
     root.putChild(b"-", dash)
-    site = Site(root)
+    site = Site(root, reactor=reactor)
     site.noisy = False
     site.displayTracebacks = False
     site.log = lambda request: None  # type: ignore[method-assign]

@@ -128,7 +128,9 @@ class AuditLog(Service):
     ``fsync_interval`` seconds on ``clock`` when something was written) or ``"never"``.
     ``on_result(ok)`` is called after every write attempt, for metrics, and ``on_reopen()``
     each time the file is reopened because its path no longer named it. ``write`` replaces
-    ``os.write`` (tests use it to fill the disk).
+    ``os.write`` (tests use it to fill the disk). ``key`` is the key itself, or the key file
+    (:func:`load_key`), read when start-up begins (``privilegedStartService``, before
+    ``twistd --uid`` drops privileges), never in the constructor.
 
     Starting takes the file's exclusive lock (:func:`lock_audit_file`) and raises
     :class:`~promgate.errors.StartupError` before writing anything if another promgate holds
@@ -140,7 +142,7 @@ class AuditLog(Service):
     def __init__(
         self,
         path: Path,
-        key: bytes,
+        key: bytes | Path,
         clock: IReactorTime,
         fsync: str = "interval",
         fsync_interval: float = 1.0,
@@ -158,7 +160,8 @@ class AuditLog(Service):
         if max_field_length < 1:
             raise ValueError(f"max_field_length must be positive, not {max_field_length!r}")
         self.path = path
-        self._key = key
+        self._key_file = key if isinstance(key, Path) else None
+        self._key = b"" if isinstance(key, Path) else key
         self._clock = clock
         self._fsync = fsync
         self._fsync_interval = fsync_interval
@@ -188,7 +191,22 @@ class AuditLog(Service):
 
     # -- service lifecycle -----------------------------------------------------------------
 
+    def privilegedStartService(self) -> None:
+        self._load_key()
+        Service.privilegedStartService(self)
+
+    def _load_key(self) -> None:
+        if self._key_file is None or self._key:
+            return
+        try:
+            self._key = load_key(self._key_file)
+        except OSError as e:
+            raise StartupError(f"audit key file {self._key_file}: {describe(e)}") from None
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+
     def startService(self) -> None:
+        self._load_key()
         file = lock_audit_file(self.path)
         try:
             notes = self._recover(file.fd)

@@ -8,16 +8,18 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from twisted.application.service import MultiService
+import attrs
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from promgate.admin import Readiness, admin_site
-from promgate.audit import AuditEvent, AuditLog, load_key
+from promgate.audit import AuditEvent, AuditLog, IAuditSink
 from promgate.audit_aggregate import AggregatingSink
-from promgate.authn import Authenticator, BcryptThreads
+from promgate.authn import Authenticator, BcryptThreads, ThreadRunner
 from promgate.config.model import Config, Listener
 from promgate.discovery import Discovery
 from promgate.errors import StartupError, os_error_text
@@ -30,8 +32,12 @@ from promgate.listeners.tcp import TCPGateway, TCPGatewayFactory
 from promgate.listening import ListenerService
 from promgate.metrics import Metrics
 from promgate.net.relay_upstream import EndpointConnector
+from promgate.policy import Membership
 from promgate.ratelimit import RateLimiter
+from promgate.reactors import IGatewayReactor
 from promgate.tls import server_tls
+
+__all__ = ["ABORT_GRACE", "DRAIN_TIMEOUT", "GatewayService", "Pipeline"]
 
 #: How long SIGTERM waits for in-flight scrapes, and then for the connections that carried
 #: their answers to close, before cutting what is left.
@@ -39,37 +45,134 @@ DRAIN_TIMEOUT = 10.0
 #: How long connections cut at the end of the drain may take to be gone (and audited).
 ABORT_GRACE = 2.0
 
+Gateway = ReverseGateway | ForwardGateway | TCPGateway
+
+
+@attrs.frozen
+class Pipeline:
+    """What every listener's gateway shares: one clock, limiter, audit sink, metrics
+    registry, upstream pool, authenticator, and the routes' current targets."""
+
+    reactor: IGatewayReactor
+    limiter: RateLimiter
+    audit: IAuditSink
+    metrics: Metrics
+    pool: UpstreamPool
+    authenticator: Authenticator
+    membership: Membership
+
+    def gateway(self, listener: Listener, config: Config) -> Gateway:
+        """The gateway (routing, policy, limits, audit) behind ``listener``."""
+        if listener.protocol == "tcp":
+            return TCPGateway(
+                listener,
+                config,
+                clock=self.reactor,
+                limiter=self.limiter,
+                audit=self.audit,
+                metrics=self.metrics,
+                connector=EndpointConnector(
+                    self.reactor, connect_timeout=listener.deadlines.upstream_connect
+                ),
+            )
+        if listener.protocol == "forward":
+            return ForwardGateway(
+                listener,
+                config,
+                reactor=self.reactor,
+                clock=self.reactor,
+                limiter=self.limiter,
+                audit=self.audit,
+                metrics=self.metrics,
+                pool=self.pool,
+                authenticator=self.authenticator,
+                membership=self.membership,
+            )
+        return ReverseGateway(
+            listener,
+            config,
+            clock=self.reactor,
+            limiter=self.limiter,
+            audit=self.audit,
+            metrics=self.metrics,
+            pool=self.pool,
+            authenticator=self.authenticator,
+            membership=self.membership,
+        )
+
+
+def protocol_factory(listener: Listener, gateway: Gateway, clock: IReactorTime) -> Any:
+    """What ``listener`` accepts connections with: its gateway's protocols, behind TLS
+    unless the listener is plain (or a ``tcp`` listener passes TLS through). Reads the
+    listener's certificate and key files."""
+    factory: Any
+    if isinstance(gateway, TCPGateway):
+        factory = TCPGatewayFactory(gateway)
+        if listener.tls is not None and gateway.settings.mode == "terminate":
+            # No ALPN: the relayed protocol is the client's business, not the gateway's.
+            factory = TLSMemoryBIOFactory(
+                server_tls(listener.tls, alpn=None), False, factory, clock=clock
+            )
+    else:
+        factory = HTTPListenerFactory(gateway.http)
+        if listener.tls is not None:
+            factory = TLSMemoryBIOFactory(server_tls(listener.tls), False, factory, clock=clock)
+    factory.noisy = False
+    return factory
+
 
 class GatewayService(MultiService):
     """The whole gateway: audit log, listeners, upstream pool and admin listener.
 
-    Start-up binds every listener first (in ``privilegedStartService``), then opens the
+    Start-up reads the key and certificate files and binds every listener first (in
+    ``privilegedStartService``, before ``twistd --uid`` drops privileges), then opens the
     audit log and writes ``start``, then the ready file: a start-up that fails writes
     nothing. The audit log stops last, so ``start`` and ``stop`` bracket every request
     record. On stop, the listeners close, ``/-/ready`` answers 503 while in-flight work
     drains and the connections that carried it close, then the admin listener closes.
+
+    The constructor reads no file. What the gateway takes from the process that runs it can
+    be replaced, as the in-memory test kit (:mod:`promgate.testing.memory`) does:
+    ``audit_sink`` stands in for the configured audit log file (a service, if it is one,
+    started and stopped with the gateway), ``run_in_thread`` for bcrypt's own thread pool,
+    and ``install_signal_handlers=False`` leaves the process's SIGHUP alone.
     """
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor: Any, *, ready_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: IGatewayReactor,
+        *,
+        ready_file: Path | None = None,
+        audit_sink: IAuditSink | None = None,
+        run_in_thread: ThreadRunner | None = None,
+        install_signal_handlers: bool = True,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.reactor = reactor
         self.ready_file = ready_file
+        self.install_signal_handlers = install_signal_handlers
         self.metrics = Metrics()
         audit_cfg = config.audit
-        self.audit = AuditLog(
-            audit_cfg.path,
-            load_key(audit_cfg.key_file),
-            reactor,
-            fsync=audit_cfg.fsync,
-            fsync_interval=audit_cfg.fsync_interval,
-            max_field_length=audit_cfg.max_field_length,
-            on_result=self.metrics.audit_result,
-            on_reopen=self.metrics.audit_reopens.inc,
-        )
-        self.audit.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.audit: IAuditSink
+        if audit_sink is None:
+            self.audit = AuditLog(
+                audit_cfg.path,
+                audit_cfg.key_file,  # read when start-up begins
+                reactor,
+                fsync=audit_cfg.fsync,
+                fsync_interval=audit_cfg.fsync_interval,
+                max_field_length=audit_cfg.max_field_length,
+                on_result=self.metrics.audit_result,
+                on_reopen=self.metrics.audit_reopens.inc,
+            )
+        else:
+            self.audit = audit_sink
+        if IService.providedBy(self.audit):
+            IService(self.audit).setServiceParent(self)
         # What the listeners write to: refusals of unauthenticated peers are counted, not
         # written one by one. Stopped before the audit log, so pending counts come before
         # its ``stop`` record.
@@ -85,106 +188,80 @@ class GatewayService(MultiService):
         self.discovery = Discovery(config.routes, reactor, metrics=self.metrics)
         self.discovery.setServiceParent(self)  # type: ignore[no-untyped-call]
         deny = audit_cfg.on_failure == "deny"
-        self.readiness = Readiness(lambda: self.audit.healthy or not deny, self.discovery.settled)
+        self.readiness = Readiness(
+            lambda: bool(self.audit.healthy) or not deny, self.discovery.settled
+        )
         self.limiter = RateLimiter(reactor)
         self.pool = UpstreamPool(
             reactor,
             on_connect=lambda route: self.metrics.upstream_connections.labels(route).inc(),
         )
-        self.listeners: list[ListenerService] = []
-        self.gateways: list[HTTPListener | TCPGateway] = []
         # One authenticator (and one bcrypt cache) for every listener, with bcrypt on a
-        # thread pool of its own.
-        self.bcrypt_threads = BcryptThreads(reactor)
+        # thread pool of its own unless a runner is given.
+        self.bcrypt_threads: BcryptThreads | None = None
+        if run_in_thread is None:
+            self.bcrypt_threads = run_in_thread = BcryptThreads(reactor)
         self.authenticator = Authenticator(
             config.identities,
-            run_in_thread=self.bcrypt_threads,
+            run_in_thread=run_in_thread,
             clock=reactor,
             metrics=self.metrics,
-            concurrency=self.bcrypt_threads.size,
+            concurrency=self.bcrypt_threads.size if self.bcrypt_threads is not None else 2,
         )
-        for listener in config.listeners:
-            if listener.protocol == "tcp":
-                self._add_tcp_listener(listener)
-                continue
-            handler: ReverseGateway | ForwardGateway
-            if listener.protocol == "forward":
-                handler = ForwardGateway(
-                    listener,
-                    config,
-                    reactor=reactor,
-                    clock=reactor,
-                    limiter=self.limiter,
-                    audit=self.records,
-                    metrics=self.metrics,
-                    pool=self.pool,
-                    authenticator=self.authenticator,
-                    membership=self.discovery.membership,
-                )
-            else:
-                handler = ReverseGateway(
-                    listener,
-                    config,
-                    clock=reactor,
-                    limiter=self.limiter,
-                    audit=self.records,
-                    metrics=self.metrics,
-                    pool=self.pool,
-                    authenticator=self.authenticator,
-                    membership=self.discovery.membership,
-                )
-            self.gateways.append(handler.http)
-            factory: Any = HTTPListenerFactory(handler.http)
-            if listener.tls is not None:
-                factory = TLSMemoryBIOFactory(server_tls(listener.tls), False, factory)
-            factory.noisy = False
-            self.listeners.append(
-                ListenerService(listener.name, listener.endpoint, factory, reactor)
-            )
+        self.pipeline = Pipeline(
+            reactor=reactor,
+            limiter=self.limiter,
+            audit=self.records,
+            metrics=self.metrics,
+            pool=self.pool,
+            authenticator=self.authenticator,
+            membership=self.discovery.membership,
+        )
+        #: One gateway per configured listener, in the configuration's order.
+        self.gateways: list[Gateway] = [
+            self.pipeline.gateway(listener, config) for listener in config.listeners
+        ]
+        #: The configured listeners as services; made (certificate files read) when
+        #: start-up begins.
+        self.listeners: list[ListenerService] = []
         #: Last to close: it answers /-/ready with 503 while the others drain.
         self.admin = ListenerService(
             "admin",
             config.admin.endpoint,
-            admin_site(self.metrics.registry, self.readiness),
+            admin_site(self.metrics.registry, self.readiness, reactor),
             reactor,
         )
         self._previous_sighup: Any = None
 
-    def _add_tcp_listener(self, listener: Listener) -> None:
-        gateway = TCPGateway(
-            listener,
-            self.config,
-            clock=self.reactor,
-            limiter=self.limiter,
-            audit=self.records,
-            metrics=self.metrics,
-            connector=EndpointConnector(
-                self.reactor, connect_timeout=listener.deadlines.upstream_connect
-            ),
-        )
-        self.gateways.append(gateway)
-        factory: Any = TCPGatewayFactory(gateway)
-        if listener.tls is not None and gateway.settings.mode == "terminate":
-            # No ALPN: the relayed protocol is the client's business, not the gateway's.
-            factory = TLSMemoryBIOFactory(server_tls(listener.tls, alpn=None), False, factory)
-        factory.noisy = False
-        self.listeners.append(
-            ListenerService(listener.name, listener.endpoint, factory, self.reactor)
-        )
+    def _listener_services(self) -> list[ListenerService]:
+        services = []
+        for listener, gateway in zip(self.config.listeners, self.gateways, strict=True):
+            try:
+                factory: IProtocolFactory = protocol_factory(listener, gateway, self.reactor)
+            except OSError as e:
+                where = f"{e.filename}: " if e.filename else ""
+                raise StartupError(f"listener {listener.name}: {where}{os_error_text(e)}") from e
+            services.append(
+                ListenerService(listener.name, listener.endpoint, factory, self.reactor)
+            )
+        return services
 
     def privilegedStartService(self) -> None:
-        """Bind every listener, before twistd drops privileges and before anything is
-        written; a listener that cannot bind is a StartupError, and none stays bound."""
+        """Read the certificate and key files and bind every listener, before twistd drops
+        privileges and before anything is written; a listener that cannot bind is a
+        StartupError, and none stays bound."""
+        if not self.listeners:
+            self.listeners = self._listener_services()
         bound: list[ListenerService] = []
         try:
             for listener in [*self.listeners, self.admin]:
                 listener.privilegedStartService()
                 bound.append(listener)
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
         except StartupError:
             for listener in bound:
                 listener.stopService()
             raise
-        super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
         """Open the audit log (``start``), start the rest, then write the ready file."""
@@ -197,11 +274,12 @@ class GatewayService(MultiService):
             raise
         except OSError as e:
             self._unbind()
-            if self.audit.running:
+            if not isinstance(self.audit, AuditLog) or self.audit.running:
                 raise
             raise StartupError(f"audit log {self.audit.path}: {os_error_text(e)}") from e
         for warning in self.config.warnings:
-            self.log.warn("configuration: {warning}", warning=warning)
+            # Not ``warning=``: legacy log observers take that key for a warnings.warn().
+            self.log.warn("configuration: {problem}", problem=warning)
         for listener in [*self.listeners, self.admin]:
             listener.startService()
             self.log.info(
@@ -209,9 +287,11 @@ class GatewayService(MultiService):
                 name=listener.listener_name,
                 address=listener.address(),
             )
-        self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+        if self.install_signal_handlers:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
         self.pool.start()
-        self.bcrypt_threads.start()
+        if self.bcrypt_threads is not None:
+            self.bcrypt_threads.start()
         self.metrics.config_last_reload_successful.set(1)
         self.metrics.config_last_reload_success_timestamp.set(self.reactor.seconds())
         self.readiness.ready = True
@@ -236,7 +316,8 @@ class GatewayService(MultiService):
         await self._close_connections(deadline)
         await self.admin.stopService()
         self.pool.stop()
-        self.bcrypt_threads.stop()
+        if self.bcrypt_threads is not None:
+            self.bcrypt_threads.stop()
         await super().stopService()  # type: ignore[no-untyped-call]
 
     def _on_sighup(self, signum: int, frame: object) -> None:
@@ -257,7 +338,7 @@ class GatewayService(MultiService):
         answer is written. Tunnels and TCP connections live as long as their clients
         want, so they are not waited for: they are cut, and audited, next.
         """
-        relaying = [gw for gw in self.gateways if isinstance(gw, HTTPListener)]
+        relaying = [gw for gw in self._connections() if isinstance(gw, HTTPListener)]
         for gw in relaying:
             gw.begin_drain()
         pending = sum(gw.exchanges for gw in relaying)
@@ -277,18 +358,22 @@ class GatewayService(MultiService):
         TLS, with a close_notify), up to ``deadline``; what is cut (requests still in
         flight, tunnels, TCP connections) or left at the deadline is aborted.
         """
-        for gw in self.gateways:
+        for gw in self._connections():
             gw.shut_down_connections()
         if await self._within(self._all_closed(), deadline):
             return
-        left = sum(len(gw.open) for gw in self.gateways)
+        left = sum(len(gw.open) for gw in self._connections())
         self.log.warn("{count} connection(s) cut at the shutdown deadline", count=left)
-        for gw in self.gateways:
+        for gw in self._connections():
             gw.abort_connections()
         await self._within(self._all_closed(), self.reactor.seconds() + ABORT_GRACE)
 
     def _all_closed(self) -> list[Deferred[None]]:
-        return [gw.open.when_empty() for gw in self.gateways]
+        return [gw.open.when_empty() for gw in self._connections()]
+
+    def _connections(self) -> list[HTTPListener | TCPGateway]:
+        """What holds each listener's open connections."""
+        return [gw if isinstance(gw, TCPGateway) else gw.http for gw in self.gateways]
 
     async def _within(self, waits: list[Deferred[None]], deadline: float) -> bool:
         """Wait for every one of ``waits`` until ``deadline``; whether they all fired."""

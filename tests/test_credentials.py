@@ -49,13 +49,14 @@ from promgate.config.model import (
     TLSFiles,
 )
 from promgate.http.server import DownstreamProtocol, HTTPListenerFactory
+from promgate.http.upstream import UpstreamPool
 from promgate.identity import Recognition, cert_matches
 from promgate.listeners.scrape import ReverseGateway
 from promgate.metrics import Metrics
 from promgate.ratelimit import RateLimiter
-from promgate.testing import TestPKI
+from promgate.testing import Collector, PendingUpstreams, TestPKI, server_transport
+from promgate.testing import request_head as get
 from promgate.tls import PeerCertificate, allows_client_auth, server_tls
-from tests.test_gateway import FakePool, _Client, _server_transport, get
 
 NODE = Target("10.0.0.5:9100")
 SCRAPE = b"/scrape?route=node&target=10.0.0.5%3A9100"
@@ -475,7 +476,7 @@ def make_gateway(
     clock: MemoryReactorClock,
     audit: MemoryAuditSink,
     metrics: Metrics,
-    pool: FakePool,
+    pool: UpstreamPool,
     runner: ThreadRunner,
     *,
     identities: dict[str, Identity] = IDENTITIES,
@@ -511,7 +512,8 @@ class GatewayCredentialTests(SynchronousTestCase):
         self.clock = MemoryReactorClock()
         self.audit = MemoryAuditSink()
         self.metrics = Metrics()
-        self.pool = FakePool(self.clock)
+        self.pool = UpstreamPool(self.clock)
+        self.upstreams = PendingUpstreams(self.clock)
         self.runner = ThreadRunner(self.synchronous)
         self.gateway = make_gateway(self.clock, self.audit, self.metrics, self.pool, self.runner)
 
@@ -552,7 +554,7 @@ class GatewayCredentialTests(SynchronousTestCase):
         header (nor any trace of the token); the audit names the token's identity."""
         proto, transport = self.client()
         proto.dataReceived(get(SCRAPE, b"Authorization: Bearer " + AGENT_TOKEN))
-        upstream, upstream_transport = self.pool.accept()
+        upstream, upstream_transport = self.upstreams.accept()
         self.assertEqual(upstream_transport.value(), UPSTREAM_REQUEST)
         self.assertNotIn(AGENT_TOKEN, upstream_transport.value())
         upstream.dataReceived(OK_RESPONSE)
@@ -566,7 +568,7 @@ class GatewayCredentialTests(SynchronousTestCase):
         headers = self.assertAnswered(transport, 401, "authn_failed", None)
         self.assertEqual(header_values(headers, b"www-authenticate"), CHALLENGES)
         self.assertEqual(header_values(headers, b"connection"), [b"keep-alive"])
-        self.assertEqual(self.pool.pending, [])
+        self.assertEqual(self.upstreams.pending, [])
         self.assertEqual(self.failures("authn_failed"), 1.0)
         self.assertEqual(self.requests()[0].detail, "bearer token matches no identity")
 
@@ -621,7 +623,7 @@ class GatewayCredentialTests(SynchronousTestCase):
         """A certificate with its own identity's token is served."""
         proto, transport = self.client(PROMETHEUS)
         proto.dataReceived(get(SCRAPE, b"Authorization: Bearer " + PROM_TOKEN))
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         self.assertAnswered(transport, 200, "ok", "prometheus")
 
@@ -643,7 +645,7 @@ class GatewayCredentialTests(SynchronousTestCase):
         next request on the same connection."""
         proto, transport = self.client()
         proto.dataReceived(get(SCRAPE, b"Authorization: Bearer " + AGENT_TOKEN))
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         proto.dataReceived(get(SCRAPE))
         statuses = [s for s, _, _ in parse_responses(transport.value())]
@@ -677,7 +679,7 @@ class GatewayCredentialTests(SynchronousTestCase):
             )
         )
         self.runner.run()
-        upstream, upstream_transport = self.pool.accept()
+        upstream, upstream_transport = self.upstreams.accept()
         self.assertNotIn(b"uthorization", upstream_transport.value())
         upstream.dataReceived(OK_RESPONSE)
         self.assertAnswered(transport, 200, "ok", "ops")
@@ -736,7 +738,7 @@ class PendingAuthenticationTests(GatewayCredentialTests):
         self.runner.run()
         self.assertEqual(written, [])
         self.assertEqual(len(self.requests()), 1)
-        self.assertEqual(self.pool.pending, [])
+        self.assertEqual(self.upstreams.pending, [])
 
     def test_gateway_shutdown_meanwhile(self) -> None:
         """Shutting down during the check audits the request as gateway_shutdown."""
@@ -827,7 +829,8 @@ class TLSCredentialTests(SynchronousTestCase):
         self.clock = MemoryReactorClock()
         self.audit = MemoryAuditSink()
         self.metrics = Metrics()
-        self.pool = FakePool(self.clock)
+        self.pool = UpstreamPool(self.clock)
+        self.upstreams = PendingUpstreams(self.clock)
         self.pinned = Identity(
             "pinned",
             cert=(CertMatch(spki_sha256=spki_of(self.pki.client("stranger")[0])),),
@@ -848,8 +851,8 @@ class TLSCredentialTests(SynchronousTestCase):
             server_tls(self.tls), False, HTTPListenerFactory(self.gateway.http), clock=self.clock
         )
 
-    def connect(self, cert: tuple[Path, Path]) -> tuple[_Client, Any, iosim.IOPump]:
-        client = _Client()
+    def connect(self, cert: tuple[Path, Path]) -> tuple[Collector, Any, iosim.IOPump]:
+        client = Collector()
         trust = Certificate.loadPEM(self.pki.ca_cert.read_bytes())
         creator = optionsForClientTLS(
             "localhost",
@@ -864,7 +867,7 @@ class TLSCredentialTests(SynchronousTestCase):
         client_wire, server_wire, pump = iosim.connectedServerAndClient(
             lambda: self.server_factory.buildProtocol(None),
             lambda: client_factory.buildProtocol(None),
-            serverTransportFactory=_server_transport,
+            serverTransportFactory=server_transport,
             greet=False,
             clock=self.clock,
         )

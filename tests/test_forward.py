@@ -48,6 +48,7 @@ from promgate.config.model import (
 from promgate.http.refusals import BY_STATUS, decision_status
 from promgate.http.server import DownstreamProtocol, HTTPListenerFactory
 from promgate.http.targets import AbsoluteForm, parse_absolute_form, parse_authority_form
+from promgate.http.upstream import UpstreamPool
 from promgate.http.wire import HTTPError
 from promgate.identity import Recognition
 from promgate.listeners.forward import CONNECT_OK, ForwardGateway
@@ -55,17 +56,21 @@ from promgate.metrics import Metrics
 from promgate.net.relay import MAX_PENDING
 from promgate.policy import ForwardPolicy, Refusal
 from promgate.ratelimit import RateLimiter
-from promgate.tls import server_tls
-from tests.test_gateway import (
-    METRICS,
-    OK_RESPONSE,
-    FakePool,
-    Response,
-    _Client,
-    _pki,
-    _server_transport,
+from promgate.testing import (
+    Collector,
+    PendingUpstreams,
+    TestPKI,
+    WireResponse,
     parse_responses,
+    server_transport,
 )
+from promgate.tls import server_tls
+
+METRICS = b"# TYPE up gauge\nup 1\n"
+OK_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(METRICS)
+) + METRICS
 
 
 class HalfCloseTransport(StringTransport):
@@ -353,7 +358,8 @@ class ForwardTestCase(SynchronousTestCase):
         self.audit = MemoryAuditSink()
         self.limiter = RateLimiter(self.clock)
         self.metrics = Metrics()
-        self.pool = FakePool(self.clock)
+        self.pool = UpstreamPool(self.clock)
+        self.upstreams = PendingUpstreams(self.clock)
         self.listener, self.config = make_config(self.tls)
         self.threads: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
         self.gateway = ForwardGateway(
@@ -403,7 +409,7 @@ class ForwardTestCase(SynchronousTestCase):
     def requests(self) -> list[AuditEvent]:
         return [e for e in self.audit.events if e.event == "request"]
 
-    def response(self, transport: StringTransport) -> Response:
+    def response(self, transport: StringTransport) -> WireResponse:
         """The one response the client got (a 407 repeats Proxy-Authenticate: folded)."""
         data = transport.value()
         head, _, _ = data.partition(b"\r\n\r\n")
@@ -420,7 +426,7 @@ class ForwardTestCase(SynchronousTestCase):
 
     def assertRefused(
         self, transport: StringTransport, status: int, reason: str, *, route: str | None = None
-    ) -> Response:
+    ) -> WireResponse:
         """One response with ``status``, audited once as a deny; no upstream touched."""
         response = self.response(transport)
         self.assertEqual(response.status, status)
@@ -429,7 +435,7 @@ class ForwardTestCase(SynchronousTestCase):
             (event.decision, event.reason, event.status, event.route),
             ("deny", reason, status, route),
         )
-        self.assertEqual(self.pool.pending, [])
+        self.assertEqual(self.upstreams.pending, [])
         self.assertEqual(self.clock.tcpClients, [])
         for name in ROUTES:
             self.assertEqual(self.limiter.in_flight(name), 0)
@@ -454,9 +460,9 @@ class AbsoluteFormRelayTests(ForwardTestCase):
             host=b"spoofed.example:1",
         )
         _, transport = self.send(head, identity=None)
-        route, target, _ = self.pool.pending[0]
-        self.assertEqual((route.name, target), ("node", NODE))
-        upstream, upstream_transport = self.pool.accept()
+        self.assertEqual(self.upstreams.pending, [NODE.address])
+        upstream, upstream_transport = self.upstreams.accept()
+        self.assertEqual(upstream.key, ("node", NODE.address))
         self.assertEqual(
             upstream_transport.value(),
             b"GET /metrics?collect%5B%5D=cpu HTTP/1.1\r\n"
@@ -495,22 +501,22 @@ class AbsoluteFormRelayTests(ForwardTestCase):
     def test_keep_alive_and_second_route(self) -> None:
         """Requests follow one another on a connection; each picks its own route."""
         proto, _ = self.send(request(b"GET", GET_NODE))
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         proto.dataReceived(request(b"GET", b"http://10.0.0.5:9100/extra"))
-        _, upstream_transport = self.pool.accept()
+        _, upstream_transport = self.upstreams.accept()
         self.assertTrue(upstream_transport.value().startswith(b"GET /extra HTTP/1.1\r\n"))
         self.assertEqual([e.route for e in self.requests()], ["node"])
 
     def test_canonical_path_upstream(self) -> None:
         """An escaped unreserved character is decoded: policy saw /metrics, upstream too."""
         self.send(request(b"GET", b"http://10.0.0.5:9100/metric%73"))
-        _, upstream_transport = self.pool.accept()
+        _, upstream_transport = self.upstreams.accept()
         self.assertTrue(upstream_transport.value().startswith(b"GET /metrics HTTP/1.1\r\n"))
 
     def test_head(self) -> None:
         self.send(request(b"HEAD", GET_NODE))
-        _, upstream_transport = self.pool.accept()
+        _, upstream_transport = self.upstreams.accept()
         self.assertTrue(upstream_transport.value().startswith(b"HEAD /metrics HTTP/1.1\r\n"))
 
 
@@ -582,14 +588,14 @@ class RefusalTests(ForwardTestCase):
             request(b"GET", GET_NODE, basic(b"alice", b"s3cret"))
             + request(b"GET", b"http://10.0.0.5:9100/extra", basic(b"alice", b"s3cret"))
         )
-        self.assertEqual((transport.value(), self.pool.pending), (b"", []))
+        self.assertEqual((transport.value(), self.upstreams.pending), (b"", []))
         self.finish_threads()
-        self.assertEqual(len(self.pool.pending), 1)
-        upstream, _ = self.pool.accept()
+        self.assertEqual(len(self.upstreams.pending), 1)
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         self.assertEqual(self.requests()[0].identity, "alice")
         # The pipelined request, now; its password was checked already (cached).
-        self.assertEqual((len(self.pool.pending), self.threads), (1, []))
+        self.assertEqual((len(self.upstreams.pending), self.threads), (1, []))
 
     def test_rate_limited(self) -> None:
         """The route's limits apply to CONNECT as to /scrape: 429 and, for CONNECT, close."""
@@ -623,6 +629,7 @@ class TunnelTestCase(ForwardTestCase):
     def accept_upstream(self) -> tuple[Any, StringTransport]:
         """Complete the oldest connect the tunnel started."""
         host, port, factory, timeout, _ = self.clock.tcpClients.pop(0)
+        self.clock.connectors.pop(0)
         self.assertEqual(timeout, self.listener.deadlines.upstream_connect)
         upstream = factory.buildProtocol(IPv4Address("TCP", host, port))
         upstream_transport = HalfCloseTransport(peerAddress=IPv4Address("TCP", host, port))
@@ -709,7 +716,7 @@ class TunnelTests(TunnelTestCase):
         proto.dataReceived(b"GET http://10.0.0.5:9100/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.tunnel_record().reason, "upstream_closed")
-        self.assertEqual(self.pool.pending, [])
+        self.assertEqual(self.upstreams.pending, [])
 
     def test_upstream_resets(self) -> None:
         proto, transport, upstream, _ = self.open_tunnel()
@@ -868,7 +875,9 @@ class RefusedConnectTests(TunnelTestCase):
 
     SMUGGLED = b"GET http://10.0.0.5:9100/metrics HTTP/1.1\r\nHost: 10.0.0.5:9100\r\n\r\n"
 
-    def assertClosedRefusal(self, transport: StringTransport, status: int, reason: str) -> Response:
+    def assertClosedRefusal(
+        self, transport: StringTransport, status: int, reason: str
+    ) -> WireResponse:
         response = self.assertRefused(transport, status, reason, route=self.requests()[0].route)
         self.assertEqual(response.headers[b"connection"], b"close")
         self.assertTrue(transport.disconnecting)
@@ -944,6 +953,17 @@ class _CountingResolver:
         return None
 
 
+_PKI: TestPKI | None = None
+
+
+def _pki(base: Path) -> TestPKI:
+    """One test PKI for the whole module (issuing certificates is the slow part)."""
+    global _PKI
+    if _PKI is None:
+        _PKI = TestPKI(base)
+    return _PKI
+
+
 class MutualTLSTunnelTests(TunnelTestCase):
     """Over a TLS proxy connection (an ``https://`` proxy_url): the client certificate names
     the caller, and the tunnel carries bytes inside that TLS session."""
@@ -963,14 +983,14 @@ class MutualTLSTunnelTests(TunnelTestCase):
             trustRoot=Certificate.loadPEM(self.pki.ca_cert.read_bytes()),
             clientCertificate=PrivateCertificate.loadPEM(cert.read_bytes() + key.read_bytes()),
         )
-        client = _Client()
+        client = Collector()
         client_factory = TLSMemoryBIOFactory(
             creator, True, ClientFactory.forProtocol(lambda: client), clock=self.clock
         )
         client_wire, _, pump = iosim.connectedServerAndClient(
             lambda: server_factory.buildProtocol(None),
             lambda: client_factory.buildProtocol(None),
-            serverTransportFactory=_server_transport,
+            serverTransportFactory=server_transport,
             greet=False,
             clock=self.clock,
         )

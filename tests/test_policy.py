@@ -5,6 +5,7 @@ the gateway refusing a path trick before anything reaches an upstream."""
 
 from __future__ import annotations
 
+import hashlib
 import textwrap
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from promgate.audit import AuditEvent
 from promgate.config.loader import check_config
-from promgate.config.model import Identity, Limits, Route, Target
+from promgate.config.model import Admin, Audit, Config, Identity, Limits, Listener, Route, Target
 from promgate.http.refusals import decision_status
 from promgate.identity import Recognition
 from promgate.policy import (
@@ -29,8 +31,7 @@ from promgate.policy import (
     ScrapeQuery,
     parse_scrape_query,
 )
-from promgate.testing import TestPKI
-from tests import test_gateway as gw
+from promgate.testing import Bearer, MemoryGateway, Response, TestPKI
 
 NODE = Target("10.0.0.5:9100")
 SCRAPER = Identity("prometheus", roles=frozenset({"scraper"}))
@@ -282,45 +283,94 @@ class ConfiguredPathTests(SynchronousTestCase):
         )
 
 
-class GatewayPathTests(gw.GatewayTestCase):
+GATEWAY_TOKEN = "prometheus-token-policy"
+GATEWAY_SCRAPE = "/scrape?route=node&target=10.0.0.5%3A9100"
+UPSTREAM_REQUEST = b"GET /metrics HTTP/1.1\r\nHost: 10.0.0.5:9100\r\n\r\n"
+
+
+def gateway_config() -> Config:
+    """A plain-text scrape listener whose prometheus identity holds a bearer token."""
+    prometheus = Identity(
+        "prometheus",
+        roles=frozenset({"scraper"}),
+        bearer_sha256=(hashlib.sha256(GATEWAY_TOKEN.encode()).digest(),),
+    )
+    routes = {
+        "node": Route(
+            "node", (NODE,), paths=("/metrics", "/metrics/extra"), allow=("role:scraper",)
+        ),
+        "admin": Route("admin", (Target("127.0.0.1:9099"),), allow=("ops",)),
+    }
+    return Config(
+        source=Path("promgate.yaml"),
+        listeners=(Listener("scrape", "http", "tcp:9443", None),),
+        identities={"prometheus": prometheus, "ops": OPS},
+        routes=routes,
+        admin=Admin(),
+        audit=Audit(Path("audit.jsonl"), Path("audit.key")),
+    )
+
+
+class GatewayPathTests(SynchronousTestCase):
     """At the gateway: a path trick is 400 and reaches no upstream; an unlisted path is 403;
     a listed one is relayed; the audit record names the rule that decided."""
 
+    def setUp(self) -> None:
+        self.gw = MemoryGateway(gateway_config())
+        self.exporter = self.gw.upstream("10.0.0.5:9100", body=b"up 1\n")
+
+    def scrape(self, target: str) -> Response:
+        return self.gw.get(target, identity=Bearer(GATEWAY_TOKEN))
+
+    def requests(self) -> list[AuditEvent]:
+        return self.gw.audit_records("request")
+
+    def assertRefused(self, response: Response, status: int, reason: str, route: str) -> None:
+        """Refused with ``status``, audited as a deny with ``reason``; no upstream."""
+        self.assertEqual(response.status, status)
+        (event,) = self.requests()
+        self.assertEqual(
+            (event.decision, event.reason, event.status, event.route),
+            ("deny", reason, status, route),
+        )
+        self.assertEqual(self.exporter.connections, 0)
+        self.assertEqual(self.gw.service.limiter.in_flight(route), 0)
+
     def test_trick_refused_before_upstream(self) -> None:
         """path=/metrics/../debug/pprof is 400 path_refused; nothing goes upstream."""
-        _, transport = self.scrape(gw.SCRAPE + b"&path=%2Fmetrics%2F..%2Fdebug%2Fpprof")
-        self.assertRefused(transport, 400, "path_refused", route="node")
+        response = self.scrape(GATEWAY_SCRAPE + "&path=%2Fmetrics%2F..%2Fdebug%2Fpprof")
+        self.assertRefused(response, 400, "path_refused", route="node")
         (event,) = self.requests()
         self.assertEqual(event.detail, "path normalisation: '..' segment")
-        self.assertEqual(self.pool.pending, [])
+        self.assertEqual(self.exporter.requests, [])
 
     def test_unlisted_path_refused(self) -> None:
         """path=/debug/pprof, canonical but not on the route, is 403 path_refused."""
-        _, transport = self.scrape(gw.SCRAPE + b"&path=%2Fdebug%2Fpprof")
-        self.assertRefused(transport, 403, "path_refused", route="node")
+        response = self.scrape(GATEWAY_SCRAPE + "&path=%2Fdebug%2Fpprof")
+        self.assertRefused(response, 403, "path_refused", route="node")
         self.assertEqual(self.requests()[0].detail, "routes.node.paths: '/debug/pprof' not listed")
 
     def test_listed_path_relayed(self) -> None:
         """path=/metrics on the same route goes upstream, as exactly that path."""
-        self.scrape(gw.SCRAPE + b"&path=%2Fmetrics")
-        _, upstream_transport = self.pool.accept()
-        self.assertEqual(upstream_transport.value(), gw.UPSTREAM_REQUEST)
+        self.assertEqual(self.scrape(GATEWAY_SCRAPE + "&path=%2Fmetrics").status, 200)
+        (request,) = self.exporter.requests
+        self.assertEqual(request.raw, UPSTREAM_REQUEST)
 
     def test_canonical_path_relayed(self) -> None:
         """An escaped spelling of a listed path is relayed in its canonical spelling."""
-        self.scrape(gw.SCRAPE + b"&path=%2Fmetrics%2Fextr%2561")
-        _, upstream_transport = self.pool.accept()
-        self.assertTrue(upstream_transport.value().startswith(b"GET /metrics/extra HTTP/1.1\r\n"))
+        self.scrape(GATEWAY_SCRAPE + "&path=%2Fmetrics%2Fextr%2561")
+        (request,) = self.exporter.requests
+        self.assertTrue(request.raw.startswith(b"GET /metrics/extra HTTP/1.1\r\n"))
 
     def test_denials_name_their_rule(self) -> None:
         """Every policy refusal's audit record carries the deciding rule in detail."""
         for target, rule in (
-            (b"/scrape?route=nope&target=a%3A1", "routes: no route 'nope'"),
-            (b"/scrape?route=admin&target=127.0.0.1%3A9099", "routes.admin.allow: default deny"),
-            (b"/scrape?route=node&target=a%3A1", "routes.node.targets: 'a:1' not a member"),
-            (gw.SCRAPE + b"&x=1", "routes.node.params: 'x' not listed"),
-            (b"/scrape?route=node", "query string: route and target are required"),
+            ("/scrape?route=nope&target=a%3A1", "routes: no route 'nope'"),
+            ("/scrape?route=admin&target=127.0.0.1%3A9099", "routes.admin.allow: default deny"),
+            ("/scrape?route=node&target=a%3A1", "routes.node.targets: 'a:1' not a member"),
+            (GATEWAY_SCRAPE + "&x=1", "routes.node.params: 'x' not listed"),
+            ("/scrape?route=node", "query string: route and target are required"),
         ):
-            self.audit.events.clear()
+            self.gw.audit.events.clear()
             self.scrape(target)
             self.assertEqual(self.requests()[0].detail, rule)

@@ -30,17 +30,23 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-import tests.test_gateway as gateway_tests
+from promgate.audit import AuditEvent
 from promgate.config.model import (
+    Admin,
+    Audit,
+    CertMatch,
+    Config,
     Identity,
+    Listener,
     Route,
+    Target,
     TLSFiles,
     UpstreamAuth,
     UpstreamIdentity,
     UpstreamTLS,
 )
 from promgate.http.upstream import UpstreamPool, UpstreamProtocol
-from promgate.testing import FakeExporter, GatewayProcess, TestPKI
+from promgate.testing import FakeExporter, GatewayProcess, MemoryGateway, TestPKI
 from promgate.testing.configs import ProblemAssertions
 from promgate.testing.integration import (
     IDENTITIES,
@@ -54,7 +60,13 @@ from promgate.testing.integration import (
     workdir,
 )
 from promgate.tls import UpstreamTLSError, client_options, server_options
-from tests.test_gateway import NODE, PROMETHEUS, GatewayTestCase, get
+
+NODE = Target("10.0.0.5:9100")
+PROMETHEUS = Identity(
+    "prometheus",
+    cert=(CertMatch(uri="spiffe://promgate.local/prometheus"),),
+    roles=frozenset({"scraper"}),
+)
 
 #: RFC 7617's example: user Aladdin, password "open sesame".
 ALADDIN = b"Authorization: Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==\r\n"
@@ -625,35 +637,43 @@ def _prometheus() -> Identity:
     return PROMETHEUS
 
 
-class UpstreamRequestHeadTests(GatewayTestCase):
+class UpstreamRequestHeadTests(SynchronousTestCase):
     """The upstream request carries the route's Authorization, built at load, and none of
     the client's credentials; the secret never reaches an audit record."""
 
     def setUp(self) -> None:
-        original = gateway_tests.make_config
+        self.pki = _pki(Path(self.mktemp()).resolve())
+        self.cert = self.pki.client("prometheus")
+        tls = TLSFiles(self.pki.gate_cert, self.pki.gate_key, self.pki.ca_cert)
+        config = Config(
+            source=Path("promgate.yaml"),
+            listeners=(Listener("scrape", "http", "tcp:9443", tls),),
+            identities={"prometheus": _prometheus()},
+            routes={
+                "node": Route("node", (NODE,), allow=("role:scraper",)),
+                "secured": SECURED,
+                "basic": BASIC,
+            },
+            admin=Admin(),
+            audit=Audit(Path("audit.jsonl"), Path("audit.key")),
+        )
+        self.gw = MemoryGateway(config)
+        self.exporter = self.gw.upstream(NODE.address, body=b"up 1\n")
 
-        def make_config(*args: Any, **kw: Any) -> Any:
-            listener, config = original(*args, **kw)
-            identities = {**config.identities, "prometheus": _prometheus()}
-            routes = {**config.routes, "secured": SECURED, "basic": BASIC}
-            return listener, attrs.evolve(config, identities=identities, routes=routes)
+    def requests(self) -> list[AuditEvent]:
+        return self.gw.audit_records("request")
 
-        self.patch(gateway_tests, "make_config", make_config)
-        super().setUp()
-
-    def upstream_request(self, route: bytes, *headers: bytes) -> bytes:
-        proto, transport = self.client(_prometheus())
-        proto.dataReceived(get(b"/scrape?route=" + route + b"&target=10.0.0.5%3A9100", *headers))
-        self.assertEqual(transport.value(), b"", "refused before reaching the upstream")
-        upstream, upstream_transport = self.pool.accept()
-        request = upstream_transport.value()
-        upstream.dataReceived(gateway_tests.OK_RESPONSE)
-        self.assertEqual(self.response(transport).status, 200)
-        return request
+    def upstream_request(self, route: str, *headers: bytes) -> bytes:
+        pairs = [tuple(h.decode().split(": ", 1)) for h in headers]
+        response = self.gw.get(
+            f"/scrape?route={route}&target=10.0.0.5%3A9100", identity=self.cert, headers=pairs
+        )
+        self.assertEqual(response.status, 200)
+        return self.exporter.requests[-1].raw
 
     def test_bearer_exact(self) -> None:
         """The route's bearer header, exactly, after the headers that pass."""
-        request = self.upstream_request(b"secured", *PASSED, *CLIENT_SECRETS)
+        request = self.upstream_request("secured", *PASSED, *CLIENT_SECRETS)
         self.assertEqual(
             request,
             b"GET /metrics HTTP/1.1\r\nHost: 10.0.0.5:9100\r\n"
@@ -663,7 +683,7 @@ class UpstreamRequestHeadTests(GatewayTestCase):
 
     def test_basic_exact(self) -> None:
         """The route's basic header, exactly."""
-        request = self.upstream_request(b"basic")
+        request = self.upstream_request("basic")
         self.assertEqual(
             request, b"GET /metrics HTTP/1.1\r\nHost: 10.0.0.5:9100\r\n" + ALADDIN + b"\r\n"
         )
@@ -671,7 +691,7 @@ class UpstreamRequestHeadTests(GatewayTestCase):
     def test_client_authorization_replaced(self) -> None:
         """A client's own Authorization never travels on: the route's replaces it."""
         request = self.upstream_request(
-            b"secured", b"Authorization: Bearer " + CLIENT_TOKEN, *CLIENT_SECRETS
+            "secured", b"Authorization: Bearer " + CLIENT_TOKEN, *CLIENT_SECRETS
         )
         self.assertNotIn(CLIENT_TOKEN, request)
         self.assertEqual(request.count(b"Authorization:"), 1)
@@ -680,7 +700,7 @@ class UpstreamRequestHeadTests(GatewayTestCase):
     def test_no_credentials_without_route_auth(self) -> None:
         """A route without credentials sends none, whatever the client sent."""
         request = self.upstream_request(
-            b"node", b"Authorization: Bearer " + CLIENT_TOKEN, *CLIENT_SECRETS, *PASSED
+            "node", b"Authorization: Bearer " + CLIENT_TOKEN, *CLIENT_SECRETS, *PASSED
         )
         self.assertEqual(
             request,
@@ -690,9 +710,9 @@ class UpstreamRequestHeadTests(GatewayTestCase):
 
     def test_secret_not_audited(self) -> None:
         """Audit records of scrapes through a credentialed route never hold the secret."""
-        self.upstream_request(b"secured")
-        self.upstream_request(b"basic")
-        text = repr(self.audit.events)
+        self.upstream_request("secured")
+        self.upstream_request("basic")
+        text = repr(self.gw.audit_records())
         self.assertEqual(len(self.requests()), 2)
         for secret in (SECRET, b"QWxhZGRpbjpvcGVuIHNlc2FtZQ==", CLIENT_TOKEN):
             self.assertNotIn(secret.decode(), text)
@@ -701,15 +721,14 @@ class UpstreamRequestHeadTests(GatewayTestCase):
         """A VerificationError or unloadable TLS files when connecting is a 502
         upstream_tls_failed, audited and counted."""
         for error in (VerificationError(errors=[]), UpstreamTLSError("cannot load")):
-            self.audit.events.clear()
-            _, transport = self.scrape()
-            _, _, d = self.pool.pending.pop(0)
-            d.errback(error)
-            self.assertEqual(self.response(transport).status, 502)
+            self.gw.audit.events.clear()
+            self.gw.upstream(NODE.address, connect_error=error)
+            response = self.gw.get("/scrape?route=node&target=10.0.0.5%3A9100", identity=self.cert)
+            self.assertEqual(response.status, 502)
             (event,) = self.requests()
             self.assertEqual((event.reason, event.status), ("upstream_tls_failed", 502))
         self.assertEqual(
-            self.metrics.registry.get_sample_value(
+            self.gw.sample(
                 "promgate_upstream_errors_total",
                 {"route": "node", "reason": "upstream_tls_failed"},
             ),

@@ -436,7 +436,7 @@ class UpstreamPool:
                 creator = client_options(target.host, route.upstream_tls)
             except UpstreamTLSError as e:
                 return fail(e)
-            endpoint = wrapClientTLS(creator, endpoint)
+            endpoint = wrapClientTLS(creator, endpoint, clock=self._reactor)
         if self._on_connect is not None:
             self._on_connect(route.name)
         d: Deferred[UpstreamProtocol] = endpoint.connect(_UpstreamFactory(self, key))
