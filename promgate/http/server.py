@@ -60,25 +60,41 @@ class ClientTunnel(TypingProtocol):
     def shut_down(self) -> None: ...
 
 
-class Deadline(Enum):
-    """The deadline a connection is under, by what it waits for."""
+class State(Enum):
+    """Where a client connection is in its life; each state names the deadline that
+    applies in it (``State.deadline``)."""
 
-    NONE = "none"
-    #: The TLS handshake: ``deadlines.tls_handshake``.
+    #: The TLS handshake is under way. Deadline: ``deadlines.tls_handshake``.
     HANDSHAKE = "handshake"
-    #: The rest of a request head once a byte of it came: ``deadlines.request_head``.
+    #: Reading a request head, once a byte of it came (or right after the handshake).
+    #: Deadline: ``deadlines.request_head``.
     HEAD = "head"
-    #: The next request on a keep-alive connection: ``deadlines.keepalive_idle``.
+    #: Between requests on a keep-alive connection. Deadline: ``deadlines.keepalive_idle``.
     IDLE = "idle"
-    #: The client's part of closing (its close_notify or FIN): ``deadlines.keepalive_idle``.
+    #: A request's credentials are being checked (bcrypt, in a thread); no request is read.
+    AUTHENTICATING = "authenticating"
+    #: A request is being relayed (an Exchange, which has its own deadline).
+    RELAYING = "relaying"
+    #: The byte stream belongs to a CONNECT tunnel (a relay, with its own deadlines).
+    TUNNEL = "tunnel"
+    #: Closing once what was written is sent, or cut. Deadline: ``deadlines.keepalive_idle``
+    #: for the client's part of the close.
     CLOSING = "closing"
+    #: Gone.
+    LOST = "lost"
 
-    def seconds(self, deadlines: Deadlines) -> float:
-        if self is Deadline.HANDSHAKE:
+    def deadline(self, deadlines: Deadlines) -> float | None:
+        if self is State.HANDSHAKE:
             return deadlines.tls_handshake
-        if self is Deadline.HEAD:
+        if self is State.HEAD:
             return deadlines.request_head
-        return deadlines.keepalive_idle
+        if self is State.IDLE or self is State.CLOSING:
+            return deadlines.keepalive_idle
+        return None
+
+
+#: Between requests: a head may be read.
+_READING = (State.HEAD, State.IDLE)
 
 
 #: The caller of a request abandoned before its credentials were checked.
@@ -107,10 +123,7 @@ class DownstreamProtocol(Protocol):
         self._exchange: ClientRelay | None = None
         self._upstream: UpstreamProtocol | None = None
         self._timer: IDelayedCall | None = None
-        self._deadline = Deadline.NONE
-        self._ready = False
-        self._closing = False
-        self._lost = False
+        self._state = State.HANDSHAKE
         self._output_paused = False
         self._verify_error: tuple[str, PeerCertificate | None] | None = None
         self._handshake_timed_out = False
@@ -142,7 +155,7 @@ class DownstreamProtocol(Protocol):
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self._producing = True
         if self.listener.tls:
-            self._arm(Deadline.HANDSHAKE)
+            self._enter(State.HANDSHAKE)
         else:
             self.recognition = self.listener.authenticator.for_connection(None)
             self._became_ready()
@@ -163,19 +176,21 @@ class DownstreamProtocol(Protocol):
         if tunnel is not None:
             tunnel.client_data(data)  # dropped once the tunnel is over
             return
-        if self._exchange is not None or self._closing or self._authenticating is not None:
+        state = self._state
+        if state not in _READING:
             # Pipelined (or post-close) bytes wait; stop reading only if they pile up, so
             # the usual one-request-at-a-time client costs no pause/resume syscalls.
             self._buf += data
-            if len(self._buf) > MAX_HEAD and not self._reading_paused and not self._closing:
+            closing = state is State.CLOSING
+            if len(self._buf) > MAX_HEAD and not self._reading_paused and not closing:
                 self._reading_paused = True
                 assert self.transport is not None
                 self.transport.pauseProducing()  # type: ignore[attr-defined]
             if len(self._buf) > 4 * MAX_HEAD:
                 self.abort()
             return
-        if not self._buf and self._deadline is Deadline.IDLE:
-            self._arm(Deadline.HEAD)
+        if not self._buf and state is State.IDLE:
+            self._enter(State.HEAD)
         self._buf = self._buf + data if self._buf else data
         self._process()
 
@@ -183,27 +198,27 @@ class DownstreamProtocol(Protocol):
         """The client sent a FIN but still reads (``printf ... | nc -N``): the requests it
         already sent are answered, then the connection is closed. Over TLS the TLS layer
         ends the whole connection instead, and connectionLost follows."""
-        if self._read_closed or self._lost:
+        if self._read_closed or self._state is State.LOST:
             return
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.client_closed_write()  # passed on as a FIN
             return
         self._read_closed = True
-        if self._exchange is None and self._authenticating is None and not self._closing:
+        if self._state in _READING:
             self._process()  # nothing complete is left: ends with _end_half_closed
 
     def writeConnectionLost(self) -> None:
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._lost = True
-        self._cancel_timer()
+        was = self._state
+        self._enter(State.LOST)
         self.listener.open_connections.dec()
         self.listener.open.discard(self)
         if self.tunnel is not None:
             self.tunnel.client_lost(reason)
-        elif not self._ready and self.listener.tls:
+        elif was is State.HANDSHAKE:
             self._report_handshake_failure(reason)
         elif self._exchange is not None:
             exchange, self._exchange = self._exchange, None
@@ -227,7 +242,7 @@ class DownstreamProtocol(Protocol):
             check, self._check = self._check, None
             if check is not None:
                 check.cancel()
-        elif self._buf.strip() and (not self._closing or self._shutdown):
+        elif self._buf.strip() and (was is not State.CLOSING or self._shutdown):
             why = Reason.GATEWAY_SHUTDOWN if self._shutdown else Reason.CLIENT_CLOSED_MID_REQUEST
             self.listener.record(
                 self.listener.context(self, None, self.listener.clock.seconds()),
@@ -252,17 +267,18 @@ class DownstreamProtocol(Protocol):
     # -- used by the gateway and the exchange ---------------------------------------------
 
     def send(self, data: bytes) -> None:
-        if not self._lost:
+        if self._state is not State.LOST:
             assert self.transport is not None
             self.transport.write(data)
 
     def send_sequence(self, data: tuple[bytes, ...]) -> None:
-        if not self._lost:
+        if self._state is not State.LOST:
             assert self.transport is not None
             self.transport.writeSequence(data)
 
     def begin_exchange(self, exchange: ClientRelay) -> None:
         self._exchange = exchange
+        self._enter(State.RELAYING)
 
     def begin_authentication(
         self, req: RequestHead, start: float, check: Deferred[Recognition] | None = None
@@ -271,6 +287,7 @@ class DownstreamProtocol(Protocol):
         ``check`` is cancelled if the connection is lost first."""
         self._authenticating = (req, start)
         self._check = check
+        self._enter(State.AUTHENTICATING)
 
     def end_authentication(self) -> bool:
         """The check is over; False if the connection was lost meanwhile (and audited)."""
@@ -278,7 +295,7 @@ class DownstreamProtocol(Protocol):
         if self._authenticating is None:
             return False
         self._authenticating = None
-        return not self._lost
+        return self._state is not State.LOST
 
     def attach_upstream(self, upstream: UpstreamProtocol) -> None:
         self._upstream = upstream
@@ -292,7 +309,7 @@ class DownstreamProtocol(Protocol):
 
     def request_done(self, keep_alive: bool) -> None:
         """The answer to the current request is written; read the next one or close."""
-        if self._lost:
+        if self._state is State.LOST:
             return
         self._exchange = None
         self._answers += 1
@@ -304,7 +321,7 @@ class DownstreamProtocol(Protocol):
             self._reading_paused = False
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         if self._buf:
-            self._arm(Deadline.HEAD)
+            self._enter(State.HEAD)
             # A pipelined request is already here: serve it now, unless _process (further
             # up the stack, answering synchronously) is about to.
             if not self._processing:
@@ -312,7 +329,7 @@ class DownstreamProtocol(Protocol):
         elif self._read_closed:
             self._close()
         else:
-            self._arm(Deadline.IDLE)
+            self._enter(State.IDLE)
 
     def close_truncated(self) -> None:
         """End a response that was cut short, once what was written has been sent.
@@ -320,14 +337,14 @@ class DownstreamProtocol(Protocol):
         An abort would throw away the status line and the bytes already relayed (which the
         audit record counts), leaving the client with no response at all.
         """
-        if not self._lost and self.transport is not None:
+        if self._state is not State.LOST and self.transport is not None:
             self._exchange = None
             self._close()
 
     def close_if_idle(self) -> None:
         """Close now (once what was written is sent) if waiting for a next request after
         an answer. One that has had none stays until the drain ends, then is cut."""
-        if self._idle() and self._answers and not self._closing:
+        if self._idle() and self._answers:
             self._close()
 
     def shut_down(self) -> None:
@@ -338,7 +355,7 @@ class DownstreamProtocol(Protocol):
         if self.tunnel is not None:
             self.tunnel.shut_down()
             return
-        if self._closing:
+        if self._state is State.CLOSING:
             return  # closing already, once its last answer is sent
         if self._idle() and self._answers:
             self._close()
@@ -347,25 +364,20 @@ class DownstreamProtocol(Protocol):
 
     def _idle(self) -> bool:
         """Between requests: every answer written, nothing of a next request read."""
-        return (
-            self._ready
-            and self._exchange is None
-            and self.tunnel is None
-            and self._authenticating is None
-            and not self._buf.strip()
-            and not self._lost
-        )
+        return self._state in _READING and not self._buf.strip()
 
     def abort(self) -> None:
-        if not self._lost and self.transport is not None:
-            self._closing = True
+        """Cut the connection; connectionLost follows. A handshake stays one (its failure
+        is audited as such)."""
+        if self._state is not State.LOST and self.transport is not None:
+            if self._state is not State.HANDSHAKE:
+                self._enter(State.CLOSING)
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     # -- internals -------------------------------------------------------------------------
 
     def _became_ready(self) -> None:
-        self._ready = True
-        self._arm(Deadline.HEAD)
+        self._enter(State.HEAD)
         if self._buf:
             self._process()
 
@@ -375,13 +387,7 @@ class DownstreamProtocol(Protocol):
             self._process_buffer()
         finally:
             self._processing = False
-        if (
-            self._read_closed
-            and self._exchange is None
-            and self._authenticating is None
-            and not self._closing
-            and not self._lost
-        ):
+        if self._read_closed and self._state in _READING:
             self._end_half_closed()
 
     def _end_half_closed(self) -> None:
@@ -396,12 +402,7 @@ class DownstreamProtocol(Protocol):
         self._close()
 
     def _process_buffer(self) -> None:
-        while (
-            self._exchange is None
-            and self._authenticating is None
-            and not self._closing
-            and not self._lost
-        ):
+        while self._state in _READING:
             buf = self._buf
             if buf[:2] == b"\r\n":
                 buf = self._buf = buf.lstrip(b"\r\n")
@@ -443,7 +444,6 @@ class DownstreamProtocol(Protocol):
         FIN is read; anything else that arrives is dropped. A client that never finishes
         the close is cut off after the keep-alive idle deadline.
         """
-        self._closing = True
         assert self.transport is not None
         if self._producing:
             self._producing = False
@@ -451,13 +451,16 @@ class DownstreamProtocol(Protocol):
         self._reading_paused = False
         self.transport.resumeProducing()  # type: ignore[attr-defined]
         self.transport.loseConnection()
-        self._arm(Deadline.CLOSING)
+        self._enter(State.CLOSING)
 
-    def _arm(self, deadline: Deadline) -> None:
-        self._deadline = deadline
-        seconds = deadline.seconds(self.listener.deadlines)
+    def _enter(self, state: State) -> None:
+        """Move to ``state`` under its deadline (re-armed if it has one, else none)."""
+        self._state = state
+        seconds = state.deadline(self.listener.deadlines)
         timer = self._timer
-        if timer is not None and timer.active():
+        if seconds is None:
+            self._cancel_timer()
+        elif timer is not None and timer.active():
             timer.reset(seconds)
         else:
             self._timer = self.listener.clock.callLater(seconds, self._expired)
@@ -465,20 +468,18 @@ class DownstreamProtocol(Protocol):
     def _cancel_timer(self) -> None:
         timer = self._timer
         self._timer = None
-        self._deadline = Deadline.NONE
         if timer is not None and timer.active():
             timer.cancel()
 
     def _expired(self) -> None:
-        deadline = self._deadline
         self._timer = None
-        self._deadline = Deadline.NONE
-        if deadline is Deadline.HANDSHAKE:
+        state = self._state
+        if state is State.HANDSHAKE:
             self._handshake_timed_out = True
             self.abort()
-        elif deadline is Deadline.CLOSING:
+        elif state is State.CLOSING:
             self.abort()
-        elif deadline is Deadline.HEAD and self._buf.strip():
+        elif state is State.HEAD and self._buf.strip():
             listener = self.listener
             listener.answer(
                 self,
@@ -513,7 +514,7 @@ class DownstreamProtocol(Protocol):
         parsed. Returns the bytes the client sent after its CONNECT head (they belong to
         the tunnel)."""
         assert self.transport is not None
-        self._cancel_timer()
+        self._enter(State.TUNNEL)
         self.tunnel = tunnel
         early, self._buf = self._buf, b""
         # The relay registers its own producer: back-pressure is its business now.
@@ -539,4 +540,4 @@ class HTTPListenerFactory(Factory):
         return DownstreamProtocol(self.listener)
 
 
-__all__ = ["ClientRelay", "ClientTunnel", "Deadline", "DownstreamProtocol", "HTTPListenerFactory"]
+__all__ = ["ClientRelay", "ClientTunnel", "DownstreamProtocol", "HTTPListenerFactory", "State"]

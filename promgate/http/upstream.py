@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -65,10 +66,24 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\r\n]*))?")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
-# Connection states.
-_IDLE = 0
-_HEAD = 1
-_BODY = 2
+
+class UpstreamState(Enum):
+    """Where an upstream connection is in an exchange. No deadline of its own: the
+    exchange's (the scrape timeout) covers the head and the body, and the pool's idle
+    timeout covers a pooled connection."""
+
+    #: No exchange, or the last one's response complete: pooled or closed.
+    IDLE = "idle"
+    #: A request sent; reading the response head.
+    HEAD = "head"
+    #: Reading the response body, by its framing.
+    BODY = "body"
+
+
+# Module names for the per-read checks of the hot path.
+_IDLE = UpstreamState.IDLE
+_HEAD = UpstreamState.HEAD
+_BODY = UpstreamState.BODY
 
 
 class UpstreamHandler(TypingProtocol):
@@ -136,7 +151,7 @@ class UpstreamProtocol(Protocol):
     def release(self) -> None:
         """The exchange is over; pool the connection if it is clean, else close it."""
         self._handler = None
-        if self._state == _IDLE and self._reusable and self.connected:
+        if self._state is _IDLE and self._reusable and self.connected:
             self.pool.checkin(self)
         else:
             self._state = _IDLE
@@ -164,9 +179,9 @@ class UpstreamProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state
-        if state == _BODY:
+        if state is _BODY:
             self._body(data)
-        elif state == _HEAD:
+        elif state is _HEAD:
             self._head(data)
         else:
             # Bytes nobody asked for: this connection can no longer be trusted.
@@ -182,12 +197,12 @@ class UpstreamProtocol(Protocol):
         if handler is None:
             return
         clean = reason.check(ConnectionDone) is not None
-        if self._state == _BODY and self._framing == CLOSE and clean:
+        if self._state is _BODY and self._framing == CLOSE and clean:
             self._state = _IDLE
             self._reusable = False
             handler.upstream_done()
             return
-        if self._state == _HEAD and not self._buf and self.reused:
+        if self._state is _HEAD and not self._buf and self.reused:
             handler.upstream_failed("upstream_reset", "pooled connection closed", True)
             return
         if reason.check(SSL.Error, VerificationError) is not None:
@@ -196,7 +211,7 @@ class UpstreamProtocol(Protocol):
             )
             return
         what = "closed" if clean else "reset"
-        where = "before the response head" if self._state == _HEAD else "mid-body"
+        where = "before the response head" if self._state is _HEAD else "mid-body"
         handler.upstream_failed("upstream_reset", f"upstream {what} the connection {where}", False)
 
     # -- parsing ----------------------------------------------------------------------------
@@ -223,9 +238,9 @@ class UpstreamProtocol(Protocol):
             head, buf = buf[:end], buf[end + 4 :]
             if not self._parse_head(head, bool(buf)):
                 return
-            if self._state != _HEAD:  # a final (non-1xx) response
+            if self._state is not _HEAD:  # a final (non-1xx) response
                 self._buf = b""
-                if self._state == _BODY and buf:
+                if self._state is _BODY and buf:
                     self._body(buf)
                 return
 
