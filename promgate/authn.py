@@ -34,7 +34,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import attrs
 import bcrypt
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
@@ -102,13 +101,6 @@ class BcryptThreads:
         self.pool.stop()
 
 
-@attrs.frozen
-class Refused(Recognition):
-    """A password refused without a bcrypt check: try again in ``retry_after`` seconds."""
-
-    retry_after: int = 1
-
-
 def _failed(detail: str) -> Recognition:
     return Recognition(None, "authn_failed", detail)
 
@@ -118,7 +110,7 @@ def door_headers(
 ) -> tuple[tuple[bytes, bytes], ...]:
     """The headers of a refusal at the door: the challenges of a 401, ``Retry-After``
     of a throttled or overloaded check."""
-    if isinstance(recognition, Refused):
+    if recognition.retry_after is not None:
         return ((b"Retry-After", str(recognition.retry_after).encode()),)
     if REFUSED_AT_THE_DOOR.get(recognition.reason) == 401:
         return challenges
@@ -288,7 +280,7 @@ class Authenticator:
         if d is None:
             self._finished(user, network, failed=False)
             self._rejected("auth_overloaded")
-            return Refused(
+            return Recognition(
                 None,
                 "auth_overloaded",
                 f"basic auth user {user[:64]!r}: bcrypt queue full",
@@ -311,7 +303,7 @@ class Authenticator:
 
         return d.addCallbacks(checked, broken)
 
-    def _throttled(self, user: str, network: str) -> Refused | None:
+    def _throttled(self, user: str, network: str) -> Recognition | None:
         """A refusal if ``network`` or ``user`` must wait before its next check.
 
         A user's backoff holds back only networks that have failed themselves: otherwise a
@@ -329,7 +321,7 @@ class Authenticator:
             wait = backoff.retry_after(key)
             if wait:
                 self._rejected("auth_throttled")
-                return Refused(
+                return Recognition(
                     None,
                     "auth_throttled",
                     f"basic auth user {user[:64]!r}: {what} failed too often, "

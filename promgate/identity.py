@@ -74,6 +74,8 @@ class Recognition:
     reason: str
     #: Why, for the audit record's ``detail`` (never a secret).
     detail: str | None = None
+    #: For a check held back (throttled or overloaded): seconds until it may be tried again.
+    retry_after: int | None = None
 
 
 class IdentityResolver:
