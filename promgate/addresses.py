@@ -105,6 +105,20 @@ def peer_address(addr: Any) -> str:
     return host_port(host, port)
 
 
+def ip_endpoint(addr: Any) -> tuple[str, int] | None:
+    """(ip, port) of a Twisted address whose host is an IP address (for a PROXY header),
+    None for anything else (a UNIX socket, a name)."""
+    host = getattr(addr, "host", None)
+    port = getattr(addr, "port", None)
+    if not isinstance(host, str) or not isinstance(port, int):
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return host, port
+
+
 def peer_prefix(peer: str | None) -> str:
     """The network a peer address (``ip:port``, ``[v6]:port``) belongs to: ``a.b.c.0/24``
     for IPv4, the ``/64`` for IPv6, the text itself for anything else (a UNIX socket)."""

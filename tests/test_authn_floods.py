@@ -18,7 +18,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from promgate.audit import MemoryAuditSink
-from promgate.authn import Authenticator, Refused
+from promgate.authn import Authenticator
 from promgate.authn_limits import BcryptQueue, FailureBackoff
 from promgate.config.model import (
     Admin,
@@ -106,7 +106,9 @@ class QueueTests(FloodTestCase):
         self.assertTrue(all(isinstance(d, Deferred) for d in pending))
         self.assertEqual(self.runner.started, 2)
         refused = self.attempt(b"wrong", "10.0.9.1:1")
-        self.assertIsInstance(refused, Refused)
+        self.assertIsInstance(refused, Recognition)
+        assert isinstance(refused, Recognition)
+        self.assertIsNotNone(refused.retry_after)
         self.assertEqual((refused.reason, refused.retry_after), ("auth_overloaded", 1))
         self.assertEqual(self.runner.started, 2)
         self.assertEqual(self.sample("promgate_auth_bcrypt_queue_length"), 5)
@@ -164,7 +166,9 @@ class PeerBackoffTests(FloodTestCase):
         """After five failures the network waits 1s, then 2s; other networks do not."""
         self.fail("203.0.113.5:1", 5)
         refused = self.attempt(PASSWORD, "203.0.113.200:2")
-        self.assertIsInstance(refused, Refused)
+        self.assertIsInstance(refused, Recognition)
+        assert isinstance(refused, Recognition)
+        self.assertIsNotNone(refused.retry_after)
         self.assertEqual((refused.reason, refused.retry_after), ("auth_throttled", 1))
         self.assertEqual(self.runner.started, 5)
         self.assertEqual(
@@ -188,7 +192,9 @@ class PeerBackoffTests(FloodTestCase):
             self.assertEqual(len(answers), 1)
             self.runner.finish()
         refused = self.attempt(b"wrong", "203.0.113.5:1")
-        self.assertIsInstance(refused, Refused)
+        self.assertIsInstance(refused, Recognition)
+        assert isinstance(refused, Recognition)
+        self.assertIsNotNone(refused.retry_after)
         self.assertEqual(refused.reason, "auth_throttled")
         self.assertEqual(self.runner.started, 5)
 

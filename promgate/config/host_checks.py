@@ -20,6 +20,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 
+from promgate.addresses import host_port
+
 __all__ = ["Finding", "audit_path_findings", "endpoint_findings"]
 
 
@@ -58,9 +60,7 @@ def _tcp_findings(interface: str, port: int) -> list[Finding]:
     if not 0 <= port <= 65535:
         return [Finding(True, f"port number {port} must be 0-65535")]
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-    shown = (
-        f"[{interface}]:{port}" if family == socket.AF_INET6 else f"{interface or '0.0.0.0'}:{port}"
-    )
+    shown = host_port(interface or "0.0.0.0", port)
     error = _try_bind(family, interface, 0)
     if error is not None and error.errno == errno.EADDRNOTAVAIL:
         return [Finding(True, f"{shown}: {interface} is not an address of this host")]

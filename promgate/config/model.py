@@ -8,6 +8,7 @@ from typing import Any, Literal, get_args
 
 import attrs
 
+from promgate.addresses import address_parts
 from promgate.config.units import parse_duration, parse_size
 
 #: Hard defaults, the safe values DESIGN.md lists.
@@ -204,12 +205,12 @@ class Target:
 
     @property
     def host(self) -> str:
-        host, _, _ = self.address.rpartition(":")
+        host, _ = address_parts(self.address)
         return host.strip("[]")
 
     @property
     def port(self) -> int:
-        return int(self.address.rpartition(":")[2])
+        return int(address_parts(self.address)[1])
 
 
 @attrs.frozen

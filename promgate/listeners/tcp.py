@@ -20,7 +20,6 @@ The pieces, thin protocols over plain objects:
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from cryptography import x509
@@ -37,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from promgate.addresses import peer_address
+from promgate.addresses import ip_endpoint, peer_address
 from promgate.audit import IAuditSink
 from promgate.config.model import Config, Listener, Route, Target
 from promgate.core.admission import Admitter, Ticket
@@ -110,8 +109,9 @@ class TCPDownstream(Protocol):
         gw = self.gw
         assert self.transport is not None
         self.start = gw.clock.seconds()
-        self.peer, self.peer_address = _address(self.transport.getPeer())
-        _, self.local_address = _address(self.transport.getHost())
+        self.peer = peer_address(self.transport.getPeer())
+        self.peer_address = ip_endpoint(self.transport.getPeer())
+        self.local_address = ip_endpoint(self.transport.getHost())
         self.side = Side(self.transport, secure=self.secure)
         gw.connections.inc()
         gw.open_connections.inc()
@@ -450,16 +450,3 @@ class TCPGatewayFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> TCPDownstream:
         return TCPDownstream(self.gateway)
-
-
-def _address(addr: Any) -> tuple[str, tuple[str, int] | None]:
-    """``ip:port`` for audit records, and (host, port) for a PROXY header (None if not IP)."""
-    host = getattr(addr, "host", None)
-    port = getattr(addr, "port", None)
-    if not isinstance(host, str) or not isinstance(port, int):
-        return peer_address(addr), None
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return peer_address(addr), None
-    return peer_address(addr), (host, port)

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
+from promgate.addresses import address_parts, host_port
 from promgate.testing.clients import Response
 
 __all__ = [
@@ -49,7 +50,7 @@ _EXPOSITION = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _key(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
 
 
 def _take_attempt(reactor: MemoryReactorClock, index: int = 0) -> tuple[str, int, Any, Any, float]:
@@ -284,7 +285,7 @@ class UpstreamNetwork:
 
     def add(self, upstream: FakeUpstream) -> FakeUpstream:
         self.upstreams[upstream.address] = upstream
-        host = upstream.address.rpartition(":")[0].strip("[]")
+        host = address_parts(upstream.address)[0].strip("[]")
         if not _is_address(host) and host not in self._names:
             n = len(self._names) + 1
             stand_in = f"198.18.{n // 256}.{n % 256}"

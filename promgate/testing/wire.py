@@ -14,6 +14,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
+from promgate.addresses import address_parts
+
 __all__ = [
     "Collector",
     "WireResponse",
@@ -144,7 +146,7 @@ class Collector(Protocol):
 
 def address(text: str) -> IPv4Address | IPv6Address:
     """``"192.0.2.1:9443"`` or ``"[2001:db8::1]:9443"`` as a Twisted TCP address."""
-    host, _, port = text.rpartition(":")
+    host, port = address_parts(text)
     if host.startswith("["):
         return IPv6Address("TCP", host.strip("[]"), int(port))
     return IPv4Address("TCP", host, int(port))
