@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.twisted import MetricsResource
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
+
+from promgate.metrics import exposed_registry
 
 
 class Readiness:
@@ -43,10 +46,33 @@ class _Health(Resource):
     render_HEAD = render_GET
 
 
+class _Metrics(Resource):
+    """``/metrics``: GET through the Python client's exposition, HEAD answered here (the
+    client's WSGI application refuses HEAD with 405; probes and load balancers use it)."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._exposition: IResource = MetricsResource(registry=registry)  # type: ignore[no-untyped-call]
+
+    def render_GET(self, request: Request) -> bytes | int:
+        result: bytes | int = self._exposition.render(request)
+        return result
+
+    def render_HEAD(self, request: Request) -> bytes:
+        accept = request.getHeader(b"accept")
+        _, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+        request.setHeader(b"content-type", content_type.encode("latin-1"))
+        request.setHeader(b"cache-control", b"no-store")
+        return b""
+
+
 def admin_site(registry: CollectorRegistry, readiness: Readiness) -> Site:
-    """The admin web site over promgate's own metrics registry."""
+    """The admin web site over promgate's own metrics registry (served without the
+    client's ``_created`` series)."""
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=registry))  # type: ignore[no-untyped-call]
+    root.putChild(b"metrics", _Metrics(exposed_registry(registry)))
     dash = Resource()
     dash.putChild(b"healthy", _Health(None))
     dash.putChild(b"ready", _Health(readiness))
