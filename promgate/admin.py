@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -24,6 +26,21 @@ class Readiness:
 
     def is_ready(self) -> bool:
         return self.ready and all(check() for check in self._checks)
+
+
+class ReadinessMetric(Collector):
+    """``promgate_ready``: what ``/-/ready`` would answer, as a gauge alerts can read."""
+
+    def __init__(self, readiness: Readiness) -> None:
+        self._readiness = readiness
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        ready = self._readiness.is_ready()
+        yield GaugeMetricFamily(
+            "promgate_ready",
+            "1 when the gateway is ready to serve (/-/ready answers 200), else 0.",
+            value=1.0 if ready else 0.0,
+        )
 
 
 class _Health(Resource):
@@ -72,7 +89,9 @@ def admin_site(registry: CollectorRegistry, readiness: Readiness) -> Site:
     """The admin web site over promgate's own metrics registry (served without the
     client's ``_created`` series)."""
     root = Resource()
-    root.putChild(b"metrics", _Metrics(exposed_registry(registry)))
+    exposed = exposed_registry(registry)
+    exposed.register(ReadinessMetric(readiness))
+    root.putChild(b"metrics", _Metrics(exposed))
     dash = Resource()
     dash.putChild(b"healthy", _Health(None))
     dash.putChild(b"ready", _Health(readiness))

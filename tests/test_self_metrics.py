@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from promgate.admin import Readiness, admin_site
+from promgate.admin import Readiness, ReadinessMetric, admin_site
 from promgate.metrics import Metrics, exposed_registry, identity_label
 from promgate.testing.integration import metric_samples
 from promgate.testing.monitoring import PROMTOOL, MonitoredGateway, executable, promtool
@@ -48,6 +48,15 @@ class OwnMetricsTests(SynchronousTestCase):
         self.assertIn("promgate_request_duration_seconds_bucket", text)
         self.assertNotIn("_created", text)
         self.assertIn("_created", generate_latest(metrics.registry).decode())
+
+    def test_ready_gauge(self) -> None:
+        """``promgate_ready`` says what ``/-/ready`` would answer."""
+        readiness = Readiness()
+        registry = CollectorRegistry()
+        registry.register(ReadinessMetric(readiness))
+        self.assertEqual(registry.get_sample_value("promgate_ready"), 0.0)
+        readiness.ready = True
+        self.assertEqual(registry.get_sample_value("promgate_ready"), 1.0)
 
     def test_head_metrics(self) -> None:
         """``HEAD /metrics`` answers 200 with the content type a GET would have."""
@@ -96,4 +105,5 @@ class PromtoolCheckMetricsTests(SynchronousTestCase):
             for labels, _ in metric_samples(text.decode(), "promgate_requests_total")
         }
         self.assertEqual(identities, {"prometheus", "unrecognised"})
+        self.assertEqual(metric_samples(text.decode(), "promgate_ready"), [({}, 1.0)])
         self.assertEqual(self.world.gate.get("admin", "/metrics", None, method="HEAD").status, 200)
