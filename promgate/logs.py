@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping
 from typing import IO, Any, Literal
 
+import attrs
 from twisted.application.service import IServiceCollection, MultiService
 from twisted.logger import (
     FileLogObserver,
@@ -76,10 +77,10 @@ def json_line(event: LogEvent) -> str:
     ``message`` (the formatted text), then the event's own named fields; a failure's
     traceback as ``traceback``."""
     when = datetime.datetime.fromtimestamp(event.get("log_time", 0.0), datetime.timezone.utc)
-    level = event.get("log_level")
+    level = event.get("log_level", LogLevel.info)
     record: dict[str, Any] = {
         "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "level": level.name if isinstance(level, type(LogLevel.info)) else "info",
+        "level": getattr(level, "name", "info"),
         "namespace": str(event.get("log_namespace", "")),
         "message": formatEvent(event),
     }
@@ -96,21 +97,15 @@ def json_line(event: LogEvent) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
+@attrs.frozen
 class LogChoice:
-    """What ``--log-format`` and ``--log-level`` asked for, and where twistd would log."""
+    """What ``--log-format`` and ``--log-level`` asked for, and where twistd would log
+    (its ``--logfile`` and ``--nodaemon``)."""
 
-    def __init__(
-        self,
-        log_format: LogFormat,
-        level: LogLevel,
-        *,
-        logfile: str | None,
-        nodaemon: bool,
-    ) -> None:
-        self.log_format = log_format
-        self.level = level
-        self.logfile = logfile
-        self.nodaemon = nodaemon
+    log_format: LogFormat
+    level: LogLevel
+    logfile: str | None
+    nodaemon: bool
 
     def stream(self) -> IO[str]:
         """The destination twistd would use: standard output when not daemonised without
