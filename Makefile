@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv install pki run test policy-test lint format typecheck bench clean
+.PHONY: venv install upgrade-constraints pki run test policy-test lint format typecheck bench sdist-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -11,9 +11,20 @@ $(BIN)/python:
 
 venv: $(BIN)/python
 
-## install: the package with its test and dev extras into .venv
+## install: the package with its test and dev extras into .venv, at the pinned versions
 install: venv
-	$(BIN)/pip install -q '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt '.[dev]'
+
+## upgrade-constraints: re-pin constraints.txt to the newest versions, from a fresh venv
+upgrade-constraints:
+	rm -rf .constraints-venv
+	$(PYTHON) -m venv .constraints-venv
+	.constraints-venv/bin/pip install -q --upgrade pip
+	.constraints-venv/bin/pip install -q '.[dev]'
+	{ echo "# Pinned versions of everything 'pip install .[dev]' installs; used by 'make install'."; \
+	  echo "# Regenerate with 'make upgrade-constraints'."; \
+	  .constraints-venv/bin/pip freeze --all --exclude-editable | grep -Ev '^(pip|setuptools|promgate)( @|==)'; } > constraints.txt
+	rm -rf .constraints-venv
 
 ## pki: a development CA, gate and client certificates and an audit key in etc/pki
 pki: install
@@ -47,5 +58,9 @@ typecheck: install
 bench: install
 	$(BIN)/python bench/scrape_bench.py
 
+## sdist-check: build the source distribution, check its contents, run tests from it
+sdist-check: install
+	$(BIN)/python -m twisted.trial tests.test_sdist
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp* etc/pki etc/audit.jsonl
+	rm -rf $(VENV) .constraints-venv build dist *.egg-info _trial_temp* etc/pki etc/audit.jsonl

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import gzip
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.registry import Collector
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+from promgate.metrics import exposed_registry
 
 
 class Readiness:
@@ -24,6 +28,21 @@ class Readiness:
 
     def is_ready(self) -> bool:
         return self.ready and all(check() for check in self._checks)
+
+
+class ReadinessMetric(Collector):
+    """``promgate_ready``: what ``/-/ready`` would answer, as a gauge alerts can read."""
+
+    def __init__(self, readiness: Readiness) -> None:
+        self._readiness = readiness
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        ready = self._readiness.is_ready()
+        yield GaugeMetricFamily(
+            "promgate_ready",
+            "1 when the gateway is ready to serve (/-/ready answers 200), else 0.",
+            value=1.0 if ready else 0.0,
+        )
 
 
 class _Health(Resource):
@@ -47,10 +66,11 @@ class _Health(Resource):
 
 
 class _Metrics(Resource):
-    """The registry's exposition, rendered on the reactor's thread as
+    """``/metrics``: the registry's exposition, rendered on the reactor's thread as
     ``prometheus_client``'s WSGI app renders it (text or OpenMetrics by ``Accept``,
     gzip by ``Accept-Encoding``, ``name[]`` filters), without the global reactor's
-    thread pool that ``prometheus_client.twisted.MetricsResource`` runs it on."""
+    thread pool that ``prometheus_client.twisted.MetricsResource`` runs it on; and HEAD,
+    which that app refuses with 405 (probes and load balancers use it)."""
 
     isLeaf = True
 
@@ -74,12 +94,21 @@ class _Metrics(Resource):
             request.setHeader(b"content-encoding", b"gzip")
         return output
 
+    def render_HEAD(self, request: Request) -> bytes:
+        accept = request.getHeader(b"accept")
+        _, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+        request.setHeader(b"content-type", content_type.encode("latin-1"))
+        request.setHeader(b"cache-control", b"no-store")
+        return b""
+
 
 def admin_site(registry: CollectorRegistry, readiness: Readiness, reactor: IReactorTime) -> Site:
-    """The admin web site over promgate's own metrics registry; its timeouts and log
-    timestamps run on ``reactor``."""
+    """The admin web site over promgate's own metrics registry (served without the
+    client's ``_created`` series); its timeouts and log timestamps run on ``reactor``."""
     root = Resource()
-    root.putChild(b"metrics", _Metrics(registry))
+    exposed = exposed_registry(registry)
+    exposed.register(ReadinessMetric(readiness))
+    root.putChild(b"metrics", _Metrics(exposed))
     dash = Resource()
     dash.putChild(b"healthy", _Health(None))
     dash.putChild(b"ready", _Health(readiness))

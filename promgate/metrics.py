@@ -1,15 +1,28 @@
 """promgate's own metrics, on a registry it owns (never the process-global one).
 
-Labels stay bounded: listener, route, code, reason and direction only. Request parameters
-that name no configured route are counted under route="" rather than their raw value.
+Labels stay bounded: listener, route, identity, code, reason and direction only. Request
+parameters that name no configured route are counted under route="" rather than their raw
+value; callers are counted under a configured identity's name or one of two fixed values
+(``none``, ``unrecognised``), never under what they presented.
 """
 
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 import promgate
 import twisted
@@ -19,6 +32,25 @@ _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
 _TCP_DURATION_BUCKETS = (0.01, 0.1, 1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 _TUNNEL_BUCKETS = (0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
 
+#: The ``identity`` label of a caller for whom no identity was established: no credentials
+#: were presented (or the connection ended before any were).
+NO_IDENTITY = "none"
+#: The ``identity`` label of a caller whose credentials named no configured identity.
+UNRECOGNISED = "unrecognised"
+#: Recognition reasons meaning credentials were presented but matched no one identity.
+_UNRECOGNISED_REASONS = frozenset(
+    {"unknown_identity", "identity_ambiguous", "authn_failed", "authn_conflict"}
+)
+
+
+def identity_label(name: str | None, reason: str) -> str:
+    """The ``identity`` label value: the identity's configured name when one was
+    established, else ``unrecognised`` when ``reason`` says credentials matched no
+    identity, else ``none``."""
+    if name is not None:
+        return name
+    return UNRECOGNISED if reason in _UNRECOGNISED_REASONS else NO_IDENTITY
+
 
 class Metrics:
     """Every metric promgate exports, created once per process."""
@@ -27,8 +59,8 @@ class Metrics:
         self.registry = r = registry if registry is not None else CollectorRegistry()
         self.requests = Counter(
             "promgate_requests",
-            "HTTP requests answered, by listener, route and status code.",
-            ["listener", "route", "code"],
+            "HTTP requests answered, by listener, route, caller identity and status code.",
+            ["listener", "route", "identity", "code"],
             registry=r,
         )
         self.request_duration = Histogram(
@@ -116,9 +148,9 @@ class Metrics:
         )
         self.tcp_connections = Counter(
             "promgate_tcp_connections",
-            "Connections on tcp listeners, counted when they end, by listener, route and "
-            "reason (how they ended, or why they were refused).",
-            ["listener", "route", "reason"],
+            "Connections on tcp listeners, counted when they end, by listener, route, caller "
+            "identity and reason (how they ended, or why they were refused).",
+            ["listener", "route", "identity", "reason"],
             registry=r,
         )
         self.tcp_tunnels_open = Gauge(
@@ -208,6 +240,12 @@ class Metrics:
             ["version", "pythonversion", "twistedversion"],
             registry=r,
         )
+        # What every Prometheus client exports about its process: CPU, memory, file
+        # descriptors, start time (process_*), and the interpreter and its collector
+        # (python_*).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
         self.build_info.labels(
             promgate.__version__, platform.python_version(), twisted.__version__
@@ -247,16 +285,47 @@ class RouteMetrics:
         self._requests = metrics.requests
         self._listener = listener
         self._route = route
-        self._codes: dict[int, Any] = {}
+        self._codes: dict[tuple[str, int], Any] = {}
         self.duration = metrics.request_duration.labels(listener, route)
         self.upstream_duration = metrics.upstream_duration.labels(route)
         self.bytes_in = metrics.bytes.labels(route, "in")
         self.bytes_out = metrics.bytes.labels(route, "out")
 
-    def answered(self, status: int) -> None:
-        child = self._codes.get(status)
+    def answered(self, status: int, identity: str) -> None:
+        """Count one request answered with ``status`` to ``identity`` (a label value from
+        ``identity_label``)."""
+        key = (identity, status)
+        child = self._codes.get(key)
         if child is None:
-            child = self._codes[status] = self._requests.labels(
-                self._listener, self._route, str(status)
+            child = self._codes[key] = self._requests.labels(
+                self._listener, self._route, identity, str(status)
             )
         child.inc()
+
+
+class WithoutCreated(Collector):
+    """A registry's metrics without the ``*_created`` series the Python client adds to
+    counters and histograms: in the text format they would be separate gauges beside every
+    counter, doubling the series for no use (Prometheus does not read them)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        return self._without_created(self._registry.collect())
+
+    @staticmethod
+    def _without_created(families: Iterable[Metric]) -> Iterator[Metric]:
+        for family in families:
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield kept
+
+
+def exposed_registry(registry: CollectorRegistry) -> CollectorRegistry:
+    """The registry the admin listener serves: ``registry``'s metrics without ``_created``
+    series. The process-wide switch (``disable_created_metrics``) would also change every
+    other registry in the process, such as an integrator's test suite's."""
+    exposed = CollectorRegistry(auto_describe=False)
+    exposed.register(WithoutCreated(registry))
+    return exposed

@@ -12,15 +12,18 @@ from twisted.python import usage
 from promgate import __version__
 from promgate.config.errors import ConfigError
 from promgate.config.loader import load_config
+from promgate.logs import LEVELS, LogChoice
 
 
 class Options(usage.Options):
     """Options for ``twistd promgate``."""
 
-    synopsis = "--config FILE [--ready-file FILE]"
+    synopsis = "--config FILE [--ready-file FILE] [--log-format text|json] [--log-level LEVEL]"
     optParameters = [
         ["config", "c", None, "The promgate configuration file (YAML)."],
         ["ready-file", None, None, "Write listener addresses as JSON here once listening."],
+        ["log-format", None, "text", "text (twistd's format) or json (one object per line)."],
+        ["log-level", None, "info", "The least severe events logged: " + ", ".join(LEVELS) + "."],
     ]
 
     def opt_version(self) -> NoReturn:
@@ -34,10 +37,31 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("--config is required")
+        self["logging"] = self._log_choice()
         try:
             self["loaded"] = load_config(Path(self["config"]))
         except ConfigError as e:
             raise usage.UsageError("invalid configuration:\n" + str(e)) from None
+
+    def _log_choice(self) -> LogChoice | None:
+        """What to log and where, or None to leave twistd's own logging as it is (the
+        defaults: text at info)."""
+        log_format, level = self["log-format"], self["log-level"]
+        if log_format not in ("text", "json"):
+            raise usage.UsageError(f"--log-format must be text or json, not {log_format!r}")
+        if level not in LEVELS:
+            raise usage.UsageError(f"--log-level must be one of {', '.join(LEVELS)}")
+        if (log_format, level) == ("text", "info"):
+            return None
+        twistd = self.parent if self.parent is not None else {}
+        if twistd.get("syslog"):
+            raise usage.UsageError("--log-format and --log-level do not apply with --syslog")
+        return LogChoice(
+            log_format,
+            LEVELS[level],
+            logfile=twistd.get("logfile"),
+            nodaemon=bool(twistd.get("nodaemon")),
+        )
 
 
 def makeService(options: Options) -> IService:
@@ -46,6 +70,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from promgate.errors import one_line_startup_errors
+    from promgate.logs import LoggingService, observer_for
     from promgate.reactors import IGatewayReactor
     from promgate.service import GatewayService
 
@@ -55,4 +80,8 @@ def makeService(options: Options) -> IService:
     # Twisted types its global reactor with a few common interfaces only; the reactors
     # twistd installs on POSIX provide every one the gateway needs.
     gateway_reactor = cast(IGatewayReactor, reactor)
-    return GatewayService(options["loaded"], gateway_reactor, ready_file=ready)
+    choice: LogChoice | None = options["logging"]
+    top = LoggingService(observer_for(choice) if choice is not None else None)
+    gateway = GatewayService(options["loaded"], gateway_reactor, ready_file=ready)
+    gateway.setServiceParent(top)  # type: ignore[no-untyped-call]
+    return top

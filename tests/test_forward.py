@@ -792,7 +792,8 @@ class TunnelTests(TunnelTestCase):
         )
         self.assertEqual(
             gauge(
-                "promgate_requests_total", {"listener": "egress", "route": "secure", "code": "200"}
+                "promgate_requests_total",
+                {"listener": "egress", "route": "secure", "identity": "prometheus", "code": "200"},
             ),
             1.0,
         )

@@ -512,7 +512,8 @@ class ScrapeTests(GatewayTestCase):
         upstream, _ = self.pool.accept()
         upstream.dataReceived(OK_RESPONSE)
         value = self.metrics.registry.get_sample_value(
-            "promgate_requests_total", {"listener": "scrape", "route": "node", "code": "200"}
+            "promgate_requests_total",
+            {"listener": "scrape", "route": "node", "identity": "prometheus", "code": "200"},
         )
         self.assertEqual(value, 1.0)
 

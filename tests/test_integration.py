@@ -474,7 +474,10 @@ class AdminTests(MainGatewayTestCase):
         self.assertTrue(resp.headers["content-type"].startswith("text/plain"))
         requests = metric_samples(text, "promgate_requests_total")
         self.assertIn(
-            ({"listener": "scrape", "route": "node", "code": "200"}, True),
+            (
+                {"listener": "scrape", "route": "node", "identity": "prometheus", "code": "200"},
+                True,
+            ),
             [(labels, value >= 1) for labels, value in requests],
         )
         ((_, records),) = metric_samples(text, "promgate_audit_records_total")

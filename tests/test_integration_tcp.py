@@ -522,7 +522,12 @@ class TerminateTests(SynchronousTestCase):
         closed = samples[
             (
                 "promgate_tcp_connections_total",
-                (("listener", "ops-only"), ("reason", "client_closed"), ("route", "ops-only")),
+                (
+                    ("identity", "ops"),
+                    ("listener", "ops-only"),
+                    ("reason", "client_closed"),
+                    ("route", "ops-only"),
+                ),
             )
         ]
         self.assertGreaterEqual(closed, 1)

@@ -239,7 +239,11 @@ class TCPTestCase(SynchronousTestCase):
                 self.assertEqual(self.limiter.in_flight(name), 0)
         self.assertEqual(
             self.sample(
-                "promgate_tcp_connections_total", listener="raw", route=route or "", reason=reason
+                "promgate_tcp_connections_total",
+                listener="raw",
+                route=route or "",
+                identity="none",
+                reason=reason,
             ),
             1.0,
         )
@@ -337,6 +341,7 @@ class PassthroughTests(TCPTestCase):
                 "promgate_tcp_connections_total",
                 listener="raw",
                 route="pass-a",
+                identity="none",
                 reason="client_closed",
             ),
             1.0,
@@ -922,6 +927,10 @@ class TerminateTests(TCPTestCase):
         self.assertIn(event.tls_version, ("TLSv1.2", "TLSv1.3"))
         self.assertEqual(event.cert_subject, "CN=prometheus")
         self.assertEqual(event.server_name, "a.example.org")
+        labels = {"listener": "raw", "route": "node", "reason": "client_closed"}
+        self.assertEqual(
+            self.sample("promgate_tcp_connections_total", **labels, identity="prometheus"), 1.0
+        )
 
     def test_upstream_close_sends_close_notify(self) -> None:
         """The upstream's FIN becomes a TLS close_notify to the client."""
@@ -956,6 +965,16 @@ class TerminateTests(TCPTestCase):
         self.assertEqual((event.decision, event.reason), ("deny", "unknown_identity"))
         self.assertEqual(event.cert_subject, "CN=stranger")
         self.assertEqual(self.connector.pending, [])
+        self.assertEqual(
+            self.sample(
+                "promgate_tcp_connections_total",
+                listener="raw",
+                route="node",
+                identity="unrecognised",
+                reason="unknown_identity",
+            ),
+            1.0,
+        )
 
     def test_no_client_certificate(self) -> None:
         """No client certificate: the handshake fails and is audited as such."""
@@ -967,6 +986,16 @@ class TerminateTests(TCPTestCase):
         (event,) = [e for e in self.audit.events if e.event == "tls_handshake_failed"]
         self.assertEqual((event.listener, event.reason), ("raw", "no_client_certificate"))
         self.assertEqual(self.records(), [])
+        self.assertEqual(
+            self.sample(
+                "promgate_tcp_connections_total",
+                listener="raw",
+                route="",
+                identity="none",
+                reason="no_client_certificate",
+            ),
+            1.0,
+        )
 
     def test_sni_routing(self) -> None:
         """In terminate mode the server name of the handshake picks the route."""

@@ -206,13 +206,13 @@ class ScrapeTests(KitTestCase):
         self.gw.upstream("10.0.0.5:9100", body=METRICS)
         self.gw.get(SCRAPE, identity=Bearer(TOKEN), listener="local")
         text = self.gw.metrics_text()
-        self.assertIn('promgate_requests_total{code="200",listener="local",route="node"} 1.0', text)
-        self.assertEqual(
-            self.gw.sample(
-                "promgate_requests_total", {"code": "200", "listener": "local", "route": "node"}
-            ),
-            1.0,
+        labels = {"code": "200", "identity": "agent", "listener": "local", "route": "node"}
+        self.assertIn(
+            'promgate_requests_total{code="200",identity="agent",listener="local",'
+            'route="node"} 1.0',
+            text,
         )
+        self.assertEqual(self.gw.sample("promgate_requests_total", labels), 1.0)
         self.assertEqual(self.gw.get("/-/ready", listener="admin").status, 200)
 
     def test_explain(self) -> None:

@@ -7,7 +7,7 @@ import attrs
 from promgate.audit import AuditEvent, IAuditSink
 from promgate.authn import AUTHN_FAILURES
 from promgate.core.context import ConnectionInfo, Outcome, RequestContext, TLSInfo
-from promgate.metrics import Metrics
+from promgate.metrics import NO_IDENTITY, UNRECOGNISED, Metrics, identity_label
 from promgate.tls import PeerCertificate
 
 
@@ -89,13 +89,15 @@ class Recorder:
         """Audit and count one answered (or abandoned) request."""
         duration = now - ctx.start
         counters = self.metrics.route(self.listener, outcome.route or "")
+        recognition = ctx.recognition
+        identity = recognition.identity
         if outcome.status is not None:
-            counters.answered(outcome.status)
+            name = identity.name if identity is not None else None
+            counters.answered(outcome.status, identity_label(name, recognition.reason))
         counters.duration.observe(duration)
         bytes_in = ctx.size if outcome.bytes_in is None else outcome.bytes_in
         counters.bytes_in.inc(bytes_in)
         counters.bytes_out.inc(outcome.bytes_out)
-        identity = ctx.recognition.identity
         self.audit.record(
             connection_event(
                 "request",
@@ -127,9 +129,17 @@ class Recorder:
         server_name: str | None,
         relayed: bool,
     ) -> None:
-        """The one audit record of a ``tcp`` listener's connection, and its metrics."""
+        """The one audit record of a ``tcp`` listener's connection, and its metrics.
+
+        ``identity`` is the name of the identity established, if any. Without one, a
+        connection that presented a certificate (the only credential a ``tcp`` listener
+        takes) or was refused for matching no identity counts as ``unrecognised``.
+        """
         route = outcome.route or ""
-        self.metrics.tcp_connections.labels(self.listener, route, outcome.reason).inc()
+        who = identity_label(identity, outcome.reason)
+        if identity is None and connection.tls.peer is not None:
+            who = UNRECOGNISED
+        self.metrics.tcp_connections.labels(self.listener, route, who, outcome.reason).inc()
         if relayed:
             self.metrics.tcp_duration.labels(self.listener, route).observe(duration)
         self.audit.record(
@@ -143,6 +153,15 @@ class Recorder:
                 server_name=server_name,
             )
         )
+
+    def tcp_handshake_failed(
+        self, peer: str, reason: str, detail: str, cert: PeerCertificate | None
+    ) -> None:
+        """A ``tcp`` listener's refused handshake: a connection that ended with no route and
+        no identity (``unrecognised`` when it presented a certificate), then as below."""
+        who = UNRECOGNISED if cert is not None else NO_IDENTITY
+        self.metrics.tcp_connections.labels(self.listener, "", who, reason).inc()
+        self.handshake_failed(peer, reason, detail, cert)
 
     def handshake_failed(
         self, peer: str, reason: str, detail: str, cert: PeerCertificate | None

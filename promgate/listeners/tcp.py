@@ -410,8 +410,7 @@ class TCPGateway:
     def handshake_failed(
         self, conn: TCPDownstream, reason: str, detail: str, cert: PeerCertificate | None
     ) -> None:
-        self.metrics.tcp_connections.labels(self.name, "", reason).inc()
-        self.recorder.handshake_failed(conn.peer, reason, detail, cert)
+        self.recorder.tcp_handshake_failed(conn.peer, reason, detail, cert)
 
     # -- the PROXY header ----------------------------------------------------------------------
 
