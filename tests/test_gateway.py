@@ -12,9 +12,7 @@ import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.error import (
-    ConnectingCancelledError,
     ConnectionDone,
     ConnectionLost,
     ConnectionRefusedError,
@@ -43,13 +41,13 @@ from promgate.config.model import (
     TLSFiles,
 )
 from promgate.http.server import DownstreamProtocol, HTTPListenerFactory
-from promgate.http.upstream import UpstreamPool, UpstreamProtocol
+from promgate.http.upstream import UpstreamPool
 from promgate.http.wire import MAX_HEAD
 from promgate.identity import Recognition
 from promgate.listeners.scrape import ReverseGateway
 from promgate.metrics import Metrics
 from promgate.ratelimit import RateLimiter
-from promgate.testing import TestPKI
+from promgate.testing import PendingUpstreams, TestPKI
 from promgate.tls import server_tls
 
 NODE = Target("10.0.0.5:9100", {"az": "a"})
@@ -172,34 +170,9 @@ def parse_responses(data: bytes) -> list[Response]:
     return out
 
 
-class FakePool(UpstreamPool):
-    """An UpstreamPool whose new connections are handed out by the test."""
-
-    def __init__(self, clock: MemoryReactorClock) -> None:
-        super().__init__(clock)
-        self.pending: list[tuple[Route, Target, Deferred[UpstreamProtocol]]] = []
-
-    def connect(self, route: Route, target: Target) -> Deferred[UpstreamProtocol]:
-        def cancel(d: Deferred[UpstreamProtocol]) -> None:
-            # As HostnameEndpoint does.
-            d.errback(ConnectingCancelledError(IPv4Address("TCP", target.host, target.port)))
-
-        d: Deferred[UpstreamProtocol] = Deferred(cancel)
-        self.pending.append((route, target, d))
-        return d
-
-    def accept(self) -> tuple[UpstreamProtocol, StringTransport]:
-        """Complete the oldest pending connect with an upstream on a StringTransport."""
-        route, target, d = self.pending.pop(0)
-        proto = UpstreamProtocol(self, (route.name, target.address))
-        transport = StringTransport(lenient=True)
-        proto.makeConnection(transport)
-        d.callback(proto)
-        return proto, transport
-
-
 class GatewayTestCase(SynchronousTestCase):
-    """A ReverseGateway with a fake upstream pool, a clock, an in-memory audit sink."""
+    """A ReverseGateway with the real upstream pool on a memory reactor (whose connection
+    attempts the test completes), a clock, an in-memory audit sink."""
 
     tls: TLSFiles | None = None
     on_failure = "deny"
@@ -210,7 +183,8 @@ class GatewayTestCase(SynchronousTestCase):
         self.audit = MemoryAuditSink()
         self.limiter = RateLimiter(self.clock)
         self.metrics = Metrics()
-        self.pool = FakePool(self.clock)
+        self.pool = UpstreamPool(self.clock)
+        self.upstreams = PendingUpstreams(self.clock)
         self.listener, self.config = make_config(self.tls, self.on_failure)
         self.gateway = ReverseGateway(
             self.listener,
@@ -236,6 +210,10 @@ class GatewayTestCase(SynchronousTestCase):
         proto.makeConnection(transport)
         proto.recognition = Recognition(identity, reason if identity is None else "ok")
         return proto, transport
+
+    def assertNoUpstreamAttempt(self) -> None:
+        """No upstream connection is being asked for, nor was given up."""
+        self.assertEqual((self.upstreams.pending, self.upstreams.cancelled), ([], []))
 
     def responses(self, transport: StringTransport) -> list[Response]:
         return parse_responses(transport.value())
@@ -274,7 +252,7 @@ class GatewayTestCase(SynchronousTestCase):
             ("deny", reason, status, route),
         )
         self.assertEqual(event.bytes_out, len(response.raw))
-        self.assertEqual(self.pool.pending, [])
+        self.assertNoUpstreamAttempt()
         for name in ROUTES:
             self.assertEqual(self.limiter.in_flight(name), 0)
         return response
@@ -288,7 +266,7 @@ class ScrapeTests(GatewayTestCase):
         until its response is written, success or failure."""
         self.scrape()
         self.assertEqual(self.gateway.http.exchanges, 1)
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         self.assertEqual(self.gateway.http.exchanges, 0)
         _, transport = self.scrape()  # never connected: ends at the scrape timeout
@@ -301,10 +279,9 @@ class ScrapeTests(GatewayTestCase):
         """A scrape relays the body byte for byte and audits who, what, allow and bytes."""
         _, transport = self.scrape()
         self.assertEqual(transport.value(), b"")
-        self.assertEqual(len(self.pool.pending), 1)
-        route, target, _ = self.pool.pending[0]
-        self.assertEqual((route.name, target), ("node", NODE))
-        upstream, upstream_transport = self.pool.accept()
+        self.assertEqual(self.upstreams.pending, [NODE.address])
+        upstream, upstream_transport = self.upstreams.accept()
+        self.assertEqual(upstream.key, ("node", NODE.address))
         self.assertEqual(upstream_transport.value(), UPSTREAM_REQUEST)
         self.clock.advance(0.5)
         upstream.dataReceived(OK_RESPONSE)
@@ -341,7 +318,7 @@ class ScrapeTests(GatewayTestCase):
         """A chunked upstream body reaches an HTTP/1.1 client in chunks of the gateway's
         own, one per upstream read: no extension, no trailer of the upstream's."""
         _, transport = self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         upstream.dataReceived(b"5;x=y\r\nhello\r\n3\r\n, w\r\n")
         upstream.dataReceived(b'2;q="a"\r\n!!\r\n0\r\nX-T: 1\r\n\r\n')
@@ -363,7 +340,7 @@ class ScrapeTests(GatewayTestCase):
         went out, the rest never does, the client connection is reset (never a clean end),
         and the audit record says upstream_malformed with the precise problem."""
         _, transport = self.scrape()
-        upstream, upstream_transport = self.pool.accept()
+        upstream, upstream_transport = self.upstreams.accept()
         upstream.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         upstream.dataReceived(b"5\r\nhello\r\n")
         upstream.dataReceived(b"5;a=b\rc\r\nworld\r\n0\r\n\r\n")
@@ -381,7 +358,7 @@ class ScrapeTests(GatewayTestCase):
     def test_chunked_one_byte_at_a_time(self) -> None:
         """Fed one byte at a time, the client still gets exactly the payload, well framed."""
         _, transport = self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         body = b"5;x=y\r\nhello\r\n3\r\n, w\r\n0\r\nX-T: 1\r\n\r\n"
         upstream.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         for i in range(len(body)):
@@ -394,7 +371,7 @@ class ScrapeTests(GatewayTestCase):
     def test_close_delimited_rechunked(self) -> None:
         """A close-delimited upstream body is sent chunked to an HTTP/1.1 client."""
         _, transport = self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nabc")
         upstream.dataReceived(b"def")
         upstream.connectionLost(Failure(ConnectionDone()))
@@ -406,7 +383,7 @@ class ScrapeTests(GatewayTestCase):
     def test_http10_client(self) -> None:
         """An HTTP/1.0 client gets a chunked upstream's payload, close-delimited."""
         _, transport = self.scrape(SCRAPE, version=b"1.0")
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
         )
@@ -416,7 +393,7 @@ class ScrapeTests(GatewayTestCase):
     def test_head(self) -> None:
         """HEAD goes upstream as HEAD; the client gets the headers without a body."""
         _, transport = self.scrape(SCRAPE, method=b"HEAD")
-        upstream, upstream_transport = self.pool.accept()
+        upstream, upstream_transport = self.upstreams.accept()
         self.assertTrue(upstream_transport.value().startswith(b"HEAD /metrics HTTP/1.1\r\n"))
         upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n")
         self.assertEqual(
@@ -428,7 +405,7 @@ class ScrapeTests(GatewayTestCase):
     def test_upstream_status_passed(self) -> None:
         """An upstream error status is relayed, audited as allowed with that status."""
         _, transport = self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(b"HTTP/1.1 500 Oops\r\nContent-Length: 3\r\n\r\nbad")
         response = self.response(transport)
         self.assertEqual((response.status, response.body), (500, b"bad"))
@@ -439,14 +416,14 @@ class ScrapeTests(GatewayTestCase):
         """path= picks another allowed path; the route's params pass upstream, encoded."""
         target = b"/scrape?route=blackbox&target=127.0.0.1%3A9115&module=http_2xx&target_url=a%20b"
         self.scrape(target)
-        _, upstream_transport = self.pool.accept()
+        _, upstream_transport = self.upstreams.accept()
         self.assertEqual(
             upstream_transport.value().split(b"\r\n")[0],
             b"GET /probe?module=http_2xx&target_url=a+b HTTP/1.1",
         )
         self.audit.events.clear()
         self.scrape(SCRAPE + b"&path=%2Fmetrics%2Fextra")
-        _, upstream_transport = self.pool.accept()
+        _, upstream_transport = self.upstreams.accept()
         self.assertTrue(upstream_transport.value().startswith(b"GET /metrics/extra HTTP/1.1\r\n"))
 
     def test_headers_passed_and_withheld(self) -> None:
@@ -466,7 +443,7 @@ class ScrapeTests(GatewayTestCase):
             b"X-Forwarded-For: 10.9.9.9",
             b"Connection: keep-alive",
         )
-        _, upstream_transport = self.pool.accept()
+        _, upstream_transport = self.upstreams.accept()
         self.assertEqual(
             upstream_transport.value(),
             b"GET /metrics HTTP/1.1\r\n"
@@ -480,7 +457,7 @@ class ScrapeTests(GatewayTestCase):
     def test_set_cookie_not_relayed(self) -> None:
         """Hop-by-hop and cookie headers from the upstream do not reach the client."""
         _, transport = self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(
             b"HTTP/1.1 200 OK\r\nSet-Cookie: a=b\r\nKeep-Alive: timeout=5\r\n"
             b"Content-Encoding: gzip\r\nContent-Length: 2\r\n\r\nok"
@@ -504,12 +481,12 @@ class ScrapeTests(GatewayTestCase):
         )
         self.audit.healthy = False
         self.scrape()
-        self.assertEqual(len(self.pool.pending), 1)
+        self.assertEqual(self.upstreams.pending, [NODE.address])
 
     def test_metrics(self) -> None:
         """A scrape is counted by listener, route and code."""
         self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         value = self.metrics.registry.get_sample_value(
             "promgate_requests_total",
@@ -527,7 +504,7 @@ class RelayPropertyTests(GatewayTestCase):
         """Content-Length or chunked, any split: the client's body is the upstream's body."""
         self.setUp()  # a fresh gateway and pool for each example
         _, transport = self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         if chunked:
             framed = (b"%x\r\n" % len(body) + body + b"\r\n" if body else b"") + b"0\r\n\r\n"
             response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed
@@ -663,7 +640,7 @@ class RefusalTests(GatewayTestCase):
         """Past the burst, 429 with Retry-After; after waiting, admitted again."""
         target = b"/scrape?route=limited&target=10.0.0.5%3A9100"
         self.scrape(target)
-        upstream, upstream_transport = self.pool.accept()
+        upstream, upstream_transport = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         self.scrape(target)  # on the pooled upstream connection
         upstream.dataReceived(OK_RESPONSE)
@@ -691,7 +668,7 @@ class RefusalTests(GatewayTestCase):
         (event,) = self.requests()
         self.assertEqual((event.reason, event.decision), ("concurrency_limited", "deny"))
         self.assertEqual(self.limiter.in_flight("single"), 1)
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         self.assertEqual(self.limiter.in_flight("single"), 0)
         self.scrape(target)
@@ -704,7 +681,7 @@ class RefusalTests(GatewayTestCase):
         response = self.response(transport)
         self.assertEqual((response.status, response.body), (503, b"audit log unavailable\n"))
         self.assertEqual(response.headers[b"connection"], b"close")
-        self.assertEqual(self.pool.pending, [])
+        self.assertNoUpstreamAttempt()
         self.assertEqual(self.limiter.in_flight("node"), 0)
         self.audit.healthy = True
         _, transport = self.client()
@@ -717,8 +694,7 @@ class UpstreamFailureTests(GatewayTestCase):
     def test_connect_refused(self) -> None:
         """A refused upstream connect is 502 upstream_refused."""
         _, transport = self.scrape()
-        _, _, d = self.pool.pending.pop()
-        d.errback(ConnectionRefusedError())
+        self.upstreams.fail(ConnectionRefusedError())
         response = self.response(transport)
         self.assertEqual(response.status, 502)
         (event,) = self.requests()
@@ -733,7 +709,7 @@ class UpstreamFailureTests(GatewayTestCase):
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         self.scrape()
-        self.pool.pending.pop()[2].errback(ConnectionRefusedError())
+        self.upstreams.fail(ConnectionRefusedError())
         (event,) = [e for e in observer if e.get("reason") == "upstream_refused"]
         self.assertEqual((event["route"], event["target"]), ("node", "10.0.0.5:9100"))
         self.assertEqual(event["log_level"], LogLevel.info)
@@ -747,15 +723,14 @@ class UpstreamFailureTests(GatewayTestCase):
     def test_connect_timeout(self) -> None:
         """An upstream connect timeout is 504."""
         _, transport = self.scrape()
-        _, _, d = self.pool.pending.pop()
-        d.errback(TimeoutError())
+        self.upstreams.fail(TimeoutError())
         self.assertEqual(self.response(transport).status, 504)
         self.assertEqual(self.requests()[0].reason, "upstream_timeout")
 
     def test_no_answer(self) -> None:
         """An upstream that never answers gets a 504 at the route's timeout, not before."""
         _, transport = self.scrape()
-        _, upstream_transport = self.pool.accept()
+        _, upstream_transport = self.upstreams.accept()
         self.clock.advance(9.99)
         self.assertEqual(transport.value(), b"")
         self.clock.advance(0.01)
@@ -772,11 +747,12 @@ class UpstreamFailureTests(GatewayTestCase):
         self.clock.advance(10)
         self.assertEqual(self.response(transport).status, 504)
         self.assertEqual(self.requests()[0].reason, "upstream_timeout")
+        self.assertEqual((self.upstreams.pending, self.upstreams.cancelled), ([], [NODE.address]))
 
     def test_scrape_timeout_header_shortens(self) -> None:
         """X-Prometheus-Scrape-Timeout-Seconds shortens the wait, answering just before it."""
         _, transport = self.scrape(SCRAPE, b"X-Prometheus-Scrape-Timeout-Seconds: 2")
-        self.pool.accept()
+        self.upstreams.accept()
         self.clock.advance(1.74)
         self.assertEqual(transport.value(), b"")
         self.clock.advance(0.01)
@@ -787,7 +763,7 @@ class UpstreamFailureTests(GatewayTestCase):
         for value in (b"nan", b"-1", b"0", b"x", b"inf"):
             self.audit.events.clear()
             _, transport = self.scrape(SCRAPE, b"X-Prometheus-Scrape-Timeout-Seconds: " + value)
-            self.pool.accept()
+            self.upstreams.accept()
             self.clock.advance(9.9)
             self.assertEqual(transport.value(), b"", value)
             self.clock.advance(0.1)
@@ -796,7 +772,7 @@ class UpstreamFailureTests(GatewayTestCase):
     def test_malformed_upstream(self) -> None:
         """A malformed upstream response is 502 upstream_malformed."""
         _, transport = self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(b"SSH-2.0-OpenSSH\r\n\r\n")
         self.assertEqual(self.response(transport).status, 502)
         self.assertEqual(self.requests()[0].reason, "upstream_malformed")
@@ -804,7 +780,7 @@ class UpstreamFailureTests(GatewayTestCase):
     def test_too_large(self) -> None:
         """A Content-Length over the route's cap is 502 response_too_large."""
         _, transport = self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (65 * 2**20))
         self.assertEqual(self.response(transport).status, 502)
         self.assertEqual(self.requests()[0].reason, "response_too_large")
@@ -824,7 +800,7 @@ class UpstreamFailureTests(GatewayTestCase):
     def test_mid_body_failure_content_length(self) -> None:
         """A reset mid-body ends the client short of its Content-Length: never clean."""
         _, transport = self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
         upstream.connectionLost(Failure(ConnectionLost()))
         self.assertCutShort(
@@ -837,7 +813,7 @@ class UpstreamFailureTests(GatewayTestCase):
     def test_mid_body_failure_chunked(self) -> None:
         """A chunked body cut mid-way never gets its last chunk."""
         _, transport = self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         upstream.dataReceived(head + b"3\r\nabc\r\n")
         upstream.connectionLost(Failure(ConnectionDone()))
@@ -850,7 +826,7 @@ class UpstreamFailureTests(GatewayTestCase):
     def test_mid_body_failure_rechunked(self) -> None:
         """A close-delimited body re-chunked for the client gets no last chunk on reset."""
         _, transport = self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nabc")
         upstream.connectionLost(Failure(ConnectionLost()))
         self.assertCutShort(
@@ -862,7 +838,7 @@ class UpstreamFailureTests(GatewayTestCase):
     def test_mid_body_failure_close_delimited_client(self) -> None:
         """An HTTP/1.0 client's body is close-delimited, so only an abort can say it was cut."""
         _, transport = self.scrape(SCRAPE, version=b"1.0")
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
         upstream.connectionLost(Failure(ConnectionLost()))
         self.assertCutShort(transport, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc")
@@ -871,7 +847,7 @@ class UpstreamFailureTests(GatewayTestCase):
     def test_mid_body_too_large(self) -> None:
         """A body crossing the route's size cap mid-way is cut short."""
         _, transport = self.scrape(b"/scrape?route=limited&target=10.0.0.5%3A9100")
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         upstream.dataReceived(head)
         chunk = b"100000\r\n" + b"x" * 0x100000 + b"\r\n"
@@ -887,7 +863,7 @@ class UpstreamFailureTests(GatewayTestCase):
     def test_mid_body_timeout(self) -> None:
         """The scrape timeout striking mid-body cuts the response short too."""
         _, transport = self.scrape()
-        upstream, upstream_transport = self.pool.accept()
+        upstream, upstream_transport = self.upstreams.accept()
         upstream.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
         self.clock.advance(10)
         self.assertCutShort(
@@ -901,12 +877,12 @@ class UpstreamFailureTests(GatewayTestCase):
     def test_pooled_connection_retried(self) -> None:
         """A pooled connection found closed before answering is retried once on a new one."""
         self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         self.assertEqual(self.pool.idle_count(), 1)
         _, transport = self.scrape()
         upstream.connectionLost(Failure(ConnectionDone()))
-        fresh, fresh_transport = self.pool.accept()
+        fresh, fresh_transport = self.upstreams.accept()
         self.assertEqual(fresh_transport.value(), UPSTREAM_REQUEST)
         fresh.dataReceived(OK_RESPONSE)
         self.assertEqual(self.response(transport).body, METRICS)
@@ -914,7 +890,7 @@ class UpstreamFailureTests(GatewayTestCase):
     def test_client_gone(self) -> None:
         """A client that goes away mid-scrape ends the exchange and frees the upstream."""
         proto, _ = self.scrape()
-        _, upstream_transport = self.pool.accept()
+        _, upstream_transport = self.upstreams.accept()
         proto.connectionLost(Failure(ConnectionLost()))
         self.assertTrue(upstream_transport.disconnected)
         self.assertEqual(self.requests()[0].reason, "client_aborted")
@@ -923,9 +899,9 @@ class UpstreamFailureTests(GatewayTestCase):
     def test_client_gone_while_connecting(self) -> None:
         """A client that goes away while the upstream connect is pending cancels it."""
         proto, _ = self.scrape()
-        d = self.pool.pending[0][2]
+        self.assertEqual(self.upstreams.pending, [NODE.address])
         proto.connectionLost(Failure(ConnectionLost()))
-        self.assertTrue(d.called)
+        self.assertEqual((self.upstreams.pending, self.upstreams.cancelled), ([], [NODE.address]))
         self.assertEqual(self.requests()[0].reason, "client_aborted")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -936,10 +912,10 @@ class ConnectionTests(GatewayTestCase):
     def test_keep_alive(self) -> None:
         """Two requests on one connection; the second reuses the pooled upstream."""
         proto, transport = self.scrape()
-        upstream, upstream_transport = self.pool.accept()
+        upstream, upstream_transport = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         proto.dataReceived(get(SCRAPE))
-        self.assertEqual(self.pool.pending, [])
+        self.assertNoUpstreamAttempt()
         self.assertEqual(upstream_transport.value(), UPSTREAM_REQUEST * 2)
         upstream.dataReceived(OK_RESPONSE)
         self.assertEqual([r.body for r in self.responses(transport)], [METRICS, METRICS])
@@ -949,7 +925,7 @@ class ConnectionTests(GatewayTestCase):
     def test_connection_close(self) -> None:
         """Connection: close from the client closes after the response."""
         _, transport = self.scrape(SCRAPE, b"Connection: close")
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         self.assertEqual(self.response(transport).headers[b"connection"], b"close")
         self.assertTrue(transport.disconnecting)
@@ -958,15 +934,17 @@ class ConnectionTests(GatewayTestCase):
         """A pipelined second request waits until the first is answered, then is served."""
         proto, transport = self.client()
         proto.dataReceived(get(SCRAPE) + get(b"/scrape?route=node&target=10.0.0.6%3A9100"))
-        self.assertEqual(len(self.pool.pending), 1)
+        self.assertEqual(self.upstreams.pending, [NODE.address])
         # A little pipelined data is held without pausing the socket (no syscalls spent).
         self.assertEqual(transport.producerState, "producing")
-        first, _ = self.pool.accept()
+        first, _ = self.upstreams.accept()
         self.assertEqual(transport.value(), b"")
         first.dataReceived(OK_RESPONSE)
         self.assertEqual(len(self.responses(transport)), 1)
-        self.assertEqual(len(self.pool.pending), 1, "pipelined request not served")
-        second, second_transport = self.pool.accept()
+        self.assertEqual(
+            self.upstreams.pending, [OTHER_NODE.address], "pipelined request not served"
+        )
+        second, second_transport = self.upstreams.accept()
         self.assertEqual(second_transport.value().split(b"\r\n")[1], b"Host: 10.0.0.6:9100")
         second.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
         self.assertEqual([r.body for r in self.responses(transport)], [METRICS, b"two"])
@@ -978,7 +956,7 @@ class ConnectionTests(GatewayTestCase):
         proto, transport = self.scrape()
         proto.dataReceived(get(b"/sd") * (MAX_HEAD // len(get(b"/sd")) + 1))
         self.assertEqual(transport.producerState, "paused")
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         self.assertEqual(transport.producerState, "producing")
 
@@ -987,7 +965,7 @@ class ConnectionTests(GatewayTestCase):
         proto, transport = self.scrape()
         proto.dataReceived(get(b"/sd"))
         self.assertEqual(self.audit.events, [])
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         self.assertEqual([r.status for r in self.responses(transport)], [200, 200])
         self.assertEqual([e.path for e in self.requests()], ["/metrics", "/sd"])
@@ -998,7 +976,7 @@ class ConnectionTests(GatewayTestCase):
         proto, transport = self.scrape()
         proto.readConnectionLost()
         self.assertFalse(transport.disconnecting)
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         self.assertEqual(self.response(transport).body, METRICS)
         self.assertTrue(transport.disconnecting)
@@ -1011,7 +989,7 @@ class ConnectionTests(GatewayTestCase):
         proto, transport = self.client()
         proto.dataReceived(get(SCRAPE) + get(b"/nope") + b"GET /scr")
         proto.readConnectionLost()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         self.assertEqual([r.status for r in self.responses(transport)], [200, 404])
         self.assertTrue(transport.disconnecting)
@@ -1081,7 +1059,7 @@ class ConnectionTests(GatewayTestCase):
     def test_no_deadline_during_exchange(self) -> None:
         """While a scrape is in progress only the scrape timeout applies."""
         _, transport = self.scrape()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         self.clock.advance(9)
         upstream.dataReceived(OK_RESPONSE)
         self.assertEqual(self.response(transport).status, 200)
@@ -1092,7 +1070,7 @@ class ConnectionTests(GatewayTestCase):
         proto, transport = self.scrape()
         self.assertIs(transport.producer, proto)
         self.assertTrue(transport.streaming)
-        upstream, upstream_transport = self.pool.accept()
+        upstream, upstream_transport = self.upstreams.accept()
         upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc")
         proto.pauseProducing()
         self.assertEqual(upstream_transport.producerState, "paused")
@@ -1109,7 +1087,7 @@ class ConnectionTests(GatewayTestCase):
         """An upstream connected while the client is paused starts paused."""
         proto, _ = self.scrape()
         proto.pauseProducing()
-        _, upstream_transport = self.pool.accept()
+        _, upstream_transport = self.upstreams.accept()
         self.assertEqual(upstream_transport.producerState, "paused")
         proto.resumeProducing()
         self.assertEqual(upstream_transport.producerState, "producing")
@@ -1276,7 +1254,7 @@ class MutualTLSTests(GatewayTestCase):
         self.assertEqual(server.recognition.identity, PROMETHEUS)
         self.client_wire.write(get(SCRAPE))
         pump.flush()
-        upstream, _ = self.pool.accept()
+        upstream, _ = self.upstreams.accept()
         upstream.dataReceived(OK_RESPONSE)
         pump.flush()
         (response,) = parse_responses(client.data)
@@ -1330,7 +1308,7 @@ class MutualTLSTests(GatewayTestCase):
             pump.flush()
         self.assertIsNotNone(client.lost)
         self.assertEqual(self.requests(), [])
-        self.assertEqual(self.pool.pending, [])
+        self.assertNoUpstreamAttempt()
         (event,) = self.handshake_failures()
         self.assertEqual(
             (event.listener, event.peer, event.decision, event.reason),

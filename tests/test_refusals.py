@@ -11,7 +11,6 @@ from typing import Any
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -28,6 +27,7 @@ from promgate.config.model import (
     Listener,
     Route,
     Target,
+    UpstreamTLS,
 )
 from promgate.http.refusals import BODIES, refusal_body
 from promgate.http.server import HTTPListenerFactory
@@ -37,7 +37,7 @@ from promgate.listeners.forward import ForwardGateway
 from promgate.listeners.scrape import ReverseGateway
 from promgate.metrics import Metrics
 from promgate.ratelimit import RateLimiter
-from promgate.tls import UpstreamTLSError
+from promgate.testing import PendingUpstreams
 
 #: Every case puts some of these in its request or in what the gateway learns upstream;
 #: none may reach the caller.
@@ -68,44 +68,32 @@ ROUTES = {
     "admin": Route("admin", (Target("127.0.0.1:9099"),), allow=("zq-agent",)),
     "limited": Route("limited", (NODE,), allow=("role:scraper",), limits=Limits(rate=1.0, burst=1)),
     "single": Route("single", (NODE,), allow=("role:scraper",), limits=Limits(max_concurrent=1)),
-    "tls": Route("tls", (Target("10.0.0.5:9443"),), scheme="https", allow=("role:scraper",)),
+    # Its CA file cannot be read: connecting fails before any connection is attempted.
+    "tls": Route(
+        "tls",
+        (Target("10.0.0.5:9443"),),
+        scheme="https",
+        allow=("role:scraper",),
+        upstream_tls=UpstreamTLS(ca=Path("/nonexistent/zq/ca.pem")),
+    ),
 }
 SCRAPE = b"/scrape?route=node&target=10.0.0.5%3A9100"
 
 
-class _Pool(UpstreamPool):
-    """New upstream connections are handed out by the test."""
-
-    def __init__(self, clock: MemoryReactorClock) -> None:
-        super().__init__(clock)
-        self.pending: list[tuple[Route, Target, Deferred[UpstreamProtocol]]] = []
-
-    def connect(self, route: Route, target: Target) -> Deferred[UpstreamProtocol]:
-        d: Deferred[UpstreamProtocol] = Deferred(lambda d: None)
-        self.pending.append((route, target, d))
-        return d
-
-    def fail(self, exception: Exception) -> None:
-        self.pending.pop(0)[2].errback(exception)
-
-    def answer(self, *data: bytes) -> UpstreamProtocol:
-        route, target, d = self.pending.pop(0)
-        proto = UpstreamProtocol(self, (route.name, target.address))
-        proto.makeConnection(StringTransport(lenient=True))
-        d.callback(proto)
-        for piece in data:
-            proto.dataReceived(piece)
-        return proto
+def _answer(upstreams: PendingUpstreams, *data: bytes) -> UpstreamProtocol:
+    """Connect the oldest upstream attempt and feed it ``data`` as the upstream's bytes."""
+    proto, _ = upstreams.accept()
+    assert isinstance(proto, UpstreamProtocol), proto
+    for piece in data:
+        proto.dataReceived(piece)
+    return proto
 
 
-def _fail_connects(reactor: MemoryReactorClock) -> None:
-    """Fail every pending upstream connect (a CONNECT tunnel's), with an address in the
-    error."""
-    for connector, (host, port, factory, *_) in zip(
-        reactor.connectors, reactor.tcpClients, strict=True
-    ):
-        error = DNSLookupError(f"zq: no address for {host}:{port}")
-        factory.clientConnectionFailed(connector, Failure(error))
+def _fail_connects(upstreams: PendingUpstreams) -> None:
+    """Fail every upstream connect still waiting (a CONNECT tunnel's), with an address in
+    the error."""
+    for address in upstreams.pending:
+        upstreams.fail(DNSLookupError(f"zq: no address for {address}"))
 
 
 def _request(method: bytes, target: bytes, *headers: bytes) -> bytes:
@@ -113,21 +101,21 @@ def _request(method: bytes, target: bytes, *headers: bytes) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def _reset(pool: _Pool) -> None:
-    pool.answer().connectionLost(Failure(ConnectionLost("zq reset by 10.0.0.5:9100")))
+def _reset(upstreams: PendingUpstreams) -> None:
+    _answer(upstreams).connectionLost(Failure(ConnectionLost("zq reset by 10.0.0.5:9100")))
 
 
-def _tls_failed(pool: _Pool) -> None:
-    pool.answer().connectionLost(
+def _tls_failed(upstreams: PendingUpstreams) -> None:
+    _answer(upstreams).connectionLost(
         Failure(VerificationError(errors=["spiffe://zq.example/expected-exporter"]))
     )
 
 
-def _ssl_failed(pool: _Pool) -> None:
-    pool.fail(SSL.Error([("SSL routines", "", "certificate verify failed (zq)")]))
+def _ssl_failed(upstreams: PendingUpstreams) -> None:
+    upstreams.fail(SSL.Error([("SSL routines", "", "certificate verify failed (zq)")]))
 
 
-Action = Callable[[_Pool], Any] | None
+Action = Callable[[PendingUpstreams], Any] | None
 
 #: (listener kind, request, identity, what the upstream does, status, reason)
 CASES: list[tuple[str, bytes, Identity | None, Action, int, str]] = [
@@ -157,17 +145,16 @@ CASES: list[tuple[str, bytes, Identity | None, Action, int, str]] = [
     ("http", _request(b"GET", SCRAPE), None, None, 401, "authn_missing"),
     ("http", _request(b"GET", b"/sd", b"Authorization: Bearer zq-wrong"), None, None, 401,
      "authn_failed"),
-    ("http", _request(b"GET", SCRAPE), SCRAPER, lambda p: p.fail(ConnectionRefusedError(
+    ("http", _request(b"GET", SCRAPE), SCRAPER, lambda u: u.fail(ConnectionRefusedError(
         "10.0.0.5:9100: refused")), 502, "upstream_refused"),
     ("http", _request(b"GET", SCRAPE), SCRAPER, _ssl_failed, 502, "upstream_tls_failed"),
     ("http", _request(b"GET", b"/scrape?route=tls&target=10.0.0.5%3A9443"), SCRAPER,
-     lambda p: p.fail(UpstreamTLSError("zq: cannot read /etc/zq/ca.pem")), 502,
-     "upstream_tls_failed"),
+     None, 502, "upstream_tls_failed"),
     ("http", _request(b"GET", SCRAPE), SCRAPER, _tls_failed, 502, "upstream_tls_failed"),
-    ("http", _request(b"GET", SCRAPE), SCRAPER, lambda p: p.answer(
+    ("http", _request(b"GET", SCRAPE), SCRAPER, lambda u: _answer(u,
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n"), 502,
      "upstream_malformed"),
-    ("http", _request(b"GET", SCRAPE), SCRAPER, lambda p: p.answer(
+    ("http", _request(b"GET", SCRAPE), SCRAPER, lambda u: _answer(u,
         b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n"), 502, "response_too_large"),
     ("http", _request(b"GET", SCRAPE), SCRAPER, _reset, 502, "upstream_reset"),
     ("forward", _request(b"GET", b"/zq"), SCRAPER, None, 400, "bad_request"),
@@ -191,8 +178,8 @@ CASES: list[tuple[str, bytes, Identity | None, Action, int, str]] = [
      "authn_missing"),
     ("forward", _request(b"GET", b"http://10.0.0.5:9100/metrics"), SCRAPER, _tls_failed,
      502, "upstream_tls_failed"),
-    ("forward", _request(b"GET", b"http://10.0.0.5:9100/metrics"), SCRAPER, lambda p:
-     p.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: zq\r\n\r\n"), 502,
+    ("forward", _request(b"GET", b"http://10.0.0.5:9100/metrics"), SCRAPER, lambda u:
+     _answer(u, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: zq\r\n\r\n"), 502,
      "upstream_malformed"),
     ("forward", _request(b"CONNECT", b"zq-no-port"), SCRAPER, None, 400, "bad_request"),
     ("forward", _request(b"CONNECT", b"zq.example:443"), SCRAPER, None, 403, "not_found"),
@@ -205,10 +192,10 @@ class RefusalBodyTests(SynchronousTestCase):
     """Walk a table of refusals on ``http`` and ``forward`` listeners (``tcp`` listeners
     refuse by closing, with no byte sent: see tests.test_tcp)."""
 
-    def gateway(self, kind: str) -> tuple[ReverseGateway, _Pool, MemoryAuditSink]:
+    def gateway(self, kind: str) -> tuple[ReverseGateway, PendingUpstreams, MemoryAuditSink]:
         clock = MemoryReactorClock()
         clock.advance(1000)
-        pool = _Pool(clock)
+        pool = UpstreamPool(clock)
         audit = MemoryAuditSink()
         listener = Listener(kind, kind, "tcp:0", None)
         config = Config(
@@ -231,12 +218,12 @@ class RefusalBodyTests(SynchronousTestCase):
             pool=pool,
             **extra,
         )
-        return gw, pool, audit
+        return gw, PendingUpstreams(clock), audit
 
     def exchange(
         self, kind: str, request: bytes, identity: Identity | None, action: Action
     ) -> tuple[bytes, list[AuditEvent]]:
-        gw, pool, audit = self.gateway(kind)
+        gw, upstreams, audit = self.gateway(kind)
         factory = HTTPListenerFactory(gw.http)
         proto = factory.buildProtocol(None)
         transport = StringTransport(
@@ -247,11 +234,9 @@ class RefusalBodyTests(SynchronousTestCase):
         if identity is not None:
             proto.recognition = Recognition(identity, "ok")
         proto.dataReceived(request)
-        clock = gw.http.clock
-        assert isinstance(clock, MemoryReactorClock)
-        _fail_connects(clock)
         if action is not None:
-            action(pool)
+            action(upstreams)
+        _fail_connects(upstreams)
         return transport.value(), [e for e in audit.events if e.event == "request"]
 
     def test_table(self) -> None:

@@ -71,15 +71,28 @@ class PendingUpstreams:
     Use it with the real ``UpstreamPool`` (or a tcp listener's connector) on a
     ``MemoryReactorClock``: ``accept()`` gives the oldest attempt a ``StringTransport`` and
     returns the protocol the gateway built, to which the test feeds the upstream's bytes.
+    An attempt the gateway gives up (cancelling its connect, which stops the connector and
+    fails the endpoint's Deferred with ``ConnectingCancelledError``) leaves ``pending`` for
+    ``cancelled``.
     """
 
     def __init__(self, reactor: MemoryReactorClock) -> None:
         self.reactor = reactor
+        self._cancelled: list[str] = []
 
     def _drop_cancelled(self) -> None:
+        dropped = []
         for i in reversed(range(len(self.reactor.tcpClients))):
             if self.reactor.connectors[i].stoppedConnecting:
-                _take_attempt(self.reactor, i)
+                host, port, *_ = _take_attempt(self.reactor, i)
+                dropped.append(_key(host, port))
+        self._cancelled.extend(reversed(dropped))
+
+    @property
+    def cancelled(self) -> list[str]:
+        """``host:port`` of each attempt the gateway gave up before it was answered."""
+        self._drop_cancelled()
+        return list(self._cancelled)
 
     @property
     def pending(self) -> list[str]:
