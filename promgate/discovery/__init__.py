@@ -20,92 +20,26 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from promgate.addresses import address_parts, host_port, split_address
 from promgate.config.model import ProviderSpec, Route, Selector, Target
+from promgate.discovery.provider import (
+    DEFAULT_POLL_INTERVAL,
+    BaseProvider,
+    Discovered,
+    IDiscoveryProvider,
+    IDiscoveryProviderFactory,
+)
 from promgate.policy import Membership
 from promgate.reactors import IDiscoveryReactor
 
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-#: How often a runner wakes to ask a provider whether its source changed, at most.
-DEFAULT_POLL_INTERVAL = 5.0
-
-
-@attrs.frozen
-class Discovered:
-    """What one refresh found: the complete set, and the problems met on the way.
-
-    A provider that could read part of its sources returns the rest (keeping, for the
-    parts it could not read, what it had before) and names each problem in ``errors``;
-    the refresh then counts as a failure in metrics and logs, but its targets apply.
-    """
-
-    targets: tuple[Target, ...]
-    errors: tuple[str, ...] = ()
-
-
-class IDiscoveryProvider(Interface):
-    """A source of targets. Subclass ``BaseProvider`` for the defaults."""
-
-    #: How often (seconds) the runner asks ``changed()``.
-    poll_interval = Attribute("float: seconds between calls to changed()")
-
-    def refresh() -> Deferred[Discovered] | Discovered | Sequence[Target]:
-        """Discover the complete current set now. A failure (exception or failed
-        Deferred) keeps the previous set."""
-
-    def changed() -> bool:
-        """Cheap: has the source changed since the last refresh? (Polled.)"""
-
-    def next_interval(succeeded: bool) -> float:  # noqa: N805
-        """Seconds from the end of a refresh to the next scheduled one."""
-
-
-class IDiscoveryProviderFactory(Interface):
-    """A third-party provider, found as a plugin in ``twisted/plugins/``.
-
-    The configuration names it: ``targets: {plugin: {name: NAME, ...settings}}``.
-    """
-
-    name = Attribute("str: the name the configuration uses")
-
-    def check(settings: Mapping[str, Any]) -> Sequence[tuple[str, str]]:  # noqa: N805
-        """Problems with ``settings`` as ``(key, message)`` pairs; empty if usable."""
-
-    def build(
-        settings: Mapping[str, Any],  # noqa: N805
-        reactor: IDiscoveryReactor,
-        base: Path,
-    ) -> IDiscoveryProvider:
-        """A provider for ``settings``; relative paths resolve against ``base``.
-
-        ``reactor`` keeps time and connects over TCP and UDP, with name resolution:
-        enough for ``twisted.names`` and for an HTTP client (``Agent``, treq)."""
-
-
-@implementer(IDiscoveryProvider)
-class BaseProvider:
-    """Defaults: never changed between refreshes, refreshed every ``refresh_interval``."""
-
-    poll_interval = DEFAULT_POLL_INTERVAL
-    refresh_interval = 60.0
-
-    def refresh(self) -> Deferred[Discovered] | Discovered | Sequence[Target]:
-        raise NotImplementedError
-
-    def changed(self) -> bool:
-        return False
-
-    def next_interval(self, succeeded: bool) -> float:
-        return self.refresh_interval
-
 
 # -- selection -------------------------------------------------------------------------------
 
@@ -477,3 +411,20 @@ def resolve_once(routes: Mapping[str, Route], reactor: IDiscoveryReactor) -> Def
         return discovery
 
     return discovery.start().addCallback(done)
+
+
+__all__ = [
+    "DEFAULT_POLL_INTERVAL",
+    "BaseProvider",
+    "CompiledSelector",
+    "Discovered",
+    "Discovery",
+    "IDiscoveryProvider",
+    "IDiscoveryProviderFactory",
+    "ProviderRunner",
+    "StaticTargets",
+    "build_provider",
+    "clean_labels",
+    "discovery_factories",
+    "resolve_once",
+]

@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from promgate.addresses import host_port
 from promgate.config.model import Target
-from promgate.discovery import BaseProvider, Discovered, IDiscoveryProvider
+from promgate.discovery.provider import BaseProvider, Discovered, IDiscoveryProvider
 from promgate.reactors import INamesReactor
 
 DEFAULT_REFRESH_INTERVAL = 30.0

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from promgate.config.model import Target
-from promgate.discovery import BaseProvider, Discovered, IDiscoveryProvider
+from promgate.discovery.provider import BaseProvider, Discovered, IDiscoveryProvider
 
 Signature = tuple[int, int, int]
 DEFAULT_REFRESH_INTERVAL = 300.0

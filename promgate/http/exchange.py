@@ -4,7 +4,6 @@ absolute-form requests alike."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 from twisted.internet.defer import Deferred
@@ -17,14 +16,11 @@ from promgate.config.model import Route, Target
 from promgate.core.admission import Ticket
 from promgate.core.context import Outcome, RequestContext, Verdict
 from promgate.core.reasons import Reason
+from promgate.http.listener import ClientConnection, HTTPListener
 from promgate.http.refusals import refusal_body
 from promgate.http.upstream import CHUNKED, CLOSE, LENGTH, UpstreamProtocol
 from promgate.http.wire import RequestHead, simple_response
 from promgate.net.connector import connect_failure
-
-if TYPE_CHECKING:
-    from promgate.http.listener import HTTPListener
-    from promgate.http.server import DownstreamProtocol
 
 _PASS_HEADERS = (
     (b"accept", b"Accept"),
@@ -45,7 +41,7 @@ class Exchange:
     def __init__(
         self,
         listener: HTTPListener,
-        conn: DownstreamProtocol,
+        conn: ClientConnection,
         req: RequestHead,
         ctx: RequestContext,
         route: Route,

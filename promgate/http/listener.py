@@ -10,7 +10,7 @@ gateway (``/scrape``, ``/sd``) or the forward proxy. Connections are
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -20,29 +20,62 @@ from twisted.logger import Logger
 from promgate.authn import Authenticator
 from promgate.config.model import Listener, Route, Target
 from promgate.core.admission import Admitter, Ticket
-from promgate.core.context import Outcome, RequestContext
+from promgate.core.context import ConnectionInfo, Outcome, RequestContext
 from promgate.core.reasons import Reason
 from promgate.core.recording import Recorder
 from promgate.drain import InFlight, OpenSet, Phase
 from promgate.http.refusals import refusal_body
-from promgate.http.upstream import UpstreamPool
+from promgate.http.upstream import UpstreamPool, UpstreamProtocol
 from promgate.http.wire import RequestHead, simple_response
 from promgate.identity import Recognition
 from promgate.metrics import Metrics
 from promgate.ratelimit import RateLimiter
 from promgate.tls import PeerCertificate
 
-if TYPE_CHECKING:
-    from promgate.http.server import DownstreamProtocol
-
 #: Headers that go with every answer of the gateway's own.
 Headers = tuple[tuple[bytes, bytes], ...]
+
+
+class ClientConnection(Protocol):
+    """What the shared steps and a relay do with a client connection
+    (promgate.http.server.DownstreamProtocol)."""
+
+    info: ConnectionInfo
+    recognition: Recognition
+    peer: str
+
+    def send(self, data: bytes) -> None: ...
+
+    def send_sequence(self, data: tuple[bytes, ...]) -> None: ...
+
+    def request_done(self, keep_alive: bool) -> None: ...
+
+    def begin_authentication(
+        self, req: RequestHead, start: float, check: Deferred[Recognition] | None = None
+    ) -> None: ...
+
+    def end_authentication(self) -> bool: ...
+
+    def begin_exchange(self, exchange: Any) -> None: ...
+
+    def attach_upstream(self, upstream: UpstreamProtocol) -> None: ...
+
+    def detach_upstream(self) -> None: ...
+
+    def close_truncated(self) -> None: ...
+
+    def close_if_idle(self) -> None: ...
+
+    def shut_down(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 class RequestHandler(Protocol):
     """What a listener kind does with one complete request head."""
 
-    def handle(self, conn: DownstreamProtocol, req: RequestHead) -> None: ...
+    def handle(self, conn: Any, req: RequestHead) -> None:
+        """``conn`` is the DownstreamProtocol the request came on."""
 
 
 class HTTPListener:
@@ -74,7 +107,7 @@ class HTTPListener:
         self.handler: RequestHandler | None = None
         self.open_connections = metrics.open_connections.labels(listener.name)
         self.connections = metrics.connections.labels(listener.name)
-        self.open: OpenSet[DownstreamProtocol] = OpenSet(clock)
+        self.open: OpenSet[ClientConnection] = OpenSet(clock)
         #: Requests relayed right now: what a shutdown drains (tunnels are cut instead).
         self.in_flight = InFlight(clock)
         self.phase = Phase.SERVING
@@ -107,13 +140,13 @@ class HTTPListener:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def handle(self, conn: DownstreamProtocol, req: RequestHead) -> None:
+    def handle(self, conn: Any, req: RequestHead) -> None:
         assert self.handler is not None
         self.handler.handle(conn, req)
 
     def context(
         self,
-        conn: DownstreamProtocol,
+        conn: ClientConnection,
         req: RequestHead | None,
         start: float,
         recognition: Recognition | None = None,
@@ -131,7 +164,7 @@ class HTTPListener:
 
     def authenticate(
         self,
-        conn: DownstreamProtocol,
+        conn: ClientConnection,
         req: RequestHead,
         start: float,
         header: bytes | None,
@@ -159,7 +192,7 @@ class HTTPListener:
 
     def admit(
         self,
-        conn: DownstreamProtocol,
+        conn: ClientConnection,
         req: RequestHead,
         ctx: RequestContext,
         route: Route,
@@ -184,7 +217,7 @@ class HTTPListener:
 
     def refuse(
         self,
-        conn: DownstreamProtocol,
+        conn: ClientConnection,
         req: RequestHead | None,
         ctx: RequestContext,
         outcome: Outcome,
@@ -200,7 +233,7 @@ class HTTPListener:
 
     def answer(
         self,
-        conn: DownstreamProtocol,
+        conn: ClientConnection,
         req: RequestHead | None,
         ctx: RequestContext,
         outcome: Outcome,
@@ -232,7 +265,7 @@ class HTTPListener:
         self.recorder.request(ctx, outcome, self.clock.seconds())
 
     def handshake_failed(
-        self, conn: DownstreamProtocol, reason: str, detail: str, cert: PeerCertificate | None
+        self, conn: ClientConnection, reason: str, detail: str, cert: PeerCertificate | None
     ) -> None:
         self.recorder.handshake_failed(conn.peer, reason, detail, cert)
 
