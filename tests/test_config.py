@@ -1265,3 +1265,22 @@ class CheckConfigCommandTests(ProblemAssertions):
         self.assertEqual(code, 1)
         self.assertIn("cannot read file", err)
         self.assertIn("1 error(s); configuration is NOT valid", err)
+
+
+class ReservedIdentityNameTests(ProblemAssertions):
+    """``none`` and ``unrecognised`` are the metrics' values for callers without an
+    identity: a configured identity cannot take them."""
+
+    def test_reserved(self) -> None:
+        self.tree.standard()
+        for name in ("none", "unrecognised"):
+            self.tree.write("conf.d/reserved.yaml", f"identities:\n  {name}: {{roles: [x]}}\n")
+            config, errors, _ = self.tree.check()
+            self.assertIsNone(config)
+            self.assertProblem(
+                errors,
+                "conf.d/reserved.yaml",
+                2,
+                f"identities.{name}",
+                f"'{name}' is reserved: the metrics' identity label uses it",
+            )

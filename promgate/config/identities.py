@@ -18,6 +18,8 @@ from promgate.spiffe import is_spiffe, spiffe_pattern_error
 
 __all__ = ["check_identities"]
 
+#: Identity names the metrics' ``identity`` label keeps for callers without one.
+RESERVED_NAMES = frozenset({"none", "unrecognised"})
 _IDENTITY_KEYS = ("cert", "roles", "bearer_sha256", "bearer_file", "basic")
 _CREDENTIAL_KEYS = ("cert", "bearer_sha256", "bearer_file", "basic")
 _CERT_RULES = ("cn", "dns", "uri", "spki_sha256")
@@ -30,6 +32,14 @@ def check_identities(r: Reader, sections: Sections) -> dict[str, Identity]:
     credentials = _Credentials(r)
     out = {}
     for name, item in sections.identities.items():
+        if name in RESERVED_NAMES:
+            r.error(
+                item.src,
+                item.key,
+                f"{name!r} is reserved: the metrics' identity label uses it for callers "
+                "without an identity",
+            )
+            continue
         ident = _identity(r, credentials, name, item)
         if ident is not None:
             out[name] = ident
@@ -201,6 +211,14 @@ def _web_config(
                 key,
                 "the user becomes an identity of that name: use letters, digits, "
                 "'_', '.', '-' (at most 63)",
+            )
+            continue
+        if user in RESERVED_NAMES:
+            r.error(
+                src,
+                key,
+                f"{user!r} is reserved: the metrics' identity label uses it for callers "
+                "without an identity",
             )
             continue
         first = known.get(user)
