@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from promgate.audit import IAuditSink
-from promgate.authn import Authenticator, door_headers
+from promgate.authn import Authenticator, door_headers, token_challenges
 from promgate.config.model import Config, Listener, Route, Target
 from promgate.core.admission import Ticket
 from promgate.core.context import Outcome, RequestContext
@@ -219,7 +219,10 @@ class ForwardGateway:
             address,
             detail=decision.rule,
         )
-        extra = self.challenges if status == 407 else door_headers(ctx.recognition, ())
+        if status == 407:
+            extra = token_challenges(ctx.recognition, self.challenges)
+        else:
+            extra = door_headers(ctx.recognition, ())
         self.http.refuse(conn, req, ctx, outcome, extra)
 
     def record_tunnel(self, tunnel: Tunnel, relay: Relay) -> None:
