@@ -318,13 +318,11 @@ class ProviderKeys:
         self._in_flight = None
         name = self.provider.name
         if isinstance(result, Failure):
-            if result.check(CancelledError) and not self._running:
-                why = "stopped"
-            elif result.check(TimeoutError, CancelledError):
-                why = f"no answer within {FETCH_TIMEOUT:g}s"
-            else:
-                why = result.getErrorMessage() or result.type.__name__  # type: ignore[union-attr]
-            if self._running:
+            if not (result.check(CancelledError) and not self._running):  # not stop()
+                if result.check(TimeoutError, CancelledError):
+                    why = f"no answer within {FETCH_TIMEOUT:g}s"
+                else:
+                    why = result.getErrorMessage() or str(result.type)
                 self.log.warn(
                     "identity provider {provider}: fetching keys failed ({why}); "
                     "{count} key(s) kept",
