@@ -11,6 +11,11 @@ A request may carry two credentials: the TLS client certificate of its connectio
   unsupported scheme): ``authn_failed`` (401), whatever the certificate said;
 - a header naming one identity and a certificate naming another: ``authn_conflict`` (403).
 
+A bearer token that is a configured one (by digest) names its identity, as it always has;
+any other that looks like a JWT is verified against the identity providers
+(:mod:`promgate.jwt_authn`), which may have to fetch keys first (a Deferred). A refused JWT
+is ``authn_failed`` whose 401 carries an RFC 6750 ``invalid_token`` challenge.
+
 Bearer tokens are compared as SHA-256 digests with ``hmac.compare_digest`` against every
 configured digest (no early exit). bcrypt is slow by design, so it runs in a thread (the
 runner is injected: tests pass a synchronous one) and successes are cached, keyed by user
@@ -46,6 +51,7 @@ from promgate.addresses import peer_prefix
 from promgate.authn_limits import OVERLOADED_RETRY_AFTER, BcryptQueue, FailureBackoff
 from promgate.config.model import Identity
 from promgate.identity import IdentityResolver, Recognition
+from promgate.jwt_authn import JWTVerifier, looks_like_jwt
 from promgate.tls import PeerCertificate
 
 if TYPE_CHECKING:
@@ -113,8 +119,26 @@ def door_headers(
     if recognition.retry_after is not None:
         return ((b"Retry-After", str(recognition.retry_after).encode()),)
     if REFUSED_AT_THE_DOOR.get(recognition.reason) == 401:
-        return challenges
+        return token_challenges(recognition, challenges)
     return ()
+
+
+def token_challenges(
+    recognition: Recognition, challenges: tuple[tuple[bytes, bytes], ...]
+) -> tuple[tuple[bytes, bytes], ...]:
+    """``challenges`` (``WWW-Authenticate`` or ``Proxy-Authenticate``), the Bearer one
+    telling of a refused token as RFC 6750 says: ``error="invalid_token"`` and the
+    refusal's constant description."""
+    if recognition.token_error is None:
+        return challenges
+    error = (
+        b'Bearer realm="promgate", error="invalid_token", error_description="'
+        + recognition.token_error.encode("ascii")
+        + b'"'
+    )
+    return tuple(
+        (name, error if value.startswith(b"Bearer ") else value) for name, value in challenges
+    )
 
 
 def parse_basic(credentials: bytes) -> tuple[str, bytes] | None:
@@ -153,8 +177,11 @@ class Authenticator:
         metrics: Metrics | None = None,
         concurrency: int = 2,
         queue_limit: int | None = None,
+        jwt: JWTVerifier | None = None,
     ) -> None:
         self.resolver = IdentityResolver(identities)
+        #: Verifies JWT bearer tokens of identity providers; None when there are none.
+        self.jwt = jwt
         self._metrics = metrics
         queue_kw: dict[str, Any] = {} if queue_limit is None else {"limit": queue_limit}
         self.checks = BcryptQueue(
@@ -191,7 +218,7 @@ class Authenticator:
         # cost, so that timing does not tell which user names exist.
         self._decoy = next(iter(basic.values()))[0] if basic else b""
         challenges = []
-        if bearer:
+        if bearer or jwt is not None:
             challenges.append(_BEARER_CHALLENGE)
         if basic:
             challenges.append(_BASIC_CHALLENGE)
@@ -223,8 +250,14 @@ class Authenticator:
         scheme, _, credentials = header.partition(b" ")
         scheme = scheme.lower()
         credentials = credentials.strip(b" \t")
-        if scheme == b"bearer" and self._bearer:
-            return combine(connection, self._bearer_token(credentials))
+        if scheme == b"bearer" and (self._bearer or self.jwt is not None):
+            found = self._bearer_token(credentials)
+            if found.identity is None and self.jwt is not None and looks_like_jwt(credentials):
+                verified = self.jwt.verify(credentials)
+                if isinstance(verified, Deferred):
+                    return verified.addCallback(lambda r: combine(connection, r))
+                return combine(connection, verified)
+            return combine(connection, found)
         if scheme == b"basic" and self._basic:
             return self._basic_auth(connection, credentials, peer)
         shown = scheme[:16].decode("ascii", "replace")

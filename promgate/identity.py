@@ -1,7 +1,8 @@
 """Recognise callers: map a verified client certificate to a configured identity.
 
 Header credentials (bearer tokens, basic auth) are checked in ``promgate.authn``, which
-combines them with what the certificate said.
+combines them with what the certificate said; JWT bearer tokens of identity providers in
+``promgate.jwt_authn``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ class Recognition:
     detail: str | None = None
     #: For a check held back (throttled or overloaded): seconds until it may be tried again.
     retry_after: int | None = None
+    #: For a refused JWT bearer token: the RFC 6750 ``error_description`` of its
+    #: ``invalid_token`` challenge (short, constant per kind; see promgate.jwt_authn).
+    token_error: str | None = attrs.field(default=None, kw_only=True)
 
 
 class IdentityResolver:

@@ -247,6 +247,7 @@ class Metrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
+        self.identity_providers = IdentityProviderMetrics(r)
         self.build_info.labels(
             promgate.__version__, platform.python_version(), twisted.__version__
         ).set(1)
@@ -329,3 +330,45 @@ def exposed_registry(registry: CollectorRegistry) -> CollectorRegistry:
     exposed = CollectorRegistry(auto_describe=False)
     exposed.register(WithoutCreated(registry))
     return exposed
+
+
+# -- identity providers (JWT bearer tokens) ----------------------------------------------------
+
+
+class IdentityProviderMetrics:
+    """The signing keys of each identity provider: how many are held, and how fetching
+    them goes. Labelled by provider (a configured name, so bounded)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.keys = Gauge(
+            "promgate_identity_provider_keys",
+            "Signing keys held for each identity provider (as last fetched from its JWKS).",
+            ["provider"],
+            registry=registry,
+        )
+        self.refresh_failures = Counter(
+            "promgate_identity_provider_refresh_failures",
+            "Fetches of an identity provider's keys that failed (the keys held are kept).",
+            ["provider"],
+            registry=registry,
+        )
+        self.last_refresh = Gauge(
+            "promgate_identity_provider_last_refresh_success_timestamp_seconds",
+            "Time of the last successful fetch of each identity provider's keys.",
+            ["provider"],
+            registry=registry,
+        )
+        self.token_checks = Counter(
+            "promgate_identity_provider_token_verifications",
+            "JWT signature checks run (tokens not answered from the cache of verified "
+            "tokens), by provider.",
+            ["provider"],
+            registry=registry,
+        )
+
+    def provider(self, name: str) -> None:
+        """Show ``name``'s series from the start, before its first fetch ends."""
+        self.keys.labels(name).set(0)
+        self.refresh_failures.labels(name)
+        self.last_refresh.labels(name)
+        self.token_checks.labels(name)

@@ -26,6 +26,8 @@ from promgate.errors import StartupError, os_error_text
 from promgate.http.listener import HTTPListener
 from promgate.http.server import HTTPListenerFactory
 from promgate.http.upstream import UpstreamPool
+from promgate.jwks import Fetch, IdentityProviderKeys
+from promgate.jwt_authn import JWTVerifier
 from promgate.listeners.forward import ForwardGateway
 from promgate.listeners.scrape import ReverseGateway
 from promgate.listeners.tcp import TCPGateway, TCPGatewayFactory
@@ -124,18 +126,19 @@ def protocol_factory(listener: Listener, gateway: Gateway, clock: IReactorTime) 
 class GatewayService(MultiService):
     """The whole gateway: audit log, listeners, upstream pool and admin listener.
 
-    Start-up reads the key and certificate files and binds every listener first (in
-    ``privilegedStartService``, before ``twistd --uid`` drops privileges), then opens the
-    audit log and writes ``start``, then the ready file: a start-up that fails writes
-    nothing. The audit log stops last, so ``start`` and ``stop`` bracket every request
-    record. On stop, the listeners close, ``/-/ready`` answers 503 while in-flight work
-    drains and the connections that carried it close, then the admin listener closes.
+        Start-up reads the key and certificate files and binds every listener first (in
+        ``privilegedStartService``, before ``twistd --uid`` drops privileges), then opens the
+        audit log and writes ``start``, then the ready file: a start-up that fails writes
+        nothing. The audit log stops last, so ``start`` and ``stop`` bracket every request
+        record. On stop, the listeners close, ``/-/ready`` answers 503 while in-flight work
+        drains and the connections that carried it close, then the admin listener closes.
 
-    The constructor reads no file. What the gateway takes from the process that runs it can
-    be replaced, as the in-memory test kit (:mod:`promgate.testing.memory`) does:
-    ``audit_sink`` stands in for the configured audit log file (a service, if it is one,
-    started and stopped with the gateway), ``run_in_thread`` for bcrypt's own thread pool,
-    and ``install_signal_handlers=False`` leaves the process's SIGHUP alone.
+        The constructor reads no file. What the gateway takes from the process that runs it can
+        be replaced, as the in-memory test kit (:mod:`promgate.testing.memory`) does:
+        ``audit_sink`` stands in for the configured audit log file (a service, if it is one,
+        started and stopped with the gateway), ``run_in_thread`` for bcrypt's own thread pool,
+        ``install_signal_handlers=False`` leaves the process's SIGHUP alone, and ``fetch_keys``
+    answers the identity providers' discovery and JWKS requests instead of HTTP.
     """
 
     log = Logger()
@@ -149,6 +152,7 @@ class GatewayService(MultiService):
         audit_sink: IAuditSink | None = None,
         run_in_thread: ThreadRunner | None = None,
         install_signal_handlers: bool = True,
+        fetch_keys: Fetch | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
@@ -201,8 +205,29 @@ class GatewayService(MultiService):
         self.bcrypt_threads: BcryptThreads | None = None
         if run_in_thread is None:
             self.bcrypt_threads = run_in_thread = BcryptThreads(reactor)
+        # Identity providers' keys are fetched while the gateway runs; readiness never
+        # waits for them (an issuer that is down must not take scrapes down).
+        self.provider_keys = IdentityProviderKeys(
+            config.identity_providers,
+            reactor,
+            fetch=fetch_keys,
+            metrics=self.metrics.identity_providers,
+        )
+        self.provider_keys.setServiceParent(self)  # type: ignore[no-untyped-call]
+        jwt = (
+            JWTVerifier(
+                config.identity_providers,
+                config.identities,
+                self.provider_keys.keys,
+                reactor,
+                metrics=self.metrics.identity_providers,
+            )
+            if config.identity_providers
+            else None
+        )
         self.authenticator = Authenticator(
             config.identities,
+            jwt=jwt,
             run_in_thread=run_in_thread,
             clock=reactor,
             metrics=self.metrics,

@@ -13,7 +13,15 @@ from typing import Any
 import yaml
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from promgate.config import audit_section, identities, routes, sections, targets
+from promgate.config import (
+    audit_section,
+    identities,
+    identity_providers,
+    routes,
+    sections,
+    targets,
+)
+from promgate.config.model import JWT_ALGORITHMS
 from promgate.config.tcp_listeners import TCP_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +126,18 @@ class KeyTests(SynchronousTestCase):
             keys(props["identities"]["additionalProperties"]), set(identities._IDENTITY_KEYS)
         )
         self.assertEqual(keys(props["audit"]), set(audit_section._AUDIT_KEYS))
+        self.assertEqual(
+            keys(props["identity_providers"]["additionalProperties"]),
+            set(identity_providers._KEYS),
+        )
+        self.assertEqual(
+            set(
+                props["identity_providers"]["additionalProperties"]["properties"]["algorithms"][
+                    "items"
+                ]["enum"]
+            ),
+            set(JWT_ALGORITHMS),
+        )
         self.assertEqual(keys(listener), base_listener | set(TCP_KEYS))
         self.assertEqual(
             keys(route_schema["properties"]["targets"]),

@@ -1,34 +1,39 @@
 """The ``identities`` and ``web_configs`` sections: who may call, and how each is known.
 
 An identity is matched by client certificate rules, bearer tokens (kept only as SHA-256
-digests) or basic-auth users (bcrypt hashes). One token or one user names one identity:
-the same credential given to two identities is an error, wherever it is written.
+digests), basic-auth users (bcrypt hashes) or JWTs of an identity provider (by ``sub`` or
+claims). One token or one user names one identity: the same credential given to two
+identities is an error, wherever it is written.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from promgate.config import files
 from promgate.config.fields import NAME, Reader, where
-from promgate.config.model import BasicCredential, CertMatch, Identity
+from promgate.config.model import BasicCredential, CertMatch, Identity, JWTMatch
 from promgate.config.sections import Sections
-from promgate.config.yaml_source import Item
+from promgate.config.yaml_source import Item, join_key
 from promgate.spiffe import is_spiffe, spiffe_pattern_error
 
 __all__ = ["check_identities"]
 
 #: Identity names the metrics' ``identity`` label keeps for callers without one.
 RESERVED_NAMES = frozenset({"none", "unrecognised"})
-_IDENTITY_KEYS = ("cert", "roles", "bearer_sha256", "bearer_file", "basic")
-_CREDENTIAL_KEYS = ("cert", "bearer_sha256", "bearer_file", "basic")
+_IDENTITY_KEYS = ("cert", "roles", "bearer_sha256", "bearer_file", "basic", "jwt")
+_CREDENTIAL_KEYS = ("cert", "bearer_sha256", "bearer_file", "basic", "jwt")
 _CERT_RULES = ("cn", "dns", "uri", "spki_sha256")
 _SHA256_HEX = re.compile(r"^[0-9A-Fa-f]{64}$")
 _WEB_CONFIG_KEYS = ("basic_auth_users", "http_server_config", "tls_server_config")
 
 
-def check_identities(r: Reader, sections: Sections) -> dict[str, Identity]:
-    """Every identity: those of ``identities``, then the users of each web-config file."""
+def check_identities(
+    r: Reader, sections: Sections, providers: Collection[str] = ()
+) -> dict[str, Identity]:
+    """Every identity: those of ``identities``, then the users of each web-config file.
+    ``providers`` are the names of the identity providers a ``jwt`` rule may name."""
     credentials = _Credentials(r)
     out = {}
     for name, item in sections.identities.items():
@@ -40,7 +45,7 @@ def check_identities(r: Reader, sections: Sections) -> dict[str, Identity]:
                 "without an identity",
             )
             continue
-        ident = _identity(r, credentials, name, item)
+        ident = _identity(r, credentials, name, item, providers)
         if ident is not None:
             out[name] = ident
     known = dict(sections.identities)
@@ -83,7 +88,9 @@ class _Credentials:
         return True
 
 
-def _identity(r: Reader, credentials: _Credentials, name: str, item: Item) -> Identity | None:
+def _identity(
+    r: Reader, credentials: _Credentials, name: str, item: Item, providers: Collection[str]
+) -> Identity | None:
     f = r.fields(item, _IDENTITY_KEYS)
     if f is None:
         return None
@@ -112,6 +119,12 @@ def _identity(r: Reader, credentials: _Credentials, name: str, item: Item) -> Id
             hashed = files.bcrypt_hash(r, b["bcrypt"])
             if user is not None and hashed is not None and credentials.basic_user(name, b["user"]):
                 basic.append(BasicCredential(user, hashed))
+    jwt: list[JWTMatch] = []
+    if "jwt" in f:
+        for sub_item in r.one_or_many(f["jwt"]):
+            match = _jwt_match(r, sub_item, providers)
+            if match is not None:
+                jwt.append(match)
     if not any(k in f for k in _CREDENTIAL_KEYS):
         r.warn(item.src, item.key, "identity has no credential and can never match")
     roles = frozenset(r.strings(f["roles"]) or ()) if "roles" in f else frozenset()
@@ -121,7 +134,47 @@ def _identity(r: Reader, credentials: _Credentials, name: str, item: Item) -> Id
         roles=roles,
         bearer_sha256=tuple(dict.fromkeys(bearer)),
         basic=tuple(basic),
+        jwt=tuple(jwt),
     )
+
+
+def _jwt_match(r: Reader, item: Item, providers: Collection[str]) -> JWTMatch | None:
+    """``jwt: {provider, subject, claims}``: the provider's tokens whose ``sub`` is
+    ``subject`` and whose ``claims`` hold the values given; one of the two is needed."""
+    f = r.fields(item, ("provider", "subject", "claims"), ("provider",))
+    if f is None or "provider" not in f:
+        return None
+    provider = r.string(f["provider"])
+    if provider is not None and provider not in providers:
+        known = ", ".join(sorted(providers)) or "none is configured"
+        r.error(
+            f["provider"].src,
+            f["provider"].key,
+            f"no identity provider {provider!r} (identity_providers: {known})",
+        )
+        provider = None
+    subject = r.string(f["subject"]) if "subject" in f else None
+    claims: dict[str, str] = {}
+    if "claims" in f:
+        c = f["claims"]
+        if not isinstance(c.value, dict) or not c.value:
+            r.error(c.src, c.key, "must be a mapping of claim names to values")
+            return None
+        for claim, value in c.value.items():
+            sub = Item(value, c.src, join_key(c.key, str(claim)))
+            if not isinstance(claim, str) or not claim:
+                r.error(c.src, sub.key, "a claim name is a non-empty string")
+            elif isinstance(value, bool) or not isinstance(value, (str, int)):
+                r.error(c.src, sub.key, "a claim's value is a string (or a number)")
+            else:
+                claims[claim] = str(value)
+    if subject is None and not claims:
+        if "subject" not in f and "claims" not in f:
+            r.error(item.src, item.key, "give subject, claims or both: which tokens name it")
+        return None
+    if provider is None:
+        return None
+    return JWTMatch(provider=provider, subject=subject, claims=claims)
 
 
 def _cert_matches(r: Reader, item: Item) -> list[CertMatch]:

@@ -15,6 +15,7 @@ from promgate.config.errors import ConfigError, Problem
 from promgate.config.fields import Reader
 from promgate.config.files import tls_files
 from promgate.config.identities import check_identities
+from promgate.config.identity_providers import check_identity_providers
 from promgate.config.listeners import check_admin, check_listeners
 from promgate.config.model import Config
 from promgate.config.references import check_allow, check_route_listeners
@@ -55,7 +56,8 @@ def _build(r: Reader, sections: Sections) -> Config | None:
     admin = check_admin(r, sections)
     tcp = TCPDestinations(r)
     listeners = check_listeners(r, sections, tls, tcp)
-    identities = check_identities(r, sections)
+    providers = check_identity_providers(r, sections)
+    identities = check_identities(r, sections, providers)
     routes, allow_items = check_routes(r, sections)
     listeners = tcp.resolve(listeners, routes, sections.routes)
     check_route_listeners(r, sections, listeners, routes)
@@ -67,6 +69,7 @@ def _build(r: Reader, sections: Sections) -> Config | None:
         source=r.main,
         listeners=tuple(listeners),
         identities=identities,
+        identity_providers=providers,
         routes=routes,
         admin=admin,
         audit=audit,

@@ -136,6 +136,57 @@ class BasicCredential:
 
 
 @attrs.frozen
+class JWTMatch:
+    """Which verified JWTs of one identity provider name an identity.
+
+    ``subject`` must equal the token's ``sub``; each of ``claims`` must equal the token's
+    claim of that name or, when the claim is a list or a space-separated string (``scope``),
+    be one of its members. At least one of the two is given.
+    """
+
+    provider: str
+    subject: str | None = None
+    claims: Mapping[str, str] = attrs.field(factory=dict)
+
+
+#: The JWT signature algorithms an identity provider accepts unless told otherwise.
+#: Symmetric (HMAC) algorithms and ``none`` are never accepted.
+DEFAULT_JWT_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
+#: Every algorithm that may be configured: asymmetric signatures only.
+JWT_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+
+
+@attrs.frozen
+class IdentityProvider:
+    """An OIDC issuer whose JWT bearer tokens name identities.
+
+    Its signing keys come from ``jwks_uri``, or, when that is not given, from the
+    ``jwks_uri`` of ``{issuer}/.well-known/openid-configuration``; ``ca`` is the trust
+    for the issuer's TLS (the system's otherwise).
+    """
+
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    ca: Path | None = None
+    jwks_uri: str | None = None
+    algorithms: tuple[str, ...] = DEFAULT_JWT_ALGORITHMS
+    leeway: float = 30.0
+    refresh: float = 3600.0
+
+
+@attrs.frozen
 class Identity:
     """A named caller, how to recognise it, and the roles it carries.
 
@@ -148,6 +199,7 @@ class Identity:
     roles: frozenset[str] = frozenset()
     bearer_sha256: tuple[bytes, ...] = attrs.field(default=(), repr=False)
     basic: tuple[BasicCredential, ...] = ()
+    jwt: tuple[JWTMatch, ...] = ()
 
 
 @attrs.frozen
@@ -308,6 +360,7 @@ class Config:
     audit: Audit
     files: tuple[Path, ...] = ()
     warnings: tuple[str, ...] = ()
+    identity_providers: Mapping[str, IdentityProvider] = attrs.field(factory=dict)
 
     def routes_of(self, listener: str) -> Mapping[str, Route]:
         """The routes listener ``listener`` serves; to it, any other route does not exist."""

@@ -1,9 +1,9 @@
 """Gather the top-level sections of a configuration from its main file and its drop-ins.
 
 ``include`` names further files (or globs) whose sections join the main file's: lists are
-appended, names (identities, templates, routes) must be unique across all files, and
-``tls``, ``admin`` and ``audit`` may be given once. Nothing is checked beyond that shape
-here; each section has its own module for that.
+appended, names (identities, identity providers, templates, routes) must be unique across
+all files, and ``tls``, ``admin`` and ``audit`` may be given once. Nothing is checked
+beyond that shape here; each section has its own module for that.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ _TOP_KEYS = {
     "admin",
     "listeners",
     "identities",
+    "identity_providers",
     "web_configs",
     "templates",
     "routes",
@@ -42,6 +43,7 @@ class Sections:
         self.listeners: list[Item] = []
         self.web_configs: list[Item] = []
         self.identities: dict[str, Item] = {}
+        self.identity_providers: dict[str, Item] = {}
         self.templates: dict[str, Item] = {}
         self.routes: dict[str, Item] = {}
 
@@ -49,6 +51,7 @@ class Sections:
         """The sections of named entries, by section name."""
         return {
             "identities": self.identities,
+            "identity_providers": self.identity_providers,
             "templates": self.templates,
             "routes": self.routes,
         }

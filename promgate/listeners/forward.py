@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from promgate.audit import IAuditSink
-from promgate.authn import Authenticator, door_headers
+from promgate.authn import Authenticator, door_headers, token_challenges
 from promgate.config.model import Config, Listener, Route, Target
 from promgate.core.admission import Ticket
 from promgate.core.context import Outcome, RequestContext
@@ -41,6 +41,7 @@ from promgate.http.targets import AbsoluteForm, parse_absolute_form, parse_autho
 from promgate.http.upstream import UpstreamPool
 from promgate.http.wire import HTTPError, RequestHead
 from promgate.identity import Recognition
+from promgate.jwt_authn import looks_like_jwt
 from promgate.listeners.scrape import http_listener
 from promgate.metrics import Metrics
 from promgate.net.relay import Relay, Side
@@ -141,9 +142,23 @@ class ForwardGateway:
                 self.refuse_malformed(conn, req, start, e)
                 return
             header = req.headers.get(b"proxy-authorization")
+            if header is None:
+                header = self.oauth2_token(req)
             http.authenticate(
                 conn, req, start, header, lambda r: self.forward(conn, req, start, form, r)
             )
+
+    def oauth2_token(self, req: RequestHead) -> bytes | None:
+        """An absolute-form request's ``Authorization: Bearer`` JWT, when identity
+        providers are configured: Prometheus's ``oauth2`` sends its token so through a
+        ``proxy_url``. It stands for ``Proxy-Authorization`` (and, like any client
+        ``Authorization``, is never forwarded)."""
+        if self.http.authenticator.jwt is None:
+            return None
+        header = req.headers.get(b"authorization")
+        if header is None or header[:7].lower() != b"bearer ":
+            return None
+        return header if looks_like_jwt(header[7:].strip(b" \t")) else None
 
     def refuse_malformed(
         self, conn: DownstreamProtocol, req: RequestHead, start: float, error: HTTPError
@@ -219,7 +234,10 @@ class ForwardGateway:
             address,
             detail=decision.rule,
         )
-        extra = self.challenges if status == 407 else door_headers(ctx.recognition, ())
+        if status == 407:
+            extra = token_challenges(ctx.recognition, self.challenges)
+        else:
+            extra = door_headers(ctx.recognition, ())
         self.http.refuse(conn, req, ctx, outcome, extra)
 
     def record_tunnel(self, tunnel: Tunnel, relay: Relay) -> None:

@@ -29,6 +29,7 @@ from promgate.testing.memory import (
     MemoryGateway,
     NoResponseError,
 )
+from promgate.testing.oidc import TestIssuer
 from promgate.testing.pki import TestPKI
 from promgate.testing.process import GatewayProcess, StartFailure, run_twistd
 from promgate.testing.upstreams import (
@@ -62,6 +63,7 @@ __all__ = [
     "PendingUpstreams",
     "Response",
     "StartFailure",
+    "TestIssuer",
     "TestPKI",
     "UpstreamNetwork",
     "UpstreamRequest",

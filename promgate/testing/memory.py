@@ -29,7 +29,7 @@ from typing import Any, cast
 import attrs
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, UNIXAddress
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock
@@ -41,6 +41,7 @@ from zope.interface import implementer
 from promgate.audit import AuditEvent, IAuditSink, MemoryAuditSink
 from promgate.config.loader import load_config
 from promgate.config.model import Config, Listener
+from promgate.jwks import Fetch, FetchError
 from promgate.policy_questions import Answer, question
 from promgate.reactors import IGatewayReactor
 from promgate.service import GatewayService
@@ -142,6 +143,12 @@ class BoundListener:
     interface: str = ""
     port: int = 0
     path: str = ""
+
+
+def _no_issuer(url: str) -> Deferred[bytes]:
+    """No identity provider is reachable from memory: pass ``fetch_keys`` (a
+    :class:`~promgate.testing.TestIssuer`'s ``fetch``) to have one."""
+    return fail(FetchError(f"no issuer in memory answers {url}"))
 
 
 def _run_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -256,6 +263,7 @@ class MemoryGateway:
         trust_root: Path | None = None,
         server_name: str = "localhost",
         now: float = START,
+        fetch_keys: Fetch | None = None,
     ) -> None:
         self.config = config
         self.trust_root = trust_root
@@ -272,6 +280,7 @@ class MemoryGateway:
             audit_sink=self.audit,
             run_in_thread=_run_now,
             install_signal_handlers=False,
+            fetch_keys=fetch_keys if fetch_keys is not None else _no_issuer,
         )
         self._pumps: list[iosim.IOPump] = []
         self._peers = itertools.count(40000)
