@@ -102,9 +102,41 @@ class _Metrics(Resource):
         return b""
 
 
-def admin_site(registry: CollectorRegistry, readiness: Readiness, reactor: IReactorTime) -> Site:
+class _Reload(Resource):
+    """``POST`` or ``PUT /-/reload``: reload the configuration, as ``SIGHUP`` does; 200 when
+    applied, 500 with the problems (``FILE:LINE: key: message``, one a line) when not."""
+
+    isLeaf = True
+
+    def __init__(self, reload: Callable[[], tuple[bool, str]]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._reload = reload
+
+    def render_POST(self, request: Request) -> bytes:
+        applied, text = self._reload()
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        if not applied:
+            request.setResponseCode(500)
+        return text.encode("utf-8")
+
+    render_PUT = render_POST
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setResponseCode(405)
+        request.setHeader(b"allow", b"POST, PUT")
+        return b"use POST or PUT to reload\n"
+
+
+def admin_site(
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    reactor: IReactorTime,
+    reload: Callable[[], tuple[bool, str]] | None = None,
+) -> Site:
     """The admin web site over promgate's own metrics registry (served without the
-    client's ``_created`` series); its timeouts and log timestamps run on ``reactor``."""
+    client's ``_created`` series); its timeouts and log timestamps run on ``reactor``.
+    With ``reload``, ``POST``/``PUT /-/reload`` calls it."""
     root = Resource()
     exposed = exposed_registry(registry)
     exposed.register(ReadinessMetric(readiness))
@@ -112,6 +144,8 @@ def admin_site(registry: CollectorRegistry, readiness: Readiness, reactor: IReac
     dash = Resource()
     dash.putChild(b"healthy", _Health(None))
     dash.putChild(b"ready", _Health(readiness))
+    if reload is not None:
+        dash.putChild(b"reload", _Reload(reload))
     root.putChild(b"-", dash)
     site = Site(root, reactor=reactor)
     site.noisy = False

@@ -17,7 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from promgate.admin import Readiness, admin_site
-from promgate.audit import AuditEvent, AuditLog, IAuditSink
+from promgate.audit import AuditLog, IAuditSink
 from promgate.audit_aggregate import AggregatingSink
 from promgate.authn import Authenticator, BcryptThreads, ThreadRunner
 from promgate.config.model import Config, Listener
@@ -37,6 +37,7 @@ from promgate.net.relay_upstream import EndpointConnector
 from promgate.policy import Membership
 from promgate.ratelimit import RateLimiter
 from promgate.reactors import IGatewayReactor
+from promgate.reload import ReloadResult, reload_gateway
 from promgate.tls import server_tls
 
 __all__ = ["ABORT_GRACE", "DRAIN_TIMEOUT", "GatewayService", "Pipeline"]
@@ -63,8 +64,11 @@ class Pipeline:
     authenticator: Authenticator
     membership: Membership
 
-    def gateway(self, listener: Listener, config: Config) -> Gateway:
-        """The gateway (routing, policy, limits, audit) behind ``listener``."""
+    def gateway(
+        self, listener: Listener, config: Config, reuse: HTTPListener | None = None
+    ) -> Gateway:
+        """The gateway (routing, policy, limits, audit) behind ``listener``; on a reload,
+        ``reuse`` is the running HTTP listener whose connections it takes over."""
         if listener.protocol == "tcp":
             return TCPGateway(
                 listener,
@@ -89,6 +93,7 @@ class Pipeline:
                 pool=self.pool,
                 authenticator=self.authenticator,
                 membership=self.membership,
+                reuse=reuse,
             )
         return ReverseGateway(
             listener,
@@ -100,6 +105,7 @@ class Pipeline:
             pool=self.pool,
             authenticator=self.authenticator,
             membership=self.membership,
+            reuse=reuse,
         )
 
 
@@ -193,7 +199,7 @@ class GatewayService(MultiService):
         self.discovery.setServiceParent(self)  # type: ignore[no-untyped-call]
         deny = audit_cfg.on_failure == "deny"
         self.readiness = Readiness(
-            lambda: bool(self.audit.healthy) or not deny, self.discovery.settled
+            lambda: bool(self.audit.healthy) or not deny, lambda: self.discovery.settled()
         )
         self.limiter = RateLimiter(reactor)
         self.pool = UpstreamPool(
@@ -205,6 +211,9 @@ class GatewayService(MultiService):
         self.bcrypt_threads: BcryptThreads | None = None
         if run_in_thread is None:
             self.bcrypt_threads = run_in_thread = BcryptThreads(reactor)
+        self.run_in_thread = run_in_thread
+        self.bcrypt_concurrency = self.bcrypt_threads.size if self.bcrypt_threads is not None else 2
+        self.fetch_keys = fetch_keys
         # Identity providers' keys are fetched while the gateway runs; readiness never
         # waits for them (an issuer that is down must not take scrapes down).
         self.provider_keys = IdentityProviderKeys(
@@ -231,7 +240,7 @@ class GatewayService(MultiService):
             run_in_thread=run_in_thread,
             clock=reactor,
             metrics=self.metrics,
-            concurrency=self.bcrypt_threads.size if self.bcrypt_threads is not None else 2,
+            concurrency=self.bcrypt_concurrency,
         )
         self.pipeline = Pipeline(
             reactor=reactor,
@@ -249,11 +258,13 @@ class GatewayService(MultiService):
         #: The configured listeners as services; made (certificate files read) when
         #: start-up begins.
         self.listeners: list[ListenerService] = []
+        #: Gateways a reload took out of service, whose connections may still be open.
+        self.retired: list[Gateway] = []
         #: Last to close: it answers /-/ready with 503 while the others drain.
         self.admin = ListenerService(
             "admin",
             config.admin.endpoint,
-            admin_site(self.metrics.registry, self.readiness, reactor),
+            admin_site(self.metrics.registry, self.readiness, reactor, reload=self._admin_reload),
             reactor,
         )
         self._previous_sighup: Any = None
@@ -349,12 +360,17 @@ class GatewayService(MultiService):
         self.reactor.callFromThread(self._sighup)
 
     def _sighup(self) -> None:
-        # SIGHUP's default action would kill the gateway without a stop record.
-        self.log.warn(
-            "SIGHUP received: configuration reload is not available in this version; "
-            "the running configuration stays in force"
-        )
-        self.audit.record(AuditEvent(event="reload", decision="deny", reason="reload_unsupported"))
+        self.reload("SIGHUP")
+
+    def reload(self, trigger: str) -> ReloadResult:
+        """Reload the configuration file (``SIGHUP``, ``/-/reload``): see promgate.reload."""
+        return reload_gateway(self, trigger)
+
+    def _admin_reload(self) -> tuple[bool, str]:
+        result = self.reload("/-/reload")
+        if result.applied:
+            return True, f"reloaded: {result.summary}\n"
+        return False, "".join(f"{problem}\n" for problem in result.problems)
 
     async def _drain(self, deadline: float) -> None:
         """Let relayed requests finish, up to ``deadline``, before connections close.
@@ -397,8 +413,10 @@ class GatewayService(MultiService):
         return [gw.open.when_empty() for gw in self._connections()]
 
     def _connections(self) -> list[HTTPListener | TCPGateway]:
-        """What holds each listener's open connections."""
-        return [gw if isinstance(gw, TCPGateway) else gw.http for gw in self.gateways]
+        """What holds each listener's open connections, retired ones included."""
+        return [
+            gw if isinstance(gw, TCPGateway) else gw.http for gw in [*self.gateways, *self.retired]
+        ]
 
     async def _within(self, waits: list[Deferred[None]], deadline: float) -> bool:
         """Wait for every one of ``waits`` until ``deadline``; whether they all fired."""

@@ -64,6 +64,8 @@ class Reason(StrEnum):
     IDLE_TIMEOUT = "idle_timeout"
     TUNNEL_IDLE_TIMEOUT = "tunnel_idle_timeout"
     GATEWAY_SHUTDOWN = "gateway_shutdown"
+    #: A reload's policy no longer allows an open tunnel or tcp connection.
+    POLICY_REVOKED = "policy_revoked"
 
     # -- TLS handshakes --------------------------------------------------------------------------
     NO_CLIENT_CERTIFICATE = "no_client_certificate"
@@ -91,7 +93,8 @@ class Reason(StrEnum):
     CLIENT_HELLO_TIMEOUT = "client_hello_timeout"
 
     # -- the gateway's own life ------------------------------------------------------------------
-    RELOAD_UNSUPPORTED = "reload_unsupported"
+    #: A reload refused: the new configuration is not valid, or needs a restart.
+    CONFIG_INVALID = "config_invalid"
 
 
 __all__ = ["Reason"]

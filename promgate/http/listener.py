@@ -66,6 +66,8 @@ class ClientConnection(Protocol):
 
     def close_if_idle(self) -> None: ...
 
+    def recognise(self) -> None: ...
+
     def shut_down(self) -> None: ...
 
     def abort(self) -> None: ...
@@ -111,6 +113,21 @@ class HTTPListener:
         #: Requests relayed right now: what a shutdown drains (tunnels are cut instead).
         self.in_flight = InFlight(clock)
         self.phase = Phase.SERVING
+
+    def reconfigure(
+        self, listener: Listener, admitter: Admitter, authenticator: Authenticator
+    ) -> None:
+        """A reload: the same listener (same endpoint, same open connections) under a new
+        configuration. Requests already admitted finish under the old one; the next
+        request on every connection is judged by the new one, its caller recognised anew
+        from the connection's certificate."""
+        self.listener = listener
+        self.tls = listener.tls is not None
+        self.deadlines = listener.deadlines
+        self.admitter = admitter
+        self.authenticator = authenticator
+        for conn in list(self.open):
+            conn.recognise()
 
     # -- the drain -------------------------------------------------------------------------
 

@@ -166,6 +166,12 @@ class DownstreamProtocol(Protocol):
         self.recognition = self.listener.authenticator.for_connection(self.tls_info.peer)
         self._became_ready()
 
+    def recognise(self) -> None:
+        """Who this connection's certificate names, as the listener's current
+        authenticator says (again, after a reload)."""
+        if self._state is not State.HANDSHAKE or not self.listener.tls:
+            self.recognition = self.listener.authenticator.for_connection(self.tls_info.peer)
+
     def tls_verify_error(self, errno: int, depth: int, cert: x509.Certificate) -> None:
         """Called by the TLS layer for each certificate that fails verification."""
         if self._verify_error is None:

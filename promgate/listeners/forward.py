@@ -23,18 +23,22 @@ allowed CONNECT, the connection hands its byte stream to a ``Tunnel``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from promgate.addresses import canonical_address
 from promgate.audit import IAuditSink
 from promgate.authn import Authenticator, door_headers, token_challenges
-from promgate.config.model import Config, Listener, Route, Target
+from promgate.config.model import Config, Identity, Listener, Route, Target
 from promgate.core.admission import Ticket
 from promgate.core.context import Outcome, RequestContext
 from promgate.core.reasons import Reason
 from promgate.http.exchange import Exchange
+from promgate.http.listener import HTTPListener
 from promgate.http.refusals import decision_status, refusal_body
 from promgate.http.server import DownstreamProtocol
 from promgate.http.targets import AbsoluteForm, parse_absolute_form, parse_authority_form
@@ -84,6 +88,7 @@ class ForwardGateway:
         pool: UpstreamPool,
         authenticator: Authenticator | None = None,
         membership: Membership | None = None,
+        reuse: HTTPListener | None = None,
     ) -> None:
         self.http = http_listener(
             listener,
@@ -94,6 +99,7 @@ class ForwardGateway:
             metrics=metrics,
             pool=pool,
             authenticator=authenticator,
+            reuse=reuse,
         )
         self.http.handler = self
         self.reactor = reactor
@@ -111,6 +117,26 @@ class ForwardGateway:
             (b"Proxy-Authenticate", value) for _, value in authenticator.challenges
         )
         self.open_tunnels = metrics.open_tunnels.labels(listener.name)
+
+    def revoke_tunnels(self, identities: Mapping[str, Identity]) -> int:
+        """After a reload: cut the open tunnels this gateway's policy no longer allows
+        (their caller gone or no longer allowed, their target in no route it may use),
+        audited ``policy_revoked``; how many."""
+        revoked = 0
+        for conn in list(self.http.open):
+            relay = getattr(conn, "tunnel", None)
+            tunnel = getattr(relay, "owner", None)
+            if not isinstance(relay, Relay) or not isinstance(tunnel, Tunnel):
+                continue
+            old = tunnel.ctx.recognition.identity
+            identity = identities.get(old.name) if old is not None else None
+            address = canonical_address(tunnel.target.address) or tunnel.target.address
+            decision = self.policy.decide_connect(Recognition(identity, Reason.OK), address)
+            route = decision.route
+            if not decision.allowed or route is None or route.name != tunnel.route.name:
+                relay.revoke(f"reload: {decision.rule}")
+                revoked += 1
+        return revoked
 
     def handle(self, conn: DownstreamProtocol, req: RequestHead) -> None:
         """Answer one complete request head: a CONNECT or an absolute-form GET/HEAD."""

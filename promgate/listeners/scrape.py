@@ -45,16 +45,23 @@ def http_listener(
     metrics: Metrics,
     pool: UpstreamPool,
     authenticator: Authenticator | None,
+    reuse: HTTPListener | None = None,
 ) -> HTTPListener:
-    """The shared steps of one HTTP listener, assembled from the gateway's parts."""
+    """The shared steps of one HTTP listener, assembled from the gateway's parts; or, on a
+    reload, ``reuse`` (the running listener, its connections kept) reconfigured."""
+    admitter = Admitter(limiter, audit, metrics, config.audit.on_failure == "deny")
+    authenticator = authenticator or Authenticator(config.identities)
+    if reuse is not None:
+        reuse.reconfigure(listener, admitter, authenticator)
+        return reuse
     return HTTPListener(
         listener,
         clock=clock,
-        admitter=Admitter(limiter, audit, metrics, config.audit.on_failure == "deny"),
+        admitter=admitter,
         recorder=Recorder(listener.name, audit, metrics),
         metrics=metrics,
         pool=pool,
-        authenticator=authenticator or Authenticator(config.identities),
+        authenticator=authenticator,
     )
 
 
@@ -73,6 +80,7 @@ class ReverseGateway:
         pool: UpstreamPool,
         authenticator: Authenticator | None = None,
         membership: Membership | None = None,
+        reuse: HTTPListener | None = None,
     ) -> None:
         self.http = http_listener(
             listener,
@@ -83,6 +91,7 @@ class ReverseGateway:
             metrics=metrics,
             pool=pool,
             authenticator=authenticator,
+            reuse=reuse,
         )
         self.http.handler = self
         self.listener = listener

@@ -309,6 +309,8 @@ class TCPGateway:
         self.passthrough = self.settings.mode == "passthrough"
         self.deadlines = listener.deadlines
         self.clock = clock
+        self._limiter = limiter
+        self._audit = audit
         self.admitter = Admitter(limiter, audit, metrics, config.audit.on_failure == "deny")
         self.recorder = Recorder(listener.name, audit, metrics)
         self.metrics = metrics
@@ -319,6 +321,43 @@ class TCPGateway:
         self.open_connections = metrics.open_connections.labels(listener.name)
         #: Client connections not yet audited (a tunnel's stays until both sides are gone).
         self.open: OpenSet[TCPDownstream] = OpenSet(clock)
+
+    def reconfigure(self, listener: Listener, config: Config) -> int:
+        """A reload: the same listener under a new configuration. New connections are
+        decided by it; open relays it no longer allows (another destination, or a caller or
+        server name no longer admitted) are cut and audited ``policy_revoked``. Returns
+        how many were cut."""
+        if listener.tcp is None:
+            raise ValueError(f"listener {listener.name!r} has no tcp settings")
+        self.listener = listener
+        self.settings = listener.tcp
+        self.passthrough = self.settings.mode == "passthrough"
+        self.deadlines = listener.deadlines
+        self.admitter = Admitter(
+            self._limiter, self._audit, self.metrics, config.audit.on_failure == "deny"
+        )
+        self.policy = ConnectionPolicy(self.settings, config.routes_of(listener.name))
+        self.resolver = IdentityResolver(config.identities)
+        revoked = 0
+        for conn in list(self.open):
+            relay = conn.relay
+            if relay is None or conn.route is None or conn.target is None:
+                continue
+            recognition = None
+            if not self.passthrough:
+                recognition = conn.recognition = self.resolver.for_certificate(conn.tls_info.peer)
+            decision = self.policy.decide(recognition, conn.server_name)
+            same = (
+                decision.route is not None
+                and decision.route.name == conn.route.name
+                and decision.target is not None
+                and decision.target.address == conn.target.address
+            )
+            if not decision.allowed or not same:
+                why = decision.rule if not decision.allowed else "the destination changed"
+                relay.revoke(f"reload: {why}")
+                revoked += 1
+        return revoked
 
     def shut_down_connections(self) -> int:
         """Cut every open connection (at shutdown, after draining); how many there were."""

@@ -377,6 +377,11 @@ class Relay:
         self._end(Reason.GATEWAY_SHUTDOWN)
         self._abort_both()
 
+    def revoke(self, detail: str) -> None:
+        """A reload no longer allows this relay: cut both sides now."""
+        self._end(Reason.POLICY_REVOKED, detail)
+        self._abort_both()
+
     def _abort_both(self) -> None:
         if self.connecting is not None:
             self.connecting.cancel()

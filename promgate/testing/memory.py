@@ -44,6 +44,7 @@ from promgate.config.model import Config, Listener
 from promgate.jwks import Fetch, FetchError
 from promgate.policy_questions import Answer, question
 from promgate.reactors import IGatewayReactor
+from promgate.reload import ReloadResult
 from promgate.service import GatewayService
 from promgate.testing.clients import Response
 from promgate.testing.upstreams import FakeUpstream, Handler, UpstreamNetwork
@@ -292,6 +293,24 @@ class MemoryGateway:
             for s in [*self.service.listeners, self.service.admin]
         }
         self.settle()
+
+    def reload(self) -> ReloadResult:
+        """Reload the configuration file, as ``SIGHUP`` or ``POST /-/reload`` would, and
+        see the listeners as they now are."""
+        result = self.service.reload("MemoryGateway.reload")
+        self.config = self.service.config
+        listeners = {}
+        for service in [*self.service.listeners, self.service.admin]:
+            name = service.listener_name
+            try:
+                listeners[name] = self._bound(name, service.factory)
+            except LookupError:
+                # Same port, a new factory for new connections (the memory reactor keeps
+                # the one it was bound with).
+                listeners[name] = attrs.evolve(self.listeners[name], factory=service.factory)
+        self.listeners = listeners
+        self.settle()
+        return result
 
     @classmethod
     def from_config_file(cls, path: str | Path, **kwargs: Any) -> MemoryGateway:

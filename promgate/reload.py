@@ -1,0 +1,289 @@
+"""Live reload: build the next configuration snapshot and swap it in at once.
+
+``SIGHUP`` and ``POST``/``PUT /-/reload`` both come here. The new configuration is loaded
+and checked as ``promgate check-config`` does; if it is invalid (or changes what only a
+restart can change: the audit log, the admin endpoint), nothing changes and the reasons are
+returned. Otherwise, in one reactor turn:
+
+1. every listener that is new or moved to another endpoint is bound first, so a bind
+   failure refuses the reload with nothing changed;
+2. listeners that keep their endpoint keep their port and their open connections: the
+   next request (or connection) on them is judged by the new snapshot, requests already
+   admitted finish under the old one, and open tunnels and ``tcp`` connections the new
+   policy no longer allows are cut and audited ``policy_revoked``;
+3. listeners that were removed (or moved) stop accepting and drain;
+4. discovery and identity providers restart when their part of the configuration changed.
+
+Rate-limit state is kept per route name, so routes that still exist keep theirs. Every
+reload, applied or refused, is one audit record (``event: reload``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.logger import Logger
+
+from promgate.audit import AuditEvent
+from promgate.authn import Authenticator
+from promgate.config.loader import check_config
+from promgate.config.model import Config, Listener
+from promgate.core.reasons import Reason
+from promgate.discovery import Discovery
+from promgate.errors import StartupError, os_error_text
+from promgate.jwks import IdentityProviderKeys
+from promgate.jwt_authn import JWTVerifier
+from promgate.listeners.forward import ForwardGateway
+from promgate.listeners.tcp import TCPGateway
+from promgate.listening import ListenerService
+
+if TYPE_CHECKING:
+    from promgate.service import GatewayService
+
+log = Logger()
+
+#: How many problems a refused reload's audit record names (the rest are counted).
+_MAX_PROBLEMS = 5
+
+
+@attrs.frozen
+class ReloadResult:
+    """What a reload did: applied, or refused and why."""
+
+    applied: bool
+    #: Why it was refused, each ``FILE:LINE: key: message`` (or one line).
+    problems: tuple[str, ...] = ()
+    #: What changed, in one line.
+    summary: str = ""
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """What in ``new`` only a restart can apply."""
+    problems = []
+    if old.audit != new.audit:
+        problems.append(f"{new.source}: audit: changing the audit log takes a restart")
+    if old.admin != new.admin:
+        problems.append(f"{new.source}: admin: changing the admin endpoint takes a restart")
+    return problems
+
+
+def reload_gateway(service: GatewayService, trigger: str) -> ReloadResult:
+    """Reload ``service``'s configuration file; apply it, or refuse it and say why."""
+    config, errors, _ = check_config(service.config.source)
+    if config is None:
+        return _refused(service, trigger, tuple(str(e) for e in errors))
+    problems = restart_needed(service.config, config)
+    if problems:
+        return _refused(service, trigger, tuple(problems))
+    try:
+        summary = _apply(service, config)
+    except StartupError as e:
+        return _refused(service, trigger, (str(e),))
+    service.metrics.config_last_reload_successful.set(1)
+    service.metrics.config_last_reload_success_timestamp.set(service.reactor.seconds())
+    for warning in config.warnings:
+        log.warn("configuration: {problem}", problem=warning)
+    log.info("configuration reloaded ({trigger}): {summary}", trigger=trigger, summary=summary)
+    service.audit.record(
+        AuditEvent(event="reload", decision="allow", reason=Reason.OK, detail=summary)
+    )
+    return ReloadResult(True, summary=summary)
+
+
+def _refused(service: GatewayService, trigger: str, problems: tuple[str, ...]) -> ReloadResult:
+    service.metrics.config_last_reload_successful.set(0)
+    for problem in problems:
+        log.error("reload ({trigger}) refused: {problem}", trigger=trigger, problem=problem)
+    shown = "; ".join(problems[:_MAX_PROBLEMS])
+    if len(problems) > _MAX_PROBLEMS:
+        shown += f"; and {len(problems) - _MAX_PROBLEMS} more"
+    service.audit.record(
+        AuditEvent(event="reload", decision="deny", reason=Reason.CONFIG_INVALID, detail=shown)
+    )
+    return ReloadResult(False, problems)
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+    parts = [f"+{k}" for k in added] + [f"-{k}" for k in removed] + [f"~{k}" for k in changed]
+    return " ".join(parts) or "unchanged"
+
+
+def _apply(service: GatewayService, config: Config) -> str:
+    """Swap ``config`` in; a listener that cannot bind raises StartupError first, with
+    nothing changed."""
+    old = service.config
+    reactor = service.reactor
+    old_listeners = {li.name: li for li in old.listeners}
+    running = {
+        li.name: (gw, svc)
+        for li, gw, svc in zip(old.listeners, service.gateways, service.listeners, strict=True)
+    }
+
+    # The parts a snapshot is built from: discovery and keys only when their part changed.
+    discovery = service.discovery
+    if old.routes != config.routes:
+        discovery = Discovery(config.routes, reactor, metrics=service.metrics)
+    provider_keys = service.provider_keys
+    if old.identity_providers != config.identity_providers:
+        provider_keys = IdentityProviderKeys(
+            config.identity_providers,
+            reactor,
+            fetch=service.fetch_keys,
+            metrics=service.metrics.identity_providers,
+        )
+    authenticator = _authenticator(service, config, provider_keys)
+    pipeline = attrs.evolve(
+        service.pipeline, authenticator=authenticator, membership=discovery.membership
+    )
+
+    # 1. Bind what is new or moved, before anything running changes.
+    fresh: dict[str, tuple[Any, ListenerService]] = {}
+    kept: list[Listener] = []
+    try:
+        for listener in config.listeners:
+            before = old_listeners.get(listener.name)
+            if before is not None and before.endpoint == listener.endpoint:
+                kept.append(listener)
+                continue
+            gateway = pipeline.gateway(listener, config)
+            svc = ListenerService(
+                listener.name, listener.endpoint, _factory(listener, gateway, reactor), reactor
+            )
+            svc.privilegedStartService()
+            fresh[listener.name] = (gateway, svc)
+    except StartupError:
+        for _, svc in fresh.values():
+            svc.stopService()
+        raise
+
+    # 2. Commit: from here on nothing can fail half-way.
+    gateways: list[Any] = []
+    services: list[ListenerService] = []
+    revoked = 0
+    for listener in config.listeners:
+        if listener.name in fresh:
+            gateway, svc = fresh[listener.name]
+            svc.startService()
+            log.info("listener {name} on {address}", name=listener.name, address=svc.address())
+        else:
+            old_gateway, svc = running[listener.name]
+            before = old_listeners[listener.name]
+            gateway, cut = _reconfigure(pipeline, listener, before, config, old_gateway)
+            revoked += cut
+            replaced = listener.protocol != before.protocol
+            if replaced:
+                service.retired.append(old_gateway)
+                _drain(old_gateway)
+            if replaced or before.tls != listener.tls:
+                _replace_factory(svc, _factory(listener, gateway, reactor))
+        gateways.append(gateway)
+        services.append(svc)
+    kept_names = {li.name for li in kept}
+    for name, (old_gateway, svc) in running.items():
+        if name in kept_names:
+            continue
+        svc.stopService()
+        service.retired.append(old_gateway)
+        _drain(old_gateway)
+
+    if discovery is not service.discovery:
+        _replace_child(service, service.discovery, discovery)
+        service.discovery = discovery
+    if provider_keys is not service.provider_keys:
+        _replace_child(service, service.provider_keys, provider_keys)
+        service.provider_keys = provider_keys
+    service.authenticator = authenticator
+    service.pipeline = pipeline
+    service.gateways = gateways
+    service.listeners = services
+    service.config = config
+    return (
+        f"listeners {_changed(old_listeners, {li.name: li for li in config.listeners})}; "
+        f"identities {_changed(old.identities, config.identities)}; "
+        f"routes {_changed(old.routes, config.routes)}; "
+        f"open tunnels and connections revoked: {revoked}"
+    )
+
+
+def _authenticator(
+    service: GatewayService, config: Config, provider_keys: IdentityProviderKeys
+) -> Authenticator:
+    jwt = (
+        JWTVerifier(
+            config.identity_providers,
+            config.identities,
+            provider_keys.keys,
+            service.reactor,
+            metrics=service.metrics.identity_providers,
+        )
+        if config.identity_providers
+        else None
+    )
+    return Authenticator(
+        config.identities,
+        jwt=jwt,
+        run_in_thread=service.run_in_thread,
+        clock=service.reactor,
+        metrics=service.metrics,
+        concurrency=service.bcrypt_concurrency,
+    )
+
+
+def _reconfigure(
+    pipeline: Any, listener: Listener, before: Listener, config: Config, gateway: Any
+) -> tuple[Any, int]:
+    """The gateway behind a listener that keeps its endpoint, under ``config``: the same
+    one reconfigured (its connections kept) when its kind is unchanged, else a new one.
+    Also how many open tunnels or connections the new policy cut."""
+    if listener.protocol != before.protocol:
+        return pipeline.gateway(listener, config), 0
+    if isinstance(gateway, TCPGateway):
+        return gateway, gateway.reconfigure(listener, config)
+    new = pipeline.gateway(listener, config, reuse=gateway.http)
+    cut = new.revoke_tunnels(config.identities) if isinstance(new, ForwardGateway) else 0
+    return new, cut
+
+
+def _factory(listener: Listener, gateway: Any, reactor: Any) -> Any:
+    from promgate.service import protocol_factory
+
+    try:
+        return protocol_factory(listener, gateway, reactor)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise StartupError(f"listener {listener.name}: {where}{os_error_text(e)}") from e
+
+
+def _replace_factory(svc: ListenerService, factory: Any) -> None:
+    """New connections on a running port are built by ``factory`` from now on."""
+    svc.factory = factory
+    port = svc.port
+    if port is not None and hasattr(port, "factory"):
+        port.factory = factory
+
+
+def _drain(gateway: Any) -> None:
+    """A gateway that no longer serves: idle connections close now, the others once their
+    answer is written (tunnels and tcp connections end by themselves, or at shutdown)."""
+    http = getattr(gateway, "http", None)
+    if http is not None:
+        http.begin_drain()
+
+
+def _replace_child(service: GatewayService, old: Any, new: Any) -> None:
+    old.disownServiceParent()
+    old.stopService()
+    new.setServiceParent(service)
+
+
+def retired_connections(retired: Iterable[Any]) -> list[Any]:
+    """What holds the open connections of gateways a reload retired."""
+    return [gw if isinstance(gw, TCPGateway) else gw.http for gw in retired]
+
+
+__all__ = ["ReloadResult", "reload_gateway", "restart_needed", "retired_connections"]
