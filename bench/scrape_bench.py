@@ -10,6 +10,7 @@ Topology (see bench/README.md for how to read the results)::
 
     direct : wrk --http--> backend (nginx, static files)
     gateway: wrk --http--> haproxy "originator" --mTLS--> twistd promgate --http--> backend
+    jwt    : wrk --http--> haproxy "originator" --mTLS + Bearer JWT--> twistd promgate --> backend
     peer   : wrk --http--> haproxy "originator" --mTLS--> haproxy "peer"  --http--> backend
 
 wrk cannot present a client certificate, so a local HAProxy (the originator) turns wrk's
@@ -17,6 +18,11 @@ plain keep-alive requests into mutual-TLS requests, exactly like Prometheus woul
 them. The same originator process serves both the gateway and the peer path, so its cost
 is the same on both sides of the comparison; its CPU is reported so you can see it is not
 the bottleneck.
+
+The jwt path is the same gateway process and listener; its connections present a client
+certificate that names no identity, and every request carries ``Authorization: Bearer JWT``
+(one RS256 token minted at start with a key made here, its JWKS served by the backend), so
+the JWT alone names the caller. Its row next to the mTLS row is the cost of a JWT scrape.
 """
 
 from __future__ import annotations
@@ -51,8 +57,21 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAYLOADS = {"20KB": 20 * 1024, "5MB": 5 * 1024 * 1024}
 PAYLOAD_FILES = {"20KB": "small.prom", "5MB": "large.prom"}
 ROUTES = {"20KB": "small", "5MB": "large"}
-MODES = ("direct", "gateway", "peer")
+MODES = ("direct", "gateway", "gateway_jwt", "peer")
+#: How each mode is named in the table.
+MODE_NAMES = {"gateway": "promgate", "gateway_jwt": "promgate-jwt", "peer": "haproxy"}
+#: Whose CPU is "gw" for each mode: promgate serves both its modes in one process.
+SUBJECTS = {"direct": "backend", "gateway": "gateway", "gateway_jwt": "gateway", "peer": "peer"}
+GATEWAY_MODES = ("gateway", "gateway_jwt")
 CLIENT = "prometheus"
+#: The client certificate of the jwt path: it names no identity, so the token decides.
+JWT_CLIENT = "jwt-scraper"
+#: The token's subject, and the identity its jwt rule names.
+JWT_SUBJECT = "prometheus-client"
+JWT_IDENTITY = "prometheus-jwt"
+JWT_AUDIENCE = "promgate"
+#: Long enough for any run; the gateway checks exp on every cached use.
+JWT_LIFETIME = 24 * 3600
 # What Prometheus 2.x sends (minus Accept-Encoding: gzip, so every path moves the same bytes).
 WRK_HEADERS = (
     "Accept: application/openmetrics-text;version=1.0.0;q=0.5,"
@@ -381,11 +400,16 @@ global
 frontend to_gateway
     bind 127.0.0.1:{p_gateway}
     default_backend gateway
+frontend to_gateway_jwt
+    bind 127.0.0.1:{p_gateway_jwt}
+    default_backend gateway_jwt
 frontend to_peer
     bind 127.0.0.1:{p_peer}
     default_backend peer
 backend gateway
     server gate 127.0.0.1:{gate_port} {tls_out}
+backend gateway_jwt
+    server gate 127.0.0.1:{gate_port} {tls_out_jwt}
 backend peer
     server peer 127.0.0.1:{peer_port} {tls_out}
 """
@@ -467,9 +491,18 @@ listeners:
   - name: scrape
     protocol: http
     endpoint: "tcp:0:interface=127.0.0.1"
+identity_providers:
+  bench:
+    issuer: "{jwt_issuer}"
+    jwks_uri: "{jwt_issuer}/jwks.json"
+    audiences: [{jwt_audience}]
+    algorithms: [RS256]
 identities:
   {client}:
     cert: {{uri: "spiffe://promgate.local/{client}"}}
+    roles: [scraper]
+  {jwt_identity}:
+    jwt: {{provider: bench, subject: {jwt_subject}}}
     roles: [scraper]
 routes:
   small:
@@ -494,6 +527,41 @@ audit:
   fsync: {fsync}
   on_failure: deny
 """
+
+
+class BenchIssuer:
+    """An RSA signing key made for this run, its JWKS document, and tokens it signs.
+
+    The JWKS is a static file the backend serves at ``{issuer}/jwks.json`` (the
+    provider's fixed ``jwks_uri``, the issuer being the backend's URL); one token is
+    minted at start, as Prometheus's ``oauth2`` reuses one token for many scrapes.
+    """
+
+    KID = "bench-1"
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from jwt.algorithms import RSAAlgorithm
+
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
+        self.jwks = json.dumps(
+            {"keys": [{**jwk, "kid": self.KID, "use": "sig", "alg": "RS256"}]}
+        ).encode()
+
+    def mint(self, issuer: str) -> str:
+        import jwt
+
+        now = int(time.time())
+        claims = {
+            "iss": issuer,
+            "sub": JWT_SUBJECT,
+            "aud": JWT_AUDIENCE,
+            "iat": now,
+            "exp": now + JWT_LIFETIME,
+            "jti": f"bench-{now}",
+        }
+        return jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": self.KID})
 
 
 def admin_counter(admin: str, metric: str) -> dict[str, float]:
@@ -549,7 +617,9 @@ def parse_wrk(out: str) -> dict[str, Any]:
     return res
 
 
-def wrk_argv(url: str, conc: int, duration: float, cpus: str | None) -> list[str]:
+def wrk_argv(
+    url: str, conc: int, duration: float, cpus: str | None, extra: Sequence[str] = ()
+) -> list[str]:
     threads = 1 if conc < 8 else 2
     argv = [
         *taskset(cpus),
@@ -561,7 +631,7 @@ def wrk_argv(url: str, conc: int, duration: float, cpus: str | None) -> list[str
         "30s",
         "--latency",
     ]
-    for h in WRK_HEADERS:
+    for h in (*WRK_HEADERS, *extra):
         argv += ["-H", h]
     return [*argv, url]
 
@@ -605,6 +675,8 @@ class Bench:
             body = prometheus_text(size)
             (www / PAYLOAD_FILES[label]).write_bytes(body)
             self.sizes[label] = len(body)
+        idp = BenchIssuer()
+        (www / "jwks.json").write_bytes(idp.jwks)
         # nginx workers may run as an unprivileged user: let them read the files.
         for p in (tmp, www, *www.iterdir()):
             p.chmod(0o755 if p.is_dir() else 0o644)
@@ -622,11 +694,16 @@ class Bench:
             )
             self.backend = PythonBackend(self.sup, tmp, www, self.load_cpus)
         log(f"backend {self.backend.kind} on 127.0.0.1:{self.backend.port}")
+        self.jwt_issuer = f"http://127.0.0.1:{self.backend.port}"
+        self.jwt_token = idp.mint(self.jwt_issuer)
 
         pki = TestPKI(tmp / "pki")
         cert, key = pki.client(CLIENT)
         client_pem = tmp / "pki" / "client-combined.pem"
         client_pem.write_bytes(cert.read_bytes() + key.read_bytes())
+        cert, key = pki.client(JWT_CLIENT)
+        jwt_client_pem = tmp / "pki" / "jwt-client-combined.pem"
+        jwt_client_pem.write_bytes(cert.read_bytes() + key.read_bytes())
         gate_pem = tmp / "pki" / "gate-combined.pem"
         gate_pem.write_bytes(pki.gate_cert.read_bytes() + pki.gate_key.read_bytes())
 
@@ -642,6 +719,10 @@ class Bench:
             backend_port=self.backend.port,
             audit_key=pki.audit_key,
             fsync=self.args.audit_fsync,
+            jwt_issuer=self.jwt_issuer,
+            jwt_audience=JWT_AUDIENCE,
+            jwt_identity=JWT_IDENTITY,
+            jwt_subject=JWT_SUBJECT,
         )
         self.gateway = GatewayProcess(tmp / "promgate", cfg)
         self.sup.gateways.append(self.gateway)
@@ -653,6 +734,7 @@ class Bench:
         self.gate_port = int(gate_addr.rpartition(":")[2])
         self.admin = self.gateway.address("admin")
         log(f"promgate pid {self.gate_pid} on {gate_addr} (admin {self.admin})")
+        self.wait_for_keys()
 
         # peer haproxy (mTLS-terminating gateway)
         self.peer_port = free_port()
@@ -672,12 +754,17 @@ class Bench:
         # originator haproxy (plain HTTP in, mTLS out)
         self.orig_sock = tmp / "originator.sock"
         self.p_to_gateway, self.p_to_peer = free_port(), free_port()
-        tls_out = (
-            f"ssl crt {client_pem} ca-file {pki.ca_cert} verify required"
+        self.p_to_gateway_jwt = free_port()
+        tls_common = (
+            f"ca-file {pki.ca_cert} verify required"
             " sni str(localhost) verifyhost localhost alpn http/1.1"
         )
+        tls_out = f"ssl crt {client_pem} {tls_common}"
+        tls_out_jwt = f"ssl crt {jwt_client_pem} {tls_common}"
         orig_cfg = ORIGINATOR_CFG.format(
             tls_out=tls_out,
+            tls_out_jwt=tls_out_jwt,
+            p_gateway_jwt=self.p_to_gateway_jwt,
             threads=self.args.originator_threads,
             sock=self.orig_sock,
             defaults=HAPROXY_DEFAULTS,
@@ -692,7 +779,7 @@ class Bench:
             orig_cfg,
             tmp,
             self.load_cpus,
-            [self.p_to_gateway, self.p_to_peer],
+            [self.p_to_gateway, self.p_to_gateway_jwt, self.p_to_peer],
         )
         log(f"originator haproxy pid {self.orig.pid}")
 
@@ -718,10 +805,32 @@ class Bench:
             cipher = s.cipher()
             return {"version": s.version(), "cipher": cipher[0] if cipher else None}
 
+    def wait_for_keys(self, timeout: float = 30) -> None:
+        """Until promgate holds the bench issuer's key (fetched from the backend at start),
+        so that no measured request waits for a fetch."""
+        deadline = time.monotonic() + timeout
+        while True:
+            held = admin_counter(self.admin, "promgate_identity_provider_keys{")
+            if any(v >= 1 for v in held.values()):
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"promgate fetched no JWKS in {timeout}s:\n{self.logs()}")
+            time.sleep(0.1)
+
+    def headers(self, mode: str) -> tuple[str, ...]:
+        """What a mode's requests carry besides Prometheus's own headers."""
+        if mode == "gateway_jwt":
+            return (f"Authorization: Bearer {self.jwt_token}",)
+        return ()
+
     def url(self, mode: str, payload: str) -> str:
         if mode == "direct":
             return f"http://127.0.0.1:{self.backend.port}/{PAYLOAD_FILES[payload]}"
-        port = self.p_to_gateway if mode == "gateway" else self.p_to_peer
+        port = {
+            "gateway": self.p_to_gateway,
+            "gateway_jwt": self.p_to_gateway_jwt,
+            "peer": self.p_to_peer,
+        }[mode]
         return (
             f"http://127.0.0.1:{port}/scrape?route={ROUTES[payload]}"
             f"&target=127.0.0.1:{self.backend.port}"
@@ -732,8 +841,10 @@ class Bench:
         for payload in self.payloads():
             for mode in MODES:
                 url = self.url(mode, payload)
+                headers = dict(h.split(": ", 1) for h in self.headers(mode))
                 try:
-                    with urllib.request.urlopen(url, timeout=30) as r:
+                    request = urllib.request.Request(url, headers=headers)
+                    with urllib.request.urlopen(request, timeout=30) as r:
                         body = r.read()
                         status = r.status
                 except Exception as e:
@@ -745,6 +856,10 @@ class Bench:
                         f"sanity check {mode} {payload}: status {status}, {len(body)} bytes "
                         f"(expected {self.sizes[payload]})\n{self.logs()}"
                     )
+        # The jwt path must be the token's identity, not the certificate's.
+        served = admin_counter(self.admin, "promgate_requests_total{")
+        if not any(f'identity="{JWT_IDENTITY}"' in k and v for k, v in served.items()):
+            raise BenchError(f"no request served as {JWT_IDENTITY}: {served}\n{self.logs()}")
         log("sanity: every path answers 200 with the full payload")
 
     def logs(self) -> str:
@@ -762,7 +877,7 @@ class Bench:
         self, url: str, conc: int, duration: float, window: bool, mode: str
     ) -> dict[str, Any]:
         """One bounded wrk run; CPU of every process sampled around it (and in a window)."""
-        argv = wrk_argv(url, conc, duration, self.load_cpus)
+        argv = wrk_argv(url, conc, duration, self.load_cpus, self.headers(mode))
         before = {k: p.read() for k, p in self.probes.items()}
         t0 = time.monotonic()
         proc = subprocess.Popen(
@@ -788,7 +903,7 @@ class Bench:
             # cut off by wrk's deadline would otherwise cost CPU without being counted).
             lead = min(1.0, 0.15 * duration)
             tail = min(1.0, 0.10 * duration)
-            backend_name = "gateway" if mode == "gateway" else "peer"
+            backend_name = mode  # the originator's backend for this mode
             time.sleep(max(0.0, t0 + lead - time.monotonic()))
             w0 = {k: p.read() for k, p in self.probes.items()}
             n0, tw0 = backend_2xx(self.orig_sock, backend_name), time.monotonic()
@@ -819,30 +934,19 @@ class Bench:
         if rusage is not None:
             res["cpu"]["wrk"] = rusage.ru_utime + rusage.ru_stime
         res["window"] = win
-        res["wrk_argv"] = argv
+        # The token is a credential of this run only, but keep it out of the results.
+        res["wrk_argv"] = [a.replace(self.jwt_token, "JWT") for a in argv]
         return res
 
     def cell(self, payload: str, conc: int, mode: str) -> dict[str, Any]:
         url = self.url(mode, payload)
-        up0 = (
-            admin_counter(self.admin, "promgate_upstream_connections_total")
-            if mode == "gateway"
-            else {}
-        )
+        up0 = self.gateway_counters(mode)
         if self.args.warmup > 0:
             self.run_wrk(url, conc, self.args.warmup, False, mode)
-        up1 = (
-            admin_counter(self.admin, "promgate_upstream_connections_total")
-            if mode == "gateway"
-            else {}
-        )
+        up1 = self.gateway_counters(mode)
         res = self.run_wrk(url, conc, self.args.duration, True, mode)
-        up2 = (
-            admin_counter(self.admin, "promgate_upstream_connections_total")
-            if mode == "gateway"
-            else {}
-        )
-        subject = {"direct": "backend", "gateway": "gateway", "peer": "peer"}[mode]
+        up2 = self.gateway_counters(mode)
+        subject = SUBJECTS[mode]
         n = res["requests"]
         ok = n - res["non_2xx"]
         cell: dict[str, Any] = {
@@ -874,10 +978,17 @@ class Bench:
         # the machine, not the subject, was the limit for req/s.
         cell["all_util"] = sum(res["cpu"].values()) / res["wall_seconds"]
         cell["subject"] = subject
-        if mode == "gateway":
+        if mode in GATEWAY_MODES:
+            opened = "promgate_upstream_connections_total"
+            checks = "promgate_identity_provider_token_verifications_total"
             cell["upstream_connections_opened"] = {
-                "warmup": _delta(up0, up1),
-                "measured": _delta(up1, up2),
+                "warmup": _delta(_only(up0, opened), _only(up1, opened)),
+                "measured": _delta(_only(up1, opened), _only(up2, opened)),
+            }
+            # Signature checks the JWTs cost (the cache answers the rest): about 0.
+            cell["jwt_signature_checks"] = {
+                "warmup": sum(_delta(_only(up0, checks), _only(up1, checks)).values()),
+                "measured": sum(_delta(_only(up1, checks), _only(up2, checks)).values()),
             }
         errs = res["non_2xx"] + sum(res["socket_errors"].values())
         cell["errors"] = errs
@@ -890,6 +1001,15 @@ class Bench:
                 f"far from payload {self.sizes[payload]}"
             )
         return cell
+
+    def gateway_counters(self, mode: str) -> dict[str, float]:
+        """promgate's upstream connections and JWT signature checks so far."""
+        if mode not in GATEWAY_MODES:
+            return {}
+        return {
+            **admin_counter(self.admin, "promgate_upstream_connections_total"),
+            **admin_counter(self.admin, "promgate_identity_provider_token_verifications_total"),
+        }
 
     def profile(self, payload: str, conc: int) -> dict[str, Any]:
         pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -948,6 +1068,10 @@ class Bench:
             log(f"profiling promgate: {payload} c={conc}")
             profiles[spec] = self.profile(payload, int(conc or 16))
         return {"cells": cells, "profiles": profiles}
+
+
+def _only(samples: dict[str, float], metric: str) -> dict[str, float]:
+    return {k: v for k, v in samples.items() if k.startswith(metric)}
 
 
 def _delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
@@ -1055,7 +1179,7 @@ def render(results: dict[str, Any]) -> str:
     cells = results["cells"]
     lines = []
     hdr = (
-        f"{'payload':<7} {'conc':>4} {'mode':<8} {'req/s':>9} {'p50':>8} {'p99':>8} {'err':>5} "
+        f"{'payload':<7} {'conc':>4} {'mode':<12} {'req/s':>9} {'p50':>8} {'p99':>8} {'err':>5} "
         f"{'gw cpu-s/1k':>11} {'gw util':>7} {'orig cpu-s/1k':>13} {'orig util':>9} "
         f"{'backend cpu-s/1k':>16} {'all util':>8} {'vs direct':>9}"
     )
@@ -1069,45 +1193,49 @@ def render(results: dict[str, Any]) -> str:
             lines.append("")
         last = key
         direct = by.get((*key, "direct"))
-        subj = {"gateway": "gateway", "peer": "peer"}.get(c["mode"])
+        subj = SUBJECTS[c["mode"]] if c["mode"] != "direct" else None
         gw_cpu = c["cpu_s_per_1k"].get(subj) if subj else None
         gw_util = c["cpu_util"].get(subj) if subj else None
         orig_cpu = c["cpu_s_per_1k"].get("originator") if subj else None
         orig_util = c["cpu_util"].get("originator") if subj else None
         vs = c["rps"] / direct["rps"] if direct and direct["rps"] else None
-        mode = {"gateway": "promgate", "peer": "haproxy"}.get(c["mode"], c["mode"])
+        mode = MODE_NAMES.get(c["mode"], c["mode"])
         lines.append(
-            f"{c['payload']:<7} {c['concurrency']:>4} {mode:<8} {c['rps']:>9.1f} "
+            f"{c['payload']:<7} {c['concurrency']:>4} {mode:<12} {c['rps']:>9.1f} "
             f"{_lat(c.get('p50_ms')):>8} {_lat(c.get('p99_ms')):>8} {c['errors']:>5} "
             f"{_f(gw_cpu, '.3f'):>11} {_f(gw_util, '.2f'):>7} {_f(orig_cpu, '.3f'):>13} "
             f"{_f(orig_util, '.2f'):>9} {_f(c['cpu_s_per_1k'].get('backend'), '.3f'):>16} "
             f"{_f(c.get('all_util'), '.2f'):>8} {_f(vs, '.2f'):>9}"
         )
     lines.append("")
-    lines.append("promgate vs haproxy peer (same run):")
+    lines.append("promgate vs haproxy peer (same run); promgate-jwt vs promgate (same process):")
     sh = (
         f"{'payload':<7} {'conc':>4} {'rps ratio':>9} {'p50 ratio':>9} {'p99 ratio':>9} "
-        f"{'CPU/scrape ratio':>16} {'upstream conns opened':>22}"
+        f"{'CPU/scrape ratio':>16} {'upstream conns opened':>22} "
+        f"{'jwt/mTLS CPU/scrape':>19} {'jwt sig checks':>14}"
     )
     lines.append(sh)
     lines.append("-" * len(sh))
     for (payload, conc, mode), g in by.items():
         if mode != "gateway":
             continue
-        p = by.get((payload, conc, "peer"))
-        if p is None:
-            continue
+        p = by.get((payload, conc, "peer"), {})
+        j = by.get((payload, conc, "gateway_jwt"), {})
 
         def ratio(a: float | None, b: float | None) -> float | None:
             return a / b if a is not None and b else None
 
+        gw_cpu = g["cpu_s_per_1k"].get("gateway")
         up = sum(g.get("upstream_connections_opened", {}).get("measured", {}).values())
-        cpu_ratio = ratio(g["cpu_s_per_1k"].get("gateway"), p["cpu_s_per_1k"].get("peer"))
+        cpu_ratio = ratio(gw_cpu, p.get("cpu_s_per_1k", {}).get("peer"))
+        jwt_ratio = ratio(j.get("cpu_s_per_1k", {}).get("gateway"), gw_cpu)
+        checks = j.get("jwt_signature_checks", {}).get("measured")
         lines.append(
-            f"{payload:<7} {conc:>4} {_f(ratio(g['rps'], p['rps']), '.2f'):>9} "
+            f"{payload:<7} {conc:>4} {_f(ratio(g['rps'], p.get('rps')), '.2f'):>9} "
             f"{_f(ratio(g.get('p50_ms'), p.get('p50_ms')), '.2f'):>9} "
             f"{_f(ratio(g.get('p99_ms'), p.get('p99_ms')), '.2f'):>9} "
-            f"{_f(cpu_ratio, '.2f'):>16} {up:>22.0f}"
+            f"{_f(cpu_ratio, '.2f'):>16} {up:>22.0f} "
+            f"{_f(jwt_ratio, '.2f'):>19} {_f(checks, '.0f'):>14}"
         )
     warns = [
         f"{c['payload']} c={c['concurrency']} {c['mode']}: {w}"
