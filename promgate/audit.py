@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -40,12 +40,11 @@ from promgate.audit_format import (
     GENESIS_MAC,
     LINE,
     TRUNCATION_MARK,
-    is_record_start,
     mac,
     not_records_note,
-    parse_record,
 )
 from promgate.audit_lock import LockedFile, describe, lock_audit_file
+from promgate.audit_tail import scan_tail
 from promgate.audit_verify import VerifyGap, VerifyResult, verify_files
 from promgate.errors import StartupError
 
@@ -68,7 +67,6 @@ FSYNC_POLICIES = ("always", "interval", "never")
 WATCH_INTERVAL = 1.0
 
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-_TAIL_BLOCK = 64 * 1024
 _MIN_TAIL_SCAN = 4 * 1024 * 1024
 
 
@@ -264,7 +262,7 @@ class AuditLog(Service):
             return []
         # A record holds 15 capped strings of up to 12 bytes per character, plus numbers.
         limit = max(_MIN_TAIL_SCAN, 4 * 16 * 12 * (self._max + len(TRUNCATION_MARK)))
-        tail = _scan_tail(lambda offset, n: os.pread(fd, n, offset), size, limit)
+        tail = scan_tail(lambda offset, n: os.pread(fd, n, offset), size, limit)
         notes = []
         junk = tail.junk_lines
         if tail.fragment and tail.fragment_ours:
@@ -520,54 +518,6 @@ class AuditLog(Service):
 
     def _loop_failed(self, failure: Failure) -> None:
         self.log.failure("audit log timer stopped", failure)
-
-
-@attrs.frozen
-class _Tail:
-    """What the end of an existing audit file holds."""
-
-    record: dict[str, Any] | None  # the last intact record
-    junk_lines: int  # complete lines after it that are not records
-    fragment: int  # bytes after the last newline: a line left unfinished
-    fragment_ours: bool  # that line is the start of a record as the writer writes them
-
-
-def _scan_tail(read: Callable[[int, int], bytes], size: int, limit: int) -> _Tail:
-    """Read back from the end of a file (at most ``limit`` bytes) for its last intact record."""
-    end: int | None = None  # the end of the last complete line
-    pos = size
-    while pos > 0 and size - pos < limit:
-        start = max(0, pos - _TAIL_BLOCK)
-        newline = read(start, pos - start).rfind(b"\n")
-        if newline >= 0:
-            end = start + newline + 1
-            break
-        pos = start
-    else:
-        end = 0 if pos == 0 else None
-    if end is None:  # no line ends within the limit: not a record of ours
-        return _Tail(None, 0, size, False)
-    fragment = size - end
-    ours = fragment > 0 and is_record_start(read(end, min(fragment, 16)))
-    junk = 0
-    for body in _lines_before(read, end, limit - fragment):
-        record = parse_record(body)
-        if record is not None:
-            return _Tail(record, junk, fragment, ours)
-        junk += 1
-    return _Tail(None, junk, fragment, ours)
-
-
-def _lines_before(read: Callable[[int, int], bytes], end: int, limit: int) -> Iterator[bytes]:
-    """The complete lines that end at or before ``end`` (just after a newline), last first."""
-    pos = end
-    carry = b""  # the end of a line whose beginning is not read yet, with its newline
-    while pos > 0 and end - pos < limit:
-        start = max(0, pos - _TAIL_BLOCK)
-        lines = (read(start, pos - start) + carry).split(b"\n")
-        pos = start
-        yield from reversed(lines[1 if pos else 0 : -1])
-        carry = lines[0] + b"\n" if pos else b""
 
 
 @implementer(IAuditSink)
