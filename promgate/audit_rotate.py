@@ -1,0 +1,90 @@
+"""Rotation of the audit log while the gateway runs, and the ``rotate`` record that links files.
+
+logrotate (or an operator) renames the audit file and sends ``SIGUSR1``; the gateway then
+reopens its path and starts the new file with a ``rotate`` record. That record continues the
+chain (next ``seq``, MAC chained to the previous record's), and its ``detail`` names what it
+follows: the last ``seq`` and MAC of the previous file, and that file's name as it was when
+the gateway let go of it::
+
+    rotated; previous file ends at seq 1233 with mac 5f1c...e0; now named "/var/log/audit.jsonl.1"
+
+The detail is inside the record's MAC, so only the key holder can write one. The verifier uses
+it to say which file is missing when a series does not chain, and to begin checking at a
+``rotate`` record when the files before it were removed (``--rotated-start``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+__all__ = ["ROTATE", "Rotation", "current_name", "parse_rotation", "rotate_detail"]
+
+#: The event of the first record of a file opened after a rotation.
+ROTATE = "rotate"
+
+_DETAIL = re.compile(
+    r"previous file ends at seq (\d+) with mac ([0-9a-f]{64}); "
+    r'(?:now named ("(?:[^"\\]|\\.)*")|its name is unknown)$'
+)
+
+
+@attrs.frozen
+class Rotation:
+    """What a ``rotate`` record says about the file before it."""
+
+    seq: int  # the previous file's last record
+    mac: str  # that record's MAC, hex
+    previous: str | None  # the previous file's name when it was let go, if it had one
+
+    def describe(self) -> str:
+        """The previous file as an operator should look for it."""
+        where = f"now named {self.previous}" if self.previous else "its name unknown"
+        return f"the previous file ({where}) ends at seq {self.seq}"
+
+
+def rotate_detail(previous: str | None, seq: int, mac: str, found: int = 0) -> str:
+    """The ``detail`` of a ``rotate`` record; ``found``: bytes the new file already held."""
+    held = f"; the file found there already held {found} bytes" if found else ""
+    name = f"now named {json.dumps(previous)}" if previous else "its name is unknown"
+    return f"rotated{held}; previous file ends at seq {seq} with mac {mac}; {name}"
+
+
+def parse_rotation(record: dict[str, Any]) -> Rotation | None:
+    """What a record says about the previous file, if it is a ``rotate`` record."""
+    detail = record.get("detail")
+    if record.get("event") != ROTATE or not isinstance(detail, str):
+        return None
+    found = _DETAIL.search(detail)
+    if found is None:
+        return None
+    previous = json.loads(found.group(3)) if found.group(3) else None
+    return Rotation(int(found.group(1)), found.group(2), previous)
+
+
+def current_name(fd: int, path: Path) -> str | None:
+    """Where the open file ``fd`` is now (after a rename), or None if it has no name.
+
+    Asks ``/proc/self/fd`` where there is one; otherwise looks for the file's inode among
+    the names in ``path``'s directory, where logrotate leaves it.
+    """
+    try:
+        named = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        pass
+    else:
+        return None if named.endswith(" (deleted)") else named
+    try:
+        st = os.fstat(fd)
+        with os.scandir(path.parent) as entries:
+            for entry in entries:
+                if entry.inode() == st.st_ino and entry.stat().st_dev == st.st_dev:
+                    return str(path.parent / entry.name)
+    except OSError:
+        return None
+    return None
