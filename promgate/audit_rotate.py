@@ -23,10 +23,23 @@ from typing import Any
 
 import attrs
 
-__all__ = ["ROTATE", "Rotation", "current_name", "parse_rotation", "rotate_detail"]
+from promgate.audit_format import parse_record
+
+__all__ = [
+    "ROTATE",
+    "Rotation",
+    "current_name",
+    "parse_rotation",
+    "rotate_detail",
+    "rotated_series",
+]
 
 #: The event of the first record of a file opened after a rotation.
 ROTATE = "rotate"
+#: Rotated files with these endings are compressed: verify reads only uncompressed files.
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".Z", ".zip")
+#: How much of a sibling's first line is read to find its first record.
+_FIRST_LINE = 1024 * 1024
 
 _DETAIL = re.compile(
     r"previous file ends at seq (\d+) with mac ([0-9a-f]{64}); "
@@ -88,3 +101,45 @@ def current_name(fd: int, path: Path) -> str | None:
     except OSError:
         return None
     return None
+
+
+def rotated_series(path: Path) -> tuple[list[Path], list[str], list[str]]:
+    """``path`` and its rotated siblings, oldest first: (files, notes, problems).
+
+    Siblings are the files in ``path``'s directory named ``NAME.*`` or ``NAME-*`` (logrotate's
+    numbered and dated names), ordered by the seq of their first record; ``path`` comes last.
+    Compressed and empty siblings are left out, with a note; a sibling whose first line is not
+    an audit record is a problem (the caller should refuse to guess).
+    """
+    notes: list[str] = []
+    problems: list[str] = []
+    found: list[tuple[int, str, Path]] = []
+    try:
+        names = sorted(os.listdir(path.parent))
+    except OSError as e:
+        return [path], notes, [f"{path.parent}: {e.strerror}"]
+    for name in names:
+        candidate = path.parent / name
+        if name == path.name or not name.startswith((path.name + ".", path.name + "-")):
+            continue
+        if not candidate.is_file():
+            continue
+        if name.endswith(COMPRESSED):
+            notes.append(f"{candidate}: compressed, left out (decompress it to include it)")
+            continue
+        try:
+            with candidate.open("rb") as f:
+                line = f.readline(_FIRST_LINE)
+        except OSError as e:
+            problems.append(f"{candidate}: cannot read: {e.strerror}")
+            continue
+        if not line:
+            notes.append(f"{candidate}: empty, left out")
+            continue
+        record = parse_record(line[:-1]) if line.endswith(b"\n") else None
+        if record is None:
+            problems.append(f"{candidate}: its first line is not an audit record")
+            continue
+        found.append((record["seq"], name, candidate))
+    found.sort()
+    return [c for _, _, c in found] + [path], notes, problems
