@@ -9,11 +9,11 @@ reordered and truncated records. Record schema, one JSON object per line::
 
 ``mac`` is ``HMAC-SHA256(key, prev_mac_hex + "\\n" + canonical)`` in hex, where ``canonical`` is
 the record without ``mac`` serialised with sorted keys, and the previous MAC of record 1 is 64
-zeros. The chain continues across restarts, and into the file that replaces one removed while
-the gateway runs. The file never keeps part of a record: a write that fails halfway, or one cut
-by a crash, is cut back to the last complete line. The byte format is in
-:mod:`promgate.audit_format`, the lock in :mod:`promgate.audit_lock`, verification in
-:mod:`promgate.audit_verify`.
+zeros. The chain continues across restarts, into the file that replaces one removed while
+the gateway runs, and into the next file after a rotation (:mod:`promgate.audit_rotate`).
+The file never keeps part of a record: a write that fails halfway, or one cut by a crash, is
+cut back to the last complete line. The byte format is in :mod:`promgate.audit_format`, the
+lock in :mod:`promgate.audit_lock`, verification in :mod:`promgate.audit_verify`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -40,12 +40,12 @@ from promgate.audit_format import (
     GENESIS_MAC,
     LINE,
     TRUNCATION_MARK,
-    is_record_start,
     mac,
     not_records_note,
-    parse_record,
 )
 from promgate.audit_lock import LockedFile, describe, lock_audit_file
+from promgate.audit_rotate import ROTATE, current_name, rotate_detail
+from promgate.audit_tail import scan_tail
 from promgate.audit_verify import VerifyGap, VerifyResult, verify_files
 from promgate.errors import StartupError
 
@@ -68,7 +68,6 @@ FSYNC_POLICIES = ("always", "interval", "never")
 WATCH_INTERVAL = 1.0
 
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-_TAIL_BLOCK = 64 * 1024
 _MIN_TAIL_SCAN = 4 * 1024 * 1024
 
 
@@ -127,7 +126,9 @@ class AuditLog(Service):
     ``fsync`` is ``"always"`` (before record() returns), ``"interval"`` (every
     ``fsync_interval`` seconds on ``clock`` when something was written) or ``"never"``.
     ``on_result(ok)`` is called after every write attempt, for metrics, and ``on_reopen()``
-    each time the file is reopened because its path no longer named it. ``write`` replaces
+    each time the file is reopened because its path no longer named it (or was rotated);
+    ``on_head(seq, mac)`` after every record written, with its seq and MAC (the chain's
+    head, for the witness metrics). ``write`` replaces
     ``os.write`` (tests use it to fill the disk). ``key`` is the key itself, or the key file
     (:func:`load_key`), read when start-up begins (``privilegedStartService``, before
     ``twistd --uid`` drops privileges), never in the constructor.
@@ -150,6 +151,7 @@ class AuditLog(Service):
         on_result: Callable[[bool], None] | None = None,
         on_reopen: Callable[[], None] | None = None,
         write: Callable[[int, bytes], int] | None = None,
+        on_head: Callable[[int, str], None] | None = None,
     ) -> None:
         if not key:
             raise ValueError("audit key must not be empty")
@@ -169,6 +171,10 @@ class AuditLog(Service):
         self._on_result = on_result
         self._on_reopen = on_reopen
         self._write = write
+        self._on_head = on_head
+        # Set by rotate() until the new file's first record is written: the previous
+        # file's name when it was let go, and its last seq and MAC.
+        self._rotation: tuple[str | None, int, str] | None = None
         self._state = _State.STOPPED
         self._file: LockedFile | None = None
         self._seq = 0
@@ -264,7 +270,7 @@ class AuditLog(Service):
             return []
         # A record holds 15 capped strings of up to 12 bytes per character, plus numbers.
         limit = max(_MIN_TAIL_SCAN, 4 * 16 * 12 * (self._max + len(TRUNCATION_MARK)))
-        tail = _scan_tail(lambda offset, n: os.pread(fd, n, offset), size, limit)
+        tail = scan_tail(lambda offset, n: os.pread(fd, n, offset), size, limit)
         notes = []
         junk = tail.junk_lines
         if tail.fragment and tail.fragment_ours:
@@ -297,7 +303,31 @@ class AuditLog(Service):
             notes.append(f"previous run ended without a stop record (last seq {self._seq})")
         return notes
 
-    # -- the path removed or replaced ------------------------------------------------------
+    # -- rotation, and the path removed or replaced ----------------------------------------
+
+    def rotate(self) -> None:
+        """Reopen the path after the file was renamed away (``SIGUSR1``, for logrotate).
+
+        The new file starts with a ``rotate`` record naming the previous file. If the path
+        still names the open file, nothing was rotated and nothing changes.
+        """
+        if self._state is _State.STOPPED:
+            return
+        if self._state is _State.OPEN:
+            if self._names_open_file():
+                self.log.info(
+                    "audit log rotation asked, but {path} still names the open file; "
+                    "nothing to rotate",
+                    path=str(self.path),
+                )
+                return
+            assert self._file is not None
+            previous = current_name(self._file.fd, self.path)
+            self._rotation = (previous, self._seq, self._prev.decode("ascii"))
+            self._detach()
+        elif self._rotation is None:  # detached: the old file is gone from our hands
+            self._rotation = (None, self._seq, self._prev.decode("ascii"))
+        self._reopen()
 
     def _watch(self) -> None:
         """Reopen the path if it no longer names the open file (removed, moved, replaced)."""
@@ -320,11 +350,21 @@ class AuditLog(Service):
         file, self._file = self._file, None
         self._state = _State.DETACHED
         assert file is not None
-        self.log.warn(
-            "audit log {path} was removed or replaced while open (last seq {seq}); reopening it",
-            path=str(self.path),
-            seq=self._seq,
-        )
+        if self._rotation is not None:
+            self.log.info(
+                "audit log {path} rotated (last seq {seq}, the file is now {previous}); "
+                "reopening it",
+                path=str(self.path),
+                seq=self._seq,
+                previous=self._rotation[0] or "removed",
+            )
+        else:
+            self.log.warn(
+                "audit log {path} was removed or replaced while open (last seq {seq}); "
+                "reopening it",
+                path=str(self.path),
+                seq=self._seq,
+            )
         # Its records are where the path no longer leads (if anywhere); the new file says so.
         with contextlib.suppress(OSError):
             self._fsync_now(file.fd)
@@ -353,6 +393,11 @@ class AuditLog(Service):
         )
         if self._on_reopen is not None:
             self._on_reopen()
+        if self._rotation is not None:
+            previous, last, last_mac = self._rotation
+            self._rotation = None
+            self.record(AuditEvent(ROTATE, detail=rotate_detail(previous, last, last_mac, size)))
+            return
         detail = (
             f"audit log {self.path} was removed or replaced while open; "
             f"reopened, continuing the chain at seq {seq}"
@@ -435,6 +480,8 @@ class AuditLog(Service):
         self._seq = seq
         self._prev = record_mac.encode("ascii")
         self._dirty = True
+        if self._on_head is not None:
+            self._on_head(seq, record_mac)
         if self._fsync == "always":
             try:
                 self._fsync_now(fd)
@@ -520,54 +567,6 @@ class AuditLog(Service):
 
     def _loop_failed(self, failure: Failure) -> None:
         self.log.failure("audit log timer stopped", failure)
-
-
-@attrs.frozen
-class _Tail:
-    """What the end of an existing audit file holds."""
-
-    record: dict[str, Any] | None  # the last intact record
-    junk_lines: int  # complete lines after it that are not records
-    fragment: int  # bytes after the last newline: a line left unfinished
-    fragment_ours: bool  # that line is the start of a record as the writer writes them
-
-
-def _scan_tail(read: Callable[[int, int], bytes], size: int, limit: int) -> _Tail:
-    """Read back from the end of a file (at most ``limit`` bytes) for its last intact record."""
-    end: int | None = None  # the end of the last complete line
-    pos = size
-    while pos > 0 and size - pos < limit:
-        start = max(0, pos - _TAIL_BLOCK)
-        newline = read(start, pos - start).rfind(b"\n")
-        if newline >= 0:
-            end = start + newline + 1
-            break
-        pos = start
-    else:
-        end = 0 if pos == 0 else None
-    if end is None:  # no line ends within the limit: not a record of ours
-        return _Tail(None, 0, size, False)
-    fragment = size - end
-    ours = fragment > 0 and is_record_start(read(end, min(fragment, 16)))
-    junk = 0
-    for body in _lines_before(read, end, limit - fragment):
-        record = parse_record(body)
-        if record is not None:
-            return _Tail(record, junk, fragment, ours)
-        junk += 1
-    return _Tail(None, junk, fragment, ours)
-
-
-def _lines_before(read: Callable[[int, int], bytes], end: int, limit: int) -> Iterator[bytes]:
-    """The complete lines that end at or before ``end`` (just after a newline), last first."""
-    pos = end
-    carry = b""  # the end of a line whose beginning is not read yet, with its newline
-    while pos > 0 and end - pos < limit:
-        start = max(0, pos - _TAIL_BLOCK)
-        lines = (read(start, pos - start) + carry).split(b"\n")
-        pos = start
-        yield from reversed(lines[1 if pos else 0 : -1])
-        carry = lines[0] + b"\n" if pos else b""
 
 
 @implementer(IAuditSink)

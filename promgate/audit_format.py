@@ -4,7 +4,8 @@ A record is one line of compact JSON ending with ``\\n``; its MAC is
 ``HMAC-SHA256(key, prev_mac_hex + "\\n" + canonical)`` where ``canonical`` is the record
 without ``mac`` with sorted keys. Also here: the notes a ``start`` record's ``detail`` uses to
 account for lines in the file that are not records, which the verifier accepts as
-explanations (they are inside a MAC, so only the key holder can write them).
+explanations (they are inside a MAC, so only the key holder can write them), and the
+fingerprint of a MAC that the witness metrics publish.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ _NOT_RECORDS = re.compile(r"lines after seq (\d+) that are not audit records: (\
 def mac(key: bytes, prev_mac: bytes, canonical: bytes) -> str:
     """The record's MAC in lowercase hex, chained to ``prev_mac`` (hex, as ASCII bytes)."""
     return hmac.digest(key, prev_mac + b"\n" + canonical, "sha256").hex()
+
+
+def head_fingerprint(mac_hex: str) -> int:
+    """The first 48 bits of a MAC as an integer: exact in a float64, so a metric can carry it."""
+    return int(mac_hex[:12], 16)
 
 
 def parse_record(body: bytes) -> dict[str, Any] | None:

@@ -6,6 +6,10 @@ next record explains: a ``start`` record whose ``detail`` says how many such lin
 previous run left (see :func:`promgate.audit_format.explained_lines`), and which itself
 continues the chain from the last good record. The chain check is the same across such a gap,
 so it cannot hide a removed record; only the bytes of the lines themselves are tolerated.
+A file that begins with a ``rotate`` record (:mod:`promgate.audit_rotate`) follows the file
+that record names; when the series does not chain there, the failure says which file is
+missing. With ``rotated_start``, the first file may begin with such a record whose
+predecessors were removed: the chain is then checked from the MAC that record names.
 Reading takes no lock: it works while a gateway writes the file.
 """
 
@@ -13,13 +17,14 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
 
 from promgate.audit_format import CANONICAL, GENESIS_MAC, explained_lines, mac, parse_record
 from promgate.audit_lock import close_reader
+from promgate.audit_rotate import parse_rotation
 
 __all__ = ["VerifyGap", "VerifyResult", "verify_files"]
 
@@ -62,6 +67,13 @@ class VerifyResult:
     message: str  # what is wrong and where (file and line number)
     ended_cleanly: bool  # the last record is a "stop" event
     gaps: tuple[VerifyGap, ...] = ()  # explained runs of lines that are not records
+    first_seq: int = 1  # where checking began: above 1 after a rotated start
+    begins_after: str | None = None  # with a rotated start: the file before, as named
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last record verified good (first_seq - 1 if none)."""
+        return self.first_seq + self.count - 1
 
 
 @attrs.define
@@ -74,10 +86,26 @@ class _Pending:
     lines: int = 1
 
 
-def verify_files(key: bytes, files: Sequence[Path]) -> VerifyResult:
-    """Check one audit chain spread over ``files`` (oldest first), stopping at the first fault."""
+#: Called with each record verified good: its seq, MAC, file and line number.
+OnRecord = Callable[[int, str, Path, int], None]
+
+
+def verify_files(
+    key: bytes,
+    files: Sequence[Path],
+    *,
+    rotated_start: bool = False,
+    on_record: OnRecord | None = None,
+) -> VerifyResult:
+    """Check one audit chain spread over ``files`` (oldest first), stopping at the first fault.
+
+    ``rotated_start``: the first file may begin with a ``rotate`` record, whose previous
+    files are not given. ``on_record`` sees every record that verifies.
+    """
     prev = GENESIS_MAC.encode("ascii")
-    count = 0
+    count = 0  # the seq of the last record verified good
+    first = 1
+    begins_after: str | None = None
     last_event: object = None
     gaps: list[VerifyGap] = []
     pending: _Pending | None = None
@@ -85,12 +113,14 @@ def verify_files(key: bytes, files: Sequence[Path]) -> VerifyResult:
     def bad(path: Path, lineno: int, what: str) -> VerifyResult:
         return VerifyResult(
             ok=False,
-            count=count,
+            count=count - first + 1,
             first_bad_seq=count + 1,
             message=f"{path}:{lineno}: {what} (seq {count + 1} expected; "
-            f"{count} records before it verified)",
+            f"{count - first + 1} records before it verified)",
             ended_cleanly=False,
             gaps=tuple(gaps),
+            first_seq=first,
+            begins_after=begins_after,
         )
 
     for path in files:
@@ -100,6 +130,7 @@ def verify_files(key: bytes, files: Sequence[Path]) -> VerifyResult:
             return bad(path, 0, f"cannot read: {e.strerror}")
         f = os.fdopen(fd, "rb", closefd=False)
         lineno = 0
+        first_in_file = True
         try:
             for lineno, raw in enumerate(f, 1):
                 record = parse_record(raw[:-1]) if raw[-1:] == b"\n" else None
@@ -112,6 +143,13 @@ def verify_files(key: bytes, files: Sequence[Path]) -> VerifyResult:
                         pending = _Pending(path, lineno, "not a well-formed audit record")
                     continue
                 seq = record["seq"]
+                rotation = parse_rotation(record)
+                if rotation is not None and count == 0 and rotated_start and pending is None:
+                    # Anchor the chain where the rotate record says the previous file ended.
+                    count, first = rotation.seq, rotation.seq + 1
+                    prev = rotation.mac.encode("ascii")
+                    begins_after = rotation.previous or "its name unknown"
+                at_start, first_in_file = first_in_file, False
                 explained = None
                 if pending is not None:
                     explained = (
@@ -122,16 +160,28 @@ def verify_files(key: bytes, files: Sequence[Path]) -> VerifyResult:
                     if explained is None or explained[0] != pending.lines:
                         return bad(pending.path, pending.first_line, pending.what)
                 record_mac = record.pop("mac")
-                good = hmac.compare_digest(
-                    record_mac, mac(key, prev, CANONICAL.encode(record).encode("ascii"))
-                )
+                c = CANONICAL.encode(record).encode("ascii")
+                good = hmac.compare_digest(record_mac, mac(key, prev, c))
                 if seq != count + 1:
                     what = "records missing" if seq > count + 1 else "out of order or repeated"
+                    hint = ""
+                    if rotation is not None and at_start:
+                        good = hmac.compare_digest(record_mac, mac(key, rotation.mac.encode(), c))
+                        hint = f"; this file begins with a rotate record: {rotation.describe()}" + (
+                            "; give it first"
+                            if count
+                            else "; give it first, or use --rotated-start if it was removed"
+                        )
                     edited = "" if good else " (or this record was edited)"
-                    return bad(path, lineno, f"found seq {seq}: {what}{edited}")
+                    return bad(path, lineno, f"found seq {seq}: {what}{edited}{hint}")
                 if not good:
-                    what = "wrong key, or the record was edited" if count == 0 else "edited"
+                    what = "wrong key, or the record was edited" if count < first else "edited"
                     return bad(path, lineno, f"MAC mismatch: {what}")
+                if rotation is not None and (rotation.seq, rotation.mac) != (
+                    count,
+                    prev.decode("ascii"),
+                ):
+                    return bad(path, lineno, "rotate record names another previous record")
                 if pending is not None and explained is not None:  # an explained gap
                     gaps.append(
                         VerifyGap(
@@ -148,6 +198,8 @@ def verify_files(key: bytes, files: Sequence[Path]) -> VerifyResult:
                 prev = record_mac.encode("ascii")
                 count += 1
                 last_event = record.get("event")
+                if on_record is not None:
+                    on_record(seq, record_mac, path, lineno)
         except OSError as e:
             return bad(path, lineno, f"cannot read: {e.strerror}")
         finally:
@@ -159,13 +211,19 @@ def verify_files(key: bytes, files: Sequence[Path]) -> VerifyResult:
     suffix = ""
     if gaps:
         suffix = f"; {len(gaps)} gap{'' if len(gaps) == 1 else 's'} explained by a start record"
+    verified = count - first + 1
+    if begins_after is not None:
+        suffix += f"; begins at seq {first}, after a rotation from {begins_after} (not given)"
     return VerifyResult(
         ok=True,
-        count=count,
+        count=verified,
         first_bad_seq=None,
-        message=f"{count} records verified in {len(files)} file{'' if len(files) == 1 else 's'}"
-        + ("" if ended_cleanly or not count else "; no stop record at the end (still running?)")
+        message=f"{verified} records verified in {len(files)} file"
+        + ("" if len(files) == 1 else "s")
+        + ("" if ended_cleanly or not verified else "; no stop record at the end (still running?)")
         + suffix,
         ended_cleanly=ended_cleanly,
         gaps=tuple(gaps),
+        first_seq=first,
+        begins_after=begins_after,
     )

@@ -79,8 +79,20 @@ def _resolve(config: Any) -> int:
 
 def _audit_verify(args: argparse.Namespace) -> int:
     from promgate.audit import load_key, verify_files
+    from promgate.audit_rotate import rotated_series
+    from promgate.audit_witness import (
+        Expectation,
+        Seen,
+        WitnessError,
+        check,
+        parse_expect,
+        query_witness,
+        seen_record,
+    )
+    from promgate.config.units import parse_duration
 
     files = [Path(f) for f in args.files]
+    discovered = False
     if args.config:
         from promgate.config.errors import ConfigError
         from promgate.config.loader import load_config
@@ -92,7 +104,15 @@ def _audit_verify(args: argparse.Namespace) -> int:
             return 2
         key_file = config.audit.key_file
         if not files:
-            files = [config.audit.path]
+            files, notes, problems = rotated_series(config.audit.path)
+            for note in notes:
+                print(f"NOTE: {note}")
+            if problems:
+                for problem in problems:
+                    print(f"promgate audit verify: {problem}", file=sys.stderr)
+                print("promgate audit verify: give the files to check explicitly", file=sys.stderr)
+                return 2
+            discovered = len(files) > 1
     elif args.key_file:
         key_file = Path(args.key_file)
     else:
@@ -101,16 +121,41 @@ def _audit_verify(args: argparse.Namespace) -> int:
     if not files:
         print("promgate audit verify: no audit files given", file=sys.stderr)
         return 2
+    expected: list[Expectation] = []
+    try:
+        expected += [parse_expect(text) for text in args.expect]
+        if args.witness:
+            parse_duration(args.since)
+            expected += query_witness(args.witness, args.since, args.witness_selector)
+    except ValueError as e:
+        print(f"promgate audit verify: --since: {e}", file=sys.stderr)
+        return 2
+    except WitnessError as e:
+        print(f"promgate audit verify: witness: {e}", file=sys.stderr)
+        return 2
     try:
         key = load_key(key_file)
     except (OSError, ValueError) as e:
         print(f"{key_file}: cannot use key: {e}", file=sys.stderr)
         return 2
-    result = verify_files(key, files)
+    if discovered:
+        print(f"FILES: {', '.join(str(f) for f in files)}")
+    seen: dict[int, Seen] = {}
+    result = verify_files(key, files, rotated_start=args.rotated_start, on_record=seen_record(seen))
     for gap in result.gaps:
         print(f"GAP: {gap.describe()}")
+    witnessed = check(expected, seen, result.last_seq, result.first_seq, broken=not result.ok)
+    for failure in witnessed:
+        print(f"WITNESS: {failure}", file=sys.stderr)
     if not result.ok:
         print(f"FAIL: {result.message}", file=sys.stderr)
+        return 1
+    if witnessed:
+        print(
+            f"FAIL: the chain verifies ({result.count} record(s)), but "
+            f"{len(witnessed)} witnessed record(s) are missing or differ (above)",
+            file=sys.stderr,
+        )
         return 1
     ending = (
         "ends with a clean stop" if result.ended_cleanly else "no stop record yet (still running?)"
@@ -118,6 +163,14 @@ def _audit_verify(args: argparse.Namespace) -> int:
     gaps = len(result.gaps)
     if gaps:
         ending += f"; {gaps} gap{'' if gaps == 1 else 's'} explained by a start record (above)"
+    if result.begins_after is not None:
+        ending += (
+            f"; begins at seq {result.first_seq}, after a rotation from "
+            f"{result.begins_after} (not given)"
+        )
+    if expected:
+        pairs = len({(e.seq, e.fingerprint) for e in expected if e.seq})
+        ending += f"; {pairs} witnessed record(s) match"
     print(f"OK: {result.count} record(s) verified; {ending}")
     return 0
 
@@ -175,9 +228,48 @@ def parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="audit log tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_sub.add_parser("verify", help="verify the HMAC chain of audit log files")
+    verify = audit_sub.add_parser(
+        "verify",
+        help="verify the HMAC chain of audit log files",
+        description="Exit status: 0 verified, 1 the chain or a witnessed record fails, "
+        "2 unusable input. See docs/audit.md.",
+    )
     verify.add_argument("--key-file", help="the audit HMAC key file")
-    verify.add_argument("--config", help="take the key (and default log) from this configuration")
+    verify.add_argument(
+        "--config",
+        help="take the key from this configuration; without FILEs, check its audit.path "
+        "and the rotated files beside it (NAME.*, NAME-*), ordered by their first seq",
+    )
+    verify.add_argument(
+        "--rotated-start",
+        action="store_true",
+        help="the first file may begin with a rotate record whose earlier files were removed",
+    )
+    verify.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="SEQ:FINGERPRINT",
+        help="a witnessed chain head (promgate_audit_last_sequence and "
+        "promgate_audit_head_fingerprint); fail if that record is missing or differs (repeat)",
+    )
+    verify.add_argument(
+        "--witness",
+        metavar="PROMETHEUS_URL",
+        help="read the witnessed chain heads from this Prometheus's HTTP API",
+    )
+    verify.add_argument(
+        "--since",
+        default="1d",
+        metavar="DURATION",
+        help="with --witness: how far back to read (default 1d)",
+    )
+    verify.add_argument(
+        "--witness-selector",
+        default="",
+        metavar="MATCHERS",
+        help='with --witness: label matchers picking one gateway, e.g. instance="gate:9099"',
+    )
     verify.add_argument("files", nargs="*", help="audit log files, oldest first")
     verify.set_defaults(run=_audit_verify)
 

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 import promgate
 import twisted
+from promgate.audit_format import head_fingerprint
 
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 #: tcp connections live from milliseconds (a refusal) to hours (a long-lived tunnel).
@@ -248,6 +249,7 @@ class Metrics:
         GCCollector(registry=r)
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
         self.identity_providers = IdentityProviderMetrics(r)
+        self.audit_head = AuditHeadMetrics(r)
         self.build_info.labels(
             promgate.__version__, platform.python_version(), twisted.__version__
         ).set(1)
@@ -372,3 +374,29 @@ class IdentityProviderMetrics:
         self.refresh_failures.labels(name)
         self.last_refresh.labels(name)
         self.token_checks.labels(name)
+
+
+# -- the audit chain's head, witnessed by the Prometheus that scrapes it ------------------------
+
+
+class AuditHeadMetrics:
+    """The last audit record written: its seq and a fingerprint of its MAC. Prometheus keeps
+    every scraped pair, so ``promgate audit verify --witness`` can check that the records it
+    saw are still in the log, unchanged (see docs/audit.md)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.last_sequence = Gauge(
+            "promgate_audit_last_sequence",
+            "Sequence number of the last audit record written.",
+            registry=registry,
+        )
+        self.head_fingerprint = Gauge(
+            "promgate_audit_head_fingerprint",
+            "The first 48 bits of the last audit record's MAC, as an integer.",
+            registry=registry,
+        )
+
+    def update(self, seq: int, mac: str) -> None:
+        """A record was written (passed to the audit log as on_head)."""
+        self.last_sequence.set(seq)
+        self.head_fingerprint.set(head_fingerprint(mac))

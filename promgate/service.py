@@ -143,7 +143,8 @@ class GatewayService(MultiService):
         be replaced, as the in-memory test kit (:mod:`promgate.testing.memory`) does:
         ``audit_sink`` stands in for the configured audit log file (a service, if it is one,
         started and stopped with the gateway), ``run_in_thread`` for bcrypt's own thread pool,
-        ``install_signal_handlers=False`` leaves the process's SIGHUP alone, and ``fetch_keys``
+        ``install_signal_handlers=False`` leaves the process's SIGHUP and SIGUSR1 (audit log
+        rotation) alone, and ``fetch_keys``
     answers the identity providers' discovery and JWKS requests instead of HTTP.
     """
 
@@ -178,6 +179,7 @@ class GatewayService(MultiService):
                 max_field_length=audit_cfg.max_field_length,
                 on_result=self.metrics.audit_result,
                 on_reopen=self.metrics.audit_reopens.inc,
+                on_head=self.metrics.audit_head.update,
             )
         else:
             self.audit = audit_sink
@@ -268,6 +270,7 @@ class GatewayService(MultiService):
             reactor,
         )
         self._previous_sighup: Any = None
+        self._previous_sigusr1: Any = None
 
     def _listener_services(self) -> list[ListenerService]:
         services = []
@@ -325,6 +328,7 @@ class GatewayService(MultiService):
             )
         if self.install_signal_handlers:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+            self._previous_sigusr1 = signal.signal(signal.SIGUSR1, self._on_sigusr1)
         self.pool.start()
         if self.bcrypt_threads is not None:
             self.bcrypt_threads.start()
@@ -346,6 +350,9 @@ class GatewayService(MultiService):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
+        if self._previous_sigusr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_sigusr1)
+            self._previous_sigusr1 = None
         deadline = self.reactor.seconds() + DRAIN_TIMEOUT
         await DeferredList([listener.stopService() for listener in self.listeners])
         await self._drain(deadline)
@@ -358,6 +365,14 @@ class GatewayService(MultiService):
 
     def _on_sighup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self._sighup)
+
+    def _on_sigusr1(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self.rotate_audit_log)
+
+    def rotate_audit_log(self) -> None:
+        """Reopen the audit log's path after logrotate renamed the file (SIGUSR1)."""
+        if isinstance(self.audit, AuditLog):
+            self.audit.rotate()
 
     def _sighup(self) -> None:
         self.reload("SIGHUP")
