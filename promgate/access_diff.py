@@ -19,7 +19,7 @@ Targets are the static ones, as for ``explain``: discovered members are not know
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -36,6 +36,7 @@ from promgate.policy import (
     ConnectionPolicy,
     Decision,
     ForwardPolicy,
+    Rules,
     ScrapePolicy,
     ScrapeQuery,
 )
@@ -49,6 +50,10 @@ from promgate.policy_questions import (
 #: The kinds of request, in the order changes are listed, and the protocol receiving each.
 KINDS = {"scrape": "http", "sd": "http", "get": "forward", "connect": "forward", "tcp": "tcp"}
 _ORDER = {kind: i for i, kind in enumerate(KINDS)}
+
+#: The requests whose answers depend on the same routes: ("route", NAME) on http
+#: listeners, ("address", HOST:PORT) on forward ones, ("tcp", "") on tcp ones.
+Group = tuple[str, str]
 
 
 @attrs.frozen
@@ -206,10 +211,15 @@ class Change:
 
 @attrs.frozen
 class AccessDiff:
-    """Every change of access between two configurations."""
+    """Every change of access between two configurations (or the first of them, and
+    the counts of all)."""
 
-    #: Sorted by listener, identity, kind of request, route, target, path, server name.
+    #: Sorted by listener, identity, kind of request, route, target, path, server name;
+    #: only the first ones when ``access_diff`` was given a limit.
     changes: tuple[Change, ...]
+    #: How many requests are newly allowed and newly denied, listed or not.
+    granted: int
+    revoked: int
     #: How many (listener, identity, request) entries were compared, changed or not.
     compared: int
     #: The listeners compared: those of either configuration, by name.
@@ -217,15 +227,12 @@ class AccessDiff:
 
     @property
     def changed(self) -> bool:
-        return bool(self.changes)
+        return self.granted + self.revoked > 0
 
     @property
-    def granted(self) -> int:
-        return sum(1 for c in self.changes if c.granted)
-
-    @property
-    def revoked(self) -> int:
-        return len(self.changes) - self.granted
+    def total(self) -> int:
+        """How many changes there are, listed or not."""
+        return self.granted + self.revoked
 
     def summary(self, limit: int = 10) -> dict[str, Any]:
         """Counts and the first ``limit`` changes as one line each (for a reload record)."""
@@ -235,7 +242,7 @@ class AccessDiff:
             "revoked": self.revoked,
             "compared": self.compared,
             "changes": [c.describe() for c in shown],
-            "more": len(self.changes) - len(shown),
+            "more": self.total - len(shown),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -266,9 +273,15 @@ class _View:
         tcp = self.asked.listener.tcp
         self.passthrough = tcp is not None and tcp.mode == "passthrough"
         self.routes: Mapping[str, Route] = config.routes_of(name)
+        asked = self.asked
+        assert isinstance(asked, (ScrapeQuestion, ForwardQuestion, ConnectionQuestion))
+        #: The allow lists as the listener's policy parsed them.
+        self.rules: Rules = asked.policy.rules
         self._visible: dict[str, frozenset[str]] = {}
+        self._by_address: dict[str, tuple[str, ...]] | None = None
+        self._admits: dict[tuple[str, str], bool] = {}
 
-    def requests(self) -> Iterator[tuple[tuple[str, str], Request]]:
+    def requests(self) -> Iterator[tuple[Group, Request]]:
         """(group, request) for every request this listener could be asked; a group's
         answers depend only on the routes the group names."""
         if self.protocol == "http":
@@ -297,13 +310,37 @@ class _View:
 
     def by_address(self) -> dict[str, tuple[str, ...]]:
         """The routes naming each canonical target address (what a forward request meets)."""
+        if self._by_address is not None:
+            return self._by_address
         found: dict[str, set[str]] = {}
         for name, route in self.routes.items():
             for target in route.targets:
                 address = canonical_address(target.address)
                 if address is not None:
                     found.setdefault(address, set()).add(name)
-        return {address: tuple(sorted(names)) for address, names in found.items()}
+        self._by_address = {address: tuple(sorted(names)) for address, names in found.items()}
+        return self._by_address
+
+    def reach(self, caller: str | None, group: Group) -> tuple[bool, ...] | None:
+        """Whether each route the requests of ``group`` meet admits ``caller``, which
+        (with the request) decides every answer there; None when every answer is a
+        refusal (no such caller, route or listener kind, or no route admits it)."""
+        kind, key = group
+        if kind != {"http": "route", "forward": "address"}.get(self.protocol):
+            return None
+        identity = self.config.identities.get(caller) if caller is not None else None
+        if identity is None:
+            return None
+        names = (key,) if kind == "route" else self.by_address().get(key, ())
+        bits = []
+        for name in names:
+            route = self.routes.get(name)
+            cached = self._admits.get((name, identity.name))
+            if cached is None and route is not None:
+                cached = self.rules[route].authorize(identity).allowed
+                self._admits[(name, identity.name)] = cached
+            bits.append(bool(cached))
+        return tuple(bits) if any(bits) else None
 
     def decide(self, identity_name: str | None, request: Request) -> Side:
         """This listener's answer to ``request`` from ``identity_name``."""
@@ -360,6 +397,11 @@ def _names(*groups: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted({name for group in groups for name in group}))
 
 
+#: Callers whose answers in a group are bound to agree, and the callers counted as
+#: compared without asking (they cannot change there).
+_Partition = tuple[dict[Hashable, list[str | None]], int]
+
+
 class _Comparison:
     """The state of one comparison: what is equal on both sides, computed once."""
 
@@ -376,73 +418,161 @@ class _Comparison:
             and name in new.identities
             and old.identities[name].roles == new.identities[name].roles
         )
-        self.changes: list[Change] = []
         self.compared = 0
+        self.granted = 0
+        self.revoked = 0
 
     def view(self, config: Config, name: str) -> _View | None:
         if all(li.name != name for li in config.listeners):
             return None
         return _View(config, name)
 
-    def listener(self, name: str) -> None:
+    def listener(self, name: str, limit: int | None) -> list[Change]:
+        """Compare every request of listener ``name`` for every caller; count the
+        changes and return the first ``limit`` (all if None) in order.
+
+        Callers are put in classes per group: those whose route-level verdicts agree on
+        each side get the same allow or refuse for every request of the group. One of a
+        class is asked every request; the others change exactly where it changed, so they
+        are counted from it and asked only for the changes to be listed. A class refused
+        everything on both sides is not asked at all.
+        """
         old, new = self.view(self.old, name), self.view(self.new, name)
         views = [v for v in (old, new) if v is not None]
-        groups: dict[tuple[str, str], dict[Request, None]] = {}
+        groups: dict[Group, dict[Request, None]] = {}
         for view in views:
             for group, request in view.requests():
                 groups.setdefault(group, {})[request] = None
         callers: tuple[str | None, ...] = self.identities
         if all(v.passthrough for v in views):
             callers = (None,)
-        addresses = (
-            (old.by_address(), new.by_address())
-            if old is not None and new is not None and old.protocol == new.protocol == "forward"
-            else None
-        )
+        partitions: dict[Hashable, _Partition] = {}
+        asked: dict[tuple[str | None, Request], Change] = {}
+        flipped_for: dict[str | None, list[list[Request]]] = {}
         for group, requests in groups.items():
-            stable = self._stable(old, new, group, addresses)
-            for caller in callers:
-                if stable and (caller is None or caller in self.same_identities):
-                    self.compared += len(requests)
-                    continue
-                for request in requests:
-                    self.compared += 1
-                    before = old.decide(caller, request) if old else _missing(name)
-                    after = new.decide(caller, request) if new else _missing(name)
-                    if before.allowed != after.allowed:
-                        self.changes.append(Change(name, caller, request, before, after))
+            key = self._partition_key(old, new, group)
+            found = partitions.get(key)
+            if found is None:
+                found = partitions[key] = self._partition(old, new, group, callers)
+            classes, skipped = found
+            self.compared += skipped * len(requests)
+            for members in classes.values():
+                self.compared += len(members) * len(requests)
+                flipped = []
+                for change in self._ask(name, old, new, members[0], requests):
+                    asked[(members[0], change.request)] = change
+                    flipped.append(change.request)
+                    if change.granted:
+                        self.granted += len(members)
+                    else:
+                        self.revoked += len(members)
+                if flipped:
+                    for caller in members:
+                        flipped_for.setdefault(caller, []).append(flipped)
+        listed: list[Change] = []
+        for caller in sorted(flipped_for, key=lambda c: c or ""):
+            pending = sorted(
+                (r for block in flipped_for[caller] for r in block), key=Request.sort_key
+            )
+            if limit is not None:
+                pending = pending[: limit - len(listed)]
+            for request in pending:
+                known = asked.get((caller, request))
+                if known is not None:
+                    listed.append(known)
+                else:
+                    listed.extend(self._ask(name, old, new, caller, (request,)))
+            if limit is not None and len(listed) >= limit:
+                break
+        return listed
 
-    def _stable(
+    def _ask(
+        self,
+        name: str,
+        old: _View | None,
+        new: _View | None,
+        caller: str | None,
+        requests: Iterable[Request],
+    ) -> Iterator[Change]:
+        """Decide ``requests`` for ``caller`` on both sides; the changes."""
+        for request in requests:
+            before = old.decide(caller, request) if old else _missing(name)
+            after = new.decide(caller, request) if new else _missing(name)
+            if before.allowed != after.allowed:
+                yield Change(name, caller, request, before, after)
+
+    def _partition_key(self, old: _View | None, new: _View | None, group: Group) -> Hashable:
+        """Groups with equal keys get the same partition of callers."""
+        kind, key = group
+        if kind == "address":
+            return (kind, _met(old, key), _met(new, key))
+        return group
+
+    def _partition(
         self,
         old: _View | None,
         new: _View | None,
-        group: tuple[str, str],
-        addresses: tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]] | None,
-    ) -> bool:
+        group: Group,
+        callers: tuple[str | None, ...],
+    ) -> _Partition:
+        if group[0] == "tcp":  # few requests: every caller on its own
+            return {caller: [caller] for caller in callers}, 0
+        stable = self._stable(old, new, group)
+        classes: dict[Hashable, list[str | None]] = {}
+        skipped = 0
+        for caller in callers:
+            if stable and caller in self.same_identities:
+                skipped += 1
+                continue
+            before = old.reach(caller, group) if old else None
+            after = new.reach(caller, group) if new else None
+            if before is None and after is None:  # refused everything on both sides
+                skipped += 1
+                continue
+            classes.setdefault((before, after), []).append(caller)
+        return classes, skipped
+
+    def _stable(self, old: _View | None, new: _View | None, group: Group) -> bool:
         """Can no request of ``group`` be answered differently (for an unchanged caller)?"""
         if old is None or new is None or old.protocol != new.protocol:
             return False
         kind, key = group
         if kind == "route":
             return key in old.routes and key in new.routes and key in self.same_routes
-        if kind == "address" and addresses is not None:
-            names = addresses[0].get(key, ())
+        if kind == "address":
+            names = _met(old, key)
             return (
                 bool(names)
-                and names == addresses[1].get(key, ())
+                and names == _met(new, key)
                 and all(n in self.same_routes for n in names)
             )
         return False
 
 
-def access_diff(old: Config, new: Config) -> AccessDiff:
-    """Every request whose decision differs between ``old`` and ``new``."""
+def _met(view: _View | None, address: str) -> tuple[str, ...]:
+    """The routes a forward request to ``address`` meets on ``view``."""
+    if view is None or view.protocol != "forward":
+        return ()
+    return view.by_address().get(address, ())
+
+
+def access_diff(old: Config, new: Config, limit: int | None = None) -> AccessDiff:
+    """Every request whose decision differs between ``old`` and ``new``: all of them
+    counted, the first ``limit`` (all if None) listed with both sides' decisions.
+
+    The work is proportional to the requests of what changed, times the classes of
+    callers treated alike there, plus the changes listed: give a limit when only a
+    summary is wanted.
+    """
     comparison = _Comparison(old, new)
     listeners = _names((li.name for li in old.listeners), (li.name for li in new.listeners))
+    changes: list[Change] = []
     for name in listeners:
-        comparison.listener(name)
-    changes = sorted(comparison.changes, key=Change.sort_key)
-    return AccessDiff(tuple(changes), comparison.compared, listeners)
+        left = None if limit is None else max(limit - len(changes), 0)
+        changes.extend(comparison.listener(name, left))
+    return AccessDiff(
+        tuple(changes), comparison.granted, comparison.revoked, comparison.compared, listeners
+    )
 
 
 __all__ = ["AccessDiff", "Change", "Request", "Side", "access_diff"]

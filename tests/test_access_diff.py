@@ -380,6 +380,23 @@ class SummaryTests(DiffTestCase):
         self.assertEqual(diff.summary(limit=0)["changes"], [])
         self.assertEqual(diff.summary(limit=0)["more"], 3)
 
+    def test_limit(self) -> None:
+        """With a limit, every change is counted and the first ones are listed: the same
+        as the first ones of the whole list."""
+        old = self.load(BASE)
+        new = self.load(BASE.replace("roles: [admin]", "roles: [admin, scraper]"))
+        whole = access_diff(old, new)
+        for limit in (0, 1, 3, 7, 100):
+            part = access_diff(old, new, limit=limit)
+            self.assertEqual(part.changes, whole.changes[:limit])
+            self.assertEqual((part.granted, part.revoked), (whole.granted, whole.revoked))
+            self.assertEqual(part.compared, whole.compared)
+            self.assertEqual(
+                part.summary(limit=2),
+                whole.summary(limit=2) if limit >= 2 else part.summary(limit=2),
+            )
+        self.assertEqual(whole.total, len(whole.changes))
+
     def test_values_are_frozen(self) -> None:
         diff = self.diff(BASE.replace("allow: [prometheus, ops]", "allow: [prometheus]"))
         change: Change = diff.changes[0]
@@ -389,7 +406,8 @@ class SummaryTests(DiffTestCase):
 
     def test_product_is_counted_and_only_changes_asked(self) -> None:
         """Many identities and targets: every entry is counted, but only the changed
-        route's requests (and the tcp listeners') are put to the policies."""
+        route's requests (and the tcp listeners') are put to the policies, once per
+        class of callers the route treats alike."""
         identities = "".join(
             f"  id{i}: {{cert: {{cn: id{i}}}, roles: [scraper]}}\n" for i in range(40)
         )
@@ -421,9 +439,10 @@ class SummaryTests(DiffTestCase):
         scrape_entries = people * (300 * 2 + 1 + 1 + 1)
         egress_entries = people * (300 * 2 + 1)
         self.assertEqual(diff.compared, scrape_entries + egress_entries + people + 2)
-        # Both sides: blackbox's scrape and /sd, its CONNECT, raw's connection (per
-        # identity), pass's two server names.
-        self.assertEqual(len(asked), 2 * (people * (2 + 1 + 1) + 2))
+        # On both sides: blackbox's scrape and /sd listing and its CONNECT, once for
+        # prometheus (allowed, then not) and once for ops (allowed on both sides); nothing
+        # for the 40 it never admits; raw's connection for everyone; pass's two names.
+        self.assertEqual(len(asked), 2 * (2 * (2 + 1) + people + 2))
 
 
 class CommandTests(DiffTestCase):
