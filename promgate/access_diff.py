@@ -11,9 +11,11 @@ gateway asks (built as ``promgate explain`` builds them), and kept when one side
 and the other refuses. A listener, identity, route or target missing on one side refuses
 there, so an added identity with access is newly allowed.
 
-The work is the product of identities and requests for what changed: a route (or, on a
-forward listener, the set of routes sharing a target address) equal on both sides is not
-asked again for an identity whose roles did not change, since its answers cannot differ.
+The work stays within identities x requests, and mostly well below: a route (or, on a
+forward listener, the routes sharing a target address) equal on both sides is not asked
+again for an identity whose roles did not change, since its answers cannot differ; and
+identities a route's allow lists treat alike on both sides are asked once, the rest
+counted from that one and asked only for the changes listed (``limit`` caps those).
 Targets are the static ones, as for ``explain``: discovered members are not known offline.
 """
 
