@@ -1,4 +1,4 @@
-"""The ``promgate`` command: check-config, explain, test-policy, audit verify, pki init."""
+"""The ``promgate`` command: check-config, explain, test-policy, diff, audit verify, pki init."""
 
 from __future__ import annotations
 
@@ -205,6 +205,12 @@ def _test_policy(args: argparse.Namespace) -> int:
     return run_policy_tests(args.files, sys.stdout, sys.stderr)
 
 
+def _diff(args: argparse.Namespace) -> int:
+    from promgate.diff_cli import diff
+
+    return diff(args.old, args.new, sys.stdout, sys.stderr, as_json=args.json)
+
+
 DESCRIPTION = (
     "Tools for promgate, the gateway between Prometheus and the endpoints it scrapes: "
     "check a configuration, ask its policy, verify the audit log, make a development PKI. "
@@ -310,6 +316,17 @@ def parser() -> argparse.ArgumentParser:
     )
     test_policy.add_argument("files", nargs="+", help="policy test files (YAML)")
     test_policy.set_defaults(run=_test_policy)
+
+    access = sub.add_parser(
+        "diff",
+        help="which accesses a configuration change grants or revokes",
+        description="Exit status: 0 access unchanged, 1 access changes, 2 unusable input. "
+        "See docs/policy.md.",
+    )
+    access.add_argument("old", metavar="OLD", help="the configuration now in use")
+    access.add_argument("new", metavar="NEW", help="the configuration to compare with it")
+    access.add_argument("--json", action="store_true", help="print one JSON document")
+    access.set_defaults(run=_diff)
     return top
 
 
