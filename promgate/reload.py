@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.logger import Logger
 
+from promgate.access_diff import access_diff
 from promgate.audit import AuditEvent
 from promgate.authn import Authenticator
 from promgate.config.loader import check_config
@@ -46,6 +47,8 @@ log = Logger()
 
 #: How many problems a refused reload's audit record names (the rest are counted).
 _MAX_PROBLEMS = 5
+#: How many access changes (``promgate diff``) an applied reload's audit record lists.
+_MAX_ACCESS_CHANGES = 5
 
 
 @attrs.frozen
@@ -77,10 +80,18 @@ def reload_gateway(service: GatewayService, trigger: str) -> ReloadResult:
     problems = restart_needed(service.config, config)
     if problems:
         return _refused(service, trigger, tuple(problems))
+    access = access_diff(service.config, config, limit=_MAX_ACCESS_CHANGES).summary(
+        limit=_MAX_ACCESS_CHANGES
+    )
     try:
         summary = _apply(service, config)
     except StartupError as e:
         return _refused(service, trigger, (str(e),))
+    summary += (
+        f"; access: {access['granted']} newly allowed, {access['revoked']} newly denied"
+        + "".join(f"; {change}" for change in access["changes"])
+        + (f"; and {access['more']} more" if access["more"] else "")
+    )
     service.metrics.config_last_reload_successful.set(1)
     service.metrics.config_last_reload_success_timestamp.set(service.reactor.seconds())
     for warning in config.warnings:

@@ -166,6 +166,10 @@ class SnapshotTests(ReloadTestCase):
         self.assertTrue(self.gw.reload().applied)
         self.assertEqual(conn.request(SCRAPE).status, 403)
         self.assertEqual(self.gw.audit_records("request")[-1].reason, "authz_denied")
+        # The reload record says what changed for access, as promgate diff would.
+        detail = self.gw.audit_records("reload")[-1].detail or ""
+        self.assertIn("newly denied", detail)
+        self.assertIn("agent", detail)
 
     def test_new_identity_usable_at_once(self) -> None:
         """A role granted by the reload applies to the next request."""
