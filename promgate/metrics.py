@@ -248,6 +248,7 @@ class Metrics:
         GCCollector(registry=r)
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
         self.identity_providers = IdentityProviderMetrics(r)
+        self.tls = TLSMetrics(r)
         self.build_info.labels(
             promgate.__version__, platform.python_version(), twisted.__version__
         ).set(1)
@@ -372,3 +373,39 @@ class IdentityProviderMetrics:
         self.refresh_failures.labels(name)
         self.last_refresh.labels(name)
         self.token_checks.labels(name)
+
+
+# -- served certificates (reloaded when their files change) -----------------------------------
+
+
+class TLSMetrics:
+    """What each TLS listener serves, and how reloading its files goes. Labelled by
+    listener (a configured name, so bounded)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.expiry = Gauge(
+            "promgate_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificate each listener serves now.",
+            ["listener"],
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "promgate_tls_reloads",
+            "New certificate, key, client CA and CRL sets loaded and served, by listener.",
+            ["listener"],
+            registry=registry,
+        )
+        self.reload_failures = Counter(
+            "promgate_tls_reload_failures",
+            "Changed TLS files that could not be served (the set served before is kept), "
+            "by listener.",
+            ["listener"],
+            registry=registry,
+        )
+
+    def listener(self, name: str, not_after: float) -> None:
+        """Show ``name``'s series from the start, serving a certificate valid until
+        ``not_after``."""
+        self.expiry.labels(name).set(not_after)
+        self.reloads.labels(name)
+        self.reload_failures.labels(name)

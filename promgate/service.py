@@ -37,7 +37,7 @@ from promgate.net.relay_upstream import EndpointConnector
 from promgate.policy import Membership
 from promgate.ratelimit import RateLimiter
 from promgate.reactors import IGatewayReactor
-from promgate.tls import server_tls
+from promgate.tls_reload import CertificateWatch, ReloadingServerTLS, TLSFilesError
 
 __all__ = ["ABORT_GRACE", "DRAIN_TIMEOUT", "GatewayService", "Pipeline"]
 
@@ -103,24 +103,45 @@ class Pipeline:
         )
 
 
-def protocol_factory(listener: Listener, gateway: Gateway, clock: IReactorTime) -> Any:
+def protocol_factory(
+    listener: Listener,
+    gateway: Gateway,
+    clock: IReactorTime,
+    tls: ReloadingServerTLS | None = None,
+) -> Any:
     """What ``listener`` accepts connections with: its gateway's protocols, behind TLS
-    unless the listener is plain (or a ``tcp`` listener passes TLS through). Reads the
-    listener's certificate and key files."""
+    unless the listener is plain (or a ``tcp`` listener passes TLS through). The TLS is
+    ``tls``, or one made from the listener's certificate and key files (read now)."""
     factory: Any
     if isinstance(gateway, TCPGateway):
         factory = TCPGatewayFactory(gateway)
-        if listener.tls is not None and gateway.settings.mode == "terminate":
-            # No ALPN: the relayed protocol is the client's business, not the gateway's.
-            factory = TLSMemoryBIOFactory(
-                server_tls(listener.tls, alpn=None), False, factory, clock=clock
-            )
     else:
         factory = HTTPListenerFactory(gateway.http)
-        if listener.tls is not None:
-            factory = TLSMemoryBIOFactory(server_tls(listener.tls), False, factory, clock=clock)
+    if tls is None:
+        tls = listener_tls(listener, clock)
+    if tls is not None:
+        factory = TLSMemoryBIOFactory(tls, False, factory, clock=clock)
     factory.noisy = False
     return factory
+
+
+def listener_tls(
+    listener: Listener, clock: IReactorTime, metrics: Metrics | None = None
+) -> ReloadingServerTLS | None:
+    """The server TLS of a listener that terminates TLS (None for the others), read from
+    its files now."""
+    if listener.tls is None:
+        return None
+    if listener.tcp is not None and listener.tcp.mode != "terminate":
+        return None
+    # No ALPN on tcp listeners: the relayed protocol is the client's business.
+    return ReloadingServerTLS.load(
+        listener.name,
+        listener.tls,
+        clock=clock,
+        alpn=None if listener.protocol == "tcp" else (b"http/1.1",),
+        metrics=metrics.tls if metrics is not None else None,
+    )
 
 
 class GatewayService(MultiService):
@@ -249,6 +270,8 @@ class GatewayService(MultiService):
         #: The configured listeners as services; made (certificate files read) when
         #: start-up begins.
         self.listeners: list[ListenerService] = []
+        #: Watches the TLS listeners' files; made with the listeners.
+        self.certificates: CertificateWatch | None = None
         #: Last to close: it answers /-/ready with 503 while the others drain.
         self.admin = ListenerService(
             "admin",
@@ -260,15 +283,23 @@ class GatewayService(MultiService):
 
     def _listener_services(self) -> list[ListenerService]:
         services = []
+        watched = []
         for listener, gateway in zip(self.config.listeners, self.gateways, strict=True):
             try:
-                factory: IProtocolFactory = protocol_factory(listener, gateway, self.reactor)
+                tls = listener_tls(listener, self.reactor, self.metrics)
             except OSError as e:
                 where = f"{e.filename}: " if e.filename else ""
                 raise StartupError(f"listener {listener.name}: {where}{os_error_text(e)}") from e
+            except TLSFilesError as e:
+                raise StartupError(f"listener {listener.name}: {e}") from e
+            if tls is not None:
+                watched.append(tls)
+            factory: IProtocolFactory = protocol_factory(listener, gateway, self.reactor, tls)
             services.append(
                 ListenerService(listener.name, listener.endpoint, factory, self.reactor)
             )
+        self.certificates = CertificateWatch(watched, self.reactor)
+        self.certificates.setServiceParent(self)  # type: ignore[no-untyped-call]
         return services
 
     def privilegedStartService(self) -> None:
