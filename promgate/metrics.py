@@ -250,6 +250,7 @@ class Metrics:
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
         self.identity_providers = IdentityProviderMetrics(r)
         self.audit_head = AuditHeadMetrics(r)
+        self.tls = TLSMetrics(r)
         self.build_info.labels(
             promgate.__version__, platform.python_version(), twisted.__version__
         ).set(1)
@@ -400,3 +401,39 @@ class AuditHeadMetrics:
         """A record was written (passed to the audit log as on_head)."""
         self.last_sequence.set(seq)
         self.head_fingerprint.set(head_fingerprint(mac))
+
+
+# -- served certificates (reloaded when their files change) -----------------------------------
+
+
+class TLSMetrics:
+    """What each TLS listener serves, and how reloading its files goes. Labelled by
+    listener (a configured name, so bounded)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.expiry = Gauge(
+            "promgate_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificate each listener serves now.",
+            ["listener"],
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "promgate_tls_reloads",
+            "New certificate, key, client CA and CRL sets loaded and served, by listener.",
+            ["listener"],
+            registry=registry,
+        )
+        self.reload_failures = Counter(
+            "promgate_tls_reload_failures",
+            "Changed TLS files that could not be served (the set served before is kept), "
+            "by listener.",
+            ["listener"],
+            registry=registry,
+        )
+
+    def listener(self, name: str, not_after: float) -> None:
+        """Show ``name``'s series from the start, serving a certificate valid until
+        ``not_after``."""
+        self.expiry.labels(name).set(not_after)
+        self.reloads.labels(name)
+        self.reload_failures.labels(name)

@@ -36,9 +36,11 @@ from promgate.discovery import Discovery
 from promgate.errors import StartupError, os_error_text
 from promgate.jwks import IdentityProviderKeys
 from promgate.jwt_authn import JWTVerifier
+from promgate.listener_factory import listener_tls, protocol_factory
 from promgate.listeners.forward import ForwardGateway
 from promgate.listeners.tcp import TCPGateway
 from promgate.listening import ListenerService
+from promgate.tls_reload import ReloadingServerTLS, TLSFilesError
 
 if TYPE_CHECKING:
     from promgate.service import GatewayService
@@ -152,19 +154,25 @@ def _apply(service: GatewayService, config: Config) -> str:
         service.pipeline, authenticator=authenticator, membership=discovery.membership
     )
 
-    # 1. Bind what is new or moved, before anything running changes.
+    # 1. Read the TLS files of what is new or changed, and bind what is new or moved,
+    #    before anything running changes.
+    watch = service.certificates
+    holders = {h.listener: h for h in (watch.servers if watch is not None else ())}
     fresh: dict[str, tuple[Any, ListenerService]] = {}
     kept: list[Listener] = []
+    new_tls: dict[str, ReloadingServerTLS | None] = {}
     try:
         for listener in config.listeners:
             before = old_listeners.get(listener.name)
             if before is not None and before.endpoint == listener.endpoint:
                 kept.append(listener)
+                if before.tls != listener.tls or before.protocol != listener.protocol:
+                    new_tls[listener.name] = _tls(service, listener)
                 continue
             gateway = pipeline.gateway(listener, config)
-            svc = ListenerService(
-                listener.name, listener.endpoint, _factory(listener, gateway, reactor), reactor
-            )
+            tls = new_tls[listener.name] = _tls(service, listener)
+            factory = protocol_factory(listener, gateway, reactor, tls)
+            svc = ListenerService(listener.name, listener.endpoint, factory, reactor)
             svc.privilegedStartService()
             fresh[listener.name] = (gateway, svc)
     except StartupError:
@@ -190,8 +198,9 @@ def _apply(service: GatewayService, config: Config) -> str:
             if replaced:
                 service.retired.append(old_gateway)
                 _drain(old_gateway)
-            if replaced or before.tls != listener.tls:
-                _replace_factory(svc, _factory(listener, gateway, reactor))
+            if listener.name in new_tls or replaced:
+                tls = new_tls.get(listener.name)
+                _replace_factory(svc, protocol_factory(listener, gateway, reactor, tls))
         gateways.append(gateway)
         services.append(svc)
     kept_names = {li.name for li in kept}
@@ -202,6 +211,15 @@ def _apply(service: GatewayService, config: Config) -> str:
         service.retired.append(old_gateway)
         _drain(old_gateway)
 
+    if watch is not None:
+        served = {**holders, **new_tls}
+        watch.watch([tls for li in config.listeners if (tls := served.get(li.name)) is not None])
+        # Every file the configuration names is read again, as on a restart; a listener
+        # whose new files are not usable keeps serving the ones it had.
+        kept_tls = [r for r in watch.reload() if not r.ok]
+        tls_note = f"; TLS files kept as served for {len(kept_tls)} listener(s)" if kept_tls else ""
+    else:
+        tls_note = ""
     if discovery is not service.discovery:
         _replace_child(service, service.discovery, discovery)
         service.discovery = discovery
@@ -217,7 +235,7 @@ def _apply(service: GatewayService, config: Config) -> str:
         f"listeners {_changed(old_listeners, {li.name: li for li in config.listeners})}; "
         f"identities {_changed(old.identities, config.identities)}; "
         f"routes {_changed(old.routes, config.routes)}; "
-        f"open tunnels and connections revoked: {revoked}"
+        f"open tunnels and connections revoked: {revoked}{tls_note}"
     )
 
 
@@ -260,14 +278,16 @@ def _reconfigure(
     return new, cut
 
 
-def _factory(listener: Listener, gateway: Any, reactor: Any) -> Any:
-    from promgate.service import protocol_factory
-
+def _tls(service: GatewayService, listener: Listener) -> ReloadingServerTLS | None:
+    """A listener's server TLS, read from its files now; a file that cannot be used
+    refuses the reload."""
     try:
-        return protocol_factory(listener, gateway, reactor)
+        return listener_tls(listener, service.reactor, service.metrics)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         raise StartupError(f"listener {listener.name}: {where}{os_error_text(e)}") from e
+    except TLSFilesError as e:
+        raise StartupError(f"listener {listener.name}: {e}") from e
 
 
 def _replace_factory(svc: ListenerService, factory: Any) -> None:

@@ -11,9 +11,8 @@ from typing import Any
 import attrs
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from promgate.admin import Readiness, admin_site
@@ -24,13 +23,13 @@ from promgate.config.model import Config, Listener
 from promgate.discovery import Discovery
 from promgate.errors import StartupError, os_error_text
 from promgate.http.listener import HTTPListener
-from promgate.http.server import HTTPListenerFactory
 from promgate.http.upstream import UpstreamPool
 from promgate.jwks import Fetch, IdentityProviderKeys
 from promgate.jwt_authn import JWTVerifier
+from promgate.listener_factory import Gateway, listener_tls, protocol_factory
 from promgate.listeners.forward import ForwardGateway
 from promgate.listeners.scrape import ReverseGateway
-from promgate.listeners.tcp import TCPGateway, TCPGatewayFactory
+from promgate.listeners.tcp import TCPGateway
 from promgate.listening import ListenerService
 from promgate.metrics import Metrics
 from promgate.net.relay_upstream import EndpointConnector
@@ -38,7 +37,7 @@ from promgate.policy import Membership
 from promgate.ratelimit import RateLimiter
 from promgate.reactors import IGatewayReactor
 from promgate.reload import ReloadResult, reload_gateway
-from promgate.tls import server_tls
+from promgate.tls_reload import CertificateWatch, TLSFilesError
 
 __all__ = ["ABORT_GRACE", "DRAIN_TIMEOUT", "GatewayService", "Pipeline"]
 
@@ -47,8 +46,6 @@ __all__ = ["ABORT_GRACE", "DRAIN_TIMEOUT", "GatewayService", "Pipeline"]
 DRAIN_TIMEOUT = 10.0
 #: How long connections cut at the end of the drain may take to be gone (and audited).
 ABORT_GRACE = 2.0
-
-Gateway = ReverseGateway | ForwardGateway | TCPGateway
 
 
 @attrs.frozen
@@ -107,26 +104,6 @@ class Pipeline:
             membership=self.membership,
             reuse=reuse,
         )
-
-
-def protocol_factory(listener: Listener, gateway: Gateway, clock: IReactorTime) -> Any:
-    """What ``listener`` accepts connections with: its gateway's protocols, behind TLS
-    unless the listener is plain (or a ``tcp`` listener passes TLS through). Reads the
-    listener's certificate and key files."""
-    factory: Any
-    if isinstance(gateway, TCPGateway):
-        factory = TCPGatewayFactory(gateway)
-        if listener.tls is not None and gateway.settings.mode == "terminate":
-            # No ALPN: the relayed protocol is the client's business, not the gateway's.
-            factory = TLSMemoryBIOFactory(
-                server_tls(listener.tls, alpn=None), False, factory, clock=clock
-            )
-    else:
-        factory = HTTPListenerFactory(gateway.http)
-        if listener.tls is not None:
-            factory = TLSMemoryBIOFactory(server_tls(listener.tls), False, factory, clock=clock)
-    factory.noisy = False
-    return factory
 
 
 class GatewayService(MultiService):
@@ -262,6 +239,8 @@ class GatewayService(MultiService):
         self.listeners: list[ListenerService] = []
         #: Gateways a reload took out of service, whose connections may still be open.
         self.retired: list[Gateway] = []
+        #: Watches the TLS listeners' files; made with the listeners.
+        self.certificates: CertificateWatch | None = None
         #: Last to close: it answers /-/ready with 503 while the others drain.
         self.admin = ListenerService(
             "admin",
@@ -274,15 +253,23 @@ class GatewayService(MultiService):
 
     def _listener_services(self) -> list[ListenerService]:
         services = []
+        watched = []
         for listener, gateway in zip(self.config.listeners, self.gateways, strict=True):
             try:
-                factory: IProtocolFactory = protocol_factory(listener, gateway, self.reactor)
+                tls = listener_tls(listener, self.reactor, self.metrics)
             except OSError as e:
                 where = f"{e.filename}: " if e.filename else ""
                 raise StartupError(f"listener {listener.name}: {where}{os_error_text(e)}") from e
+            except TLSFilesError as e:
+                raise StartupError(f"listener {listener.name}: {e}") from e
+            if tls is not None:
+                watched.append(tls)
+            factory: IProtocolFactory = protocol_factory(listener, gateway, self.reactor, tls)
             services.append(
                 ListenerService(listener.name, listener.endpoint, factory, self.reactor)
             )
+        self.certificates = CertificateWatch(watched, self.reactor)
+        self.certificates.setServiceParent(self)  # type: ignore[no-untyped-call]
         return services
 
     def privilegedStartService(self) -> None:

@@ -8,6 +8,7 @@ http/1.1. Upstream contexts always verify the upstream with service_identity.
 from __future__ import annotations
 
 import datetime
+import re
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,6 +72,18 @@ def _load_certs(path: Path) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(path.read_bytes())
 
 
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.+?\r?\n-----END X509 CRL-----", re.DOTALL)
+
+
+def load_crls(data: bytes) -> list[x509.CertificateRevocationList]:
+    """Every certificate revocation list in PEM ``data``; ValueError if there is none, or
+    one does not parse."""
+    blocks = _PEM_CRL.findall(data)
+    if not blocks:
+        raise ValueError("no BEGIN X509 CRL block")
+    return [x509.load_pem_x509_crl(block) for block in blocks]
+
+
 #: OpenSSL X509_V_ERR_* codes, mapped to the reasons audit records and metrics use.
 _VERIFY_REASONS = {
     9: "certificate_not_yet_valid",
@@ -81,6 +94,13 @@ _VERIFY_REASONS = {
     20: "unknown_ca",
     21: "unknown_ca",
     26: "certificate_purpose",
+    23: "certificate_revoked",
+    # The client's issuer has no usable CRL: none in client_crl, or it is past its next
+    # update, not yet valid, or its signature does not verify.
+    3: "crl_unavailable",
+    8: "crl_unavailable",
+    11: "crl_unavailable",
+    12: "crl_unavailable",
 }
 
 
@@ -95,6 +115,7 @@ def handshake_reason(error: BaseException) -> str:
     for needle, reason in (
         ("peer did not return a certificate", "no_client_certificate"),
         ("certificate required", "no_client_certificate"),
+        ("certificate revoked", "certificate_revoked"),
         ("certificate verify failed", "certificate_invalid"),
         ("wrong version number", "protocol_version"),
         ("unsupported protocol", "protocol_version"),
@@ -223,10 +244,32 @@ def server_options(
     chain = _load_certs(files.certificate)
     key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
     cas = _load_certs(files.client_ca)
+    crls = load_crls(files.client_crl.read_bytes()) if files.client_crl is not None else []
+    return options_from(chain, key, cas, crls, alpn=alpn)
+
+
+def options_from(
+    chain: Sequence[x509.Certificate],
+    key: Any,
+    cas: Sequence[x509.Certificate],
+    crls: Sequence[x509.CertificateRevocationList] = (),
+    *,
+    alpn: Sequence[bytes] | None = (b"http/1.1",),
+) -> CertificateOptions:
+    """The server context of :func:`server_options`, from what its files hold.
+
+    With ``crls``, OpenSSL checks the client's certificate (the leaf) against the CRL of
+    its issuer, which must be among them: a revoked certificate is refused with the
+    ``certificate_revoked`` alert, and one whose issuer has no current CRL is refused too.
+
+    Sessions are never resumed: no session cache and no tickets, as Twisted sets up by
+    default and as is set again here. A resumed session skips certificate verification,
+    so it would let a client past a CRL or client CA loaded after its first handshake.
+    """
     options = CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
+        privateKey=crypto.PKey.from_cryptography_key(key),
         certificate=crypto.X509.from_cryptography(chain[0]),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in _intermediates(chain)],
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in _intermediates(list(chain))],
         verify=True,
         caCerts=[crypto.X509.from_cryptography(c) for c in cas],
         requireCertificate=True,
@@ -236,7 +279,14 @@ def server_options(
     )
     # getContext() caches the context, so options set here stay for every handshake.
     ctx = options.getContext()
-    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
+    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    if crls:
+        store = ctx.get_cert_store()
+        assert store is not None  # a server context always has one
+        for crl in crls:
+            store.add_crl(crl)
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
     set_groups(ctx, KEY_EXCHANGE_GROUPS)
     # The chain sent is the certificate file's, never one OpenSSL completes from the
     # client CAs (which would send the client CA's root when it also issued the leaf).

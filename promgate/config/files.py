@@ -25,7 +25,9 @@ __all__ = [
     "bcrypt_hash",
     "certificates",
     "client_certificate",
+    "crl_signed_by",
     "private_key",
+    "revocation_lists",
     "secret_file",
     "tls_files",
     "token_file",
@@ -88,21 +90,76 @@ def _key_matches(
 
 
 def tls_files(r: Reader, item: Item) -> TLSFiles | None:
-    """A listener's (or the top-level) ``tls``: certificate, its key, and the client CA."""
-    f = r.fields(item, ("certificate", "key", "client_ca"), ("certificate", "key", "client_ca"))
-    if f is None or len(f) < 3:
+    """A listener's (or the top-level) ``tls``: certificate, its key, the client CA, and
+    optionally the client CRL."""
+    required = ("certificate", "key", "client_ca")
+    f = r.fields(item, (*required, "client_crl"), required)
+    if f is None or any(k not in f for k in required):
         return None
     cert_path = r.existing_file(f["certificate"])
     key_path = r.existing_file(f["key"])
     ca_path = r.existing_file(f["client_ca"])
+    crl_path = r.existing_file(f["client_crl"]) if "client_crl" in f else None
     if cert_path is None or key_path is None or ca_path is None:
+        return None
+    if "client_crl" in f and crl_path is None:
         return None
     certs = certificates(r, f["certificate"], cert_path)
     key = private_key(r, f["key"], key_path)
-    certificates(r, f["client_ca"], ca_path)
+    cas = certificates(r, f["client_ca"], ca_path)
     if certs and key is not None:
         _key_matches(r, f["key"], certs[0], key, (cert_path, key_path))
-    return TLSFiles(cert_path, key_path, ca_path)
+    if crl_path is not None:
+        revocation_lists(r, f["client_crl"], crl_path, cas)
+    return TLSFiles(cert_path, key_path, ca_path, crl_path)
+
+
+def revocation_lists(
+    r: Reader, item: Item, path: Path, cas: list[x509.Certificate]
+) -> list[x509.CertificateRevocationList]:
+    """The PEM certificate revocation lists in ``path``: each must be signed by one of the
+    client CAs ``cas``. One past its next update is worth a warning: OpenSSL then refuses
+    every client certificate from that CA until the file is refreshed."""
+    try:
+        crls = _pem_crls(path.read_bytes())
+    except (ValueError, OSError) as e:
+        r.error(item.src, item.key, f"{path}: not a PEM certificate revocation list ({e})")
+        return []
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for crl in crls:
+        issuer = crl.issuer.rfc4514_string()
+        if cas and not any(crl_signed_by(crl, ca) for ca in cas):
+            r.error(item.src, item.key, f"{path}: CRL of {issuer} is not signed by a client_ca CA")
+        next_update = crl.next_update_utc
+        if next_update is not None and next_update < now:
+            r.warn(
+                item.src,
+                item.key,
+                f"{path}: CRL of {issuer} is past its next update "
+                f"({next_update.isoformat()}); certificates it covers will be refused",
+            )
+    return crls
+
+
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.+?\r?\n-----END X509 CRL-----", re.DOTALL)
+
+
+def _pem_crls(data: bytes) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM file (at least one)."""
+    blocks = _PEM_CRL.findall(data)
+    if not blocks:
+        raise ValueError("no BEGIN X509 CRL block")
+    return [x509.load_pem_x509_crl(block) for block in blocks]
+
+
+def crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` issued and signed ``crl``."""
+    if crl.issuer != ca.subject:
+        return False
+    try:
+        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def client_certificate(

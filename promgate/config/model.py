@@ -49,11 +49,14 @@ PROVIDER_KINDS: tuple[ProviderKind, ...] = get_args(ProviderKind)
 
 @attrs.frozen
 class TLSFiles:
-    """Server certificate, its key, and the CA that client certificates must chain to."""
+    """Server certificate, its key, the CA that client certificates must chain to, and
+    optionally the certificate revocation list(s) that client certificates are checked
+    against."""
 
     certificate: Path
     key: Path
     client_ca: Path
+    client_crl: Path | None = None
 
 
 @attrs.frozen

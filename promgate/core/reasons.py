@@ -73,6 +73,8 @@ class Reason(StrEnum):
     CERTIFICATE_EXPIRED = "certificate_expired"
     CERTIFICATE_NOT_YET_VALID = "certificate_not_yet_valid"
     CERTIFICATE_PURPOSE = "certificate_purpose"
+    CERTIFICATE_REVOKED = "certificate_revoked"
+    CRL_UNAVAILABLE = "crl_unavailable"
     CERTIFICATE_INVALID = "certificate_invalid"
     PROTOCOL_VERSION = "protocol_version"
     NO_SHARED_CIPHER = "no_shared_cipher"

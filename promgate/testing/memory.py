@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import attrs
+from cryptography import x509
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred, fail, maybeDeferred
@@ -181,6 +182,15 @@ class MemoryConnection:
     def lost(self) -> Failure | None:
         """How the connection ended, once it has."""
         return self.client.lost
+
+    @property
+    def server_certificate(self) -> x509.Certificate | None:
+        """The certificate the gateway presented on this connection (None without TLS)."""
+        get_handle = getattr(self._wire, "getHandle", None)
+        if get_handle is None or not hasattr(self._wire, "wrappedProtocol"):
+            return None
+        cert: x509.Certificate | None = get_handle().get_peer_certificate(as_cryptography=True)
+        return cert
 
     @property
     def received(self) -> bytes:

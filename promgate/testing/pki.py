@@ -9,6 +9,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
 from promgate.pki import CertificateAuthority, IssuedCert
 
 __all__ = ["TestPKI"]
@@ -74,6 +77,41 @@ class TestPKI:
             )
             issued.write(cert_path, key_path)
         return cert_path, key_path
+
+    def crl(
+        self,
+        revoked: Sequence[Path] = (),
+        *,
+        path: Path | None = None,
+        next_update: datetime | None = None,
+        ca: CertificateAuthority | None = None,
+    ) -> Path:
+        """Write a PEM certificate revocation list of the test CA (or ``ca``) that revokes
+        the certificates in the files ``revoked``; returns its path (``crl.pem`` unless
+        ``path`` is given). It is current for a day unless ``next_update`` says otherwise."""
+        issuer = ca or self.ca
+        ca_cert = x509.load_pem_x509_certificate(issuer.cert_pem)
+        ca_key = serialization.load_pem_private_key(issuer.key_pem, password=None)
+        now = datetime.now(timezone.utc)
+        update = next_update if next_update is not None else now + timedelta(days=1)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_cert.subject)
+            .last_update(min(now - timedelta(minutes=5), update - timedelta(minutes=5)))
+            .next_update(update)
+        )
+        for cert_path in revoked:
+            serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(now - timedelta(minutes=1))
+                .build()
+            )
+        crl = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+        target = path if path is not None else self.directory / "crl.pem"
+        target.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        return target
 
     def foreign_client(self, name: str) -> tuple[Path, Path]:
         """A client certificate from a CA the gateway does not trust."""
