@@ -37,6 +37,7 @@ from promgate.net.relay_upstream import EndpointConnector
 from promgate.policy import Membership
 from promgate.ratelimit import RateLimiter
 from promgate.reactors import IGatewayReactor
+from promgate.systemd import SystemdNotifier
 from promgate.tls import server_tls
 
 __all__ = ["ABORT_GRACE", "DRAIN_TIMEOUT", "GatewayService", "Pipeline"]
@@ -137,8 +138,9 @@ class GatewayService(MultiService):
         be replaced, as the in-memory test kit (:mod:`promgate.testing.memory`) does:
         ``audit_sink`` stands in for the configured audit log file (a service, if it is one,
         started and stopped with the gateway), ``run_in_thread`` for bcrypt's own thread pool,
-        ``install_signal_handlers=False`` leaves the process's SIGHUP alone, and ``fetch_keys``
-    answers the identity providers' discovery and JWKS requests instead of HTTP.
+        ``install_signal_handlers=False`` leaves the process's SIGHUP alone, ``fetch_keys``
+    answers the identity providers' discovery and JWKS requests instead of HTTP, and
+    ``notifier`` tells systemd (``$NOTIFY_SOCKET``, if set) when it is ready and stopping.
     """
 
     log = Logger()
@@ -153,12 +155,14 @@ class GatewayService(MultiService):
         run_in_thread: ThreadRunner | None = None,
         install_signal_handlers: bool = True,
         fetch_keys: Fetch | None = None,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.reactor = reactor
         self.ready_file = ready_file
         self.install_signal_handlers = install_signal_handlers
+        self.notifier = notifier if notifier is not None else SystemdNotifier.from_environment()
         self.metrics = Metrics()
         audit_cfg = config.audit
         self.audit: IAuditSink
@@ -255,6 +259,7 @@ class GatewayService(MultiService):
             config.admin.endpoint,
             admin_site(self.metrics.registry, self.readiness, reactor),
             reactor,
+            clock=reactor,
         )
         self._previous_sighup: Any = None
 
@@ -267,7 +272,9 @@ class GatewayService(MultiService):
                 where = f"{e.filename}: " if e.filename else ""
                 raise StartupError(f"listener {listener.name}: {where}{os_error_text(e)}") from e
             services.append(
-                ListenerService(listener.name, listener.endpoint, factory, self.reactor)
+                ListenerService(
+                    listener.name, listener.endpoint, factory, self.reactor, clock=self.reactor
+                )
             )
         return services
 
@@ -322,6 +329,7 @@ class GatewayService(MultiService):
         self.readiness.ready = True
         if self.ready_file is not None:
             self._write_ready_file(self.ready_file)
+        self.notifier.notify_ready(self._serving())
 
     def _unbind(self) -> None:
         for listener in [*self.listeners, self.admin]:
@@ -332,6 +340,7 @@ class GatewayService(MultiService):
 
     async def _stop(self) -> None:
         self.readiness.ready = False
+        self.notifier.notify_stopping("stopping: draining in-flight requests")
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
@@ -424,6 +433,11 @@ class GatewayService(MultiService):
         return {
             listener.listener_name: listener.address() for listener in [*self.listeners, self.admin]
         }
+
+    def _serving(self) -> str:
+        """What ``systemctl status`` shows once the gateway is ready."""
+        listeners = ", ".join(f"{name} {where}" for name, where in self.addresses().items())
+        return f"serving: {listeners}"
 
     def _write_ready_file(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
