@@ -16,8 +16,10 @@ v2, as the protocol defines).
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
+from twisted.internet.address import IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -36,6 +38,16 @@ HEADER_TIMEOUT = 10.0
 
 _V1 = b"PROXY "
 _V2 = V2Parser.PREFIX
+_V1_UNKNOWN = b"PROXY UNKNOWN\r\n"
+
+
+def _canonical(address: IAddress | None) -> IAddress | None:
+    """An IPv6 address written the short way (``2001:db8::7``), as everywhere else in
+    promgate; Twisted's v2 parser writes every group."""
+    if isinstance(address, IPv6Address):
+        short = ipaddress.IPv6Address(address.host).compressed
+        return IPv6Address(address.type, short, address.port)
+    return address
 
 
 class ProxiedProtocol(ProtocolWrapper):
@@ -95,10 +107,15 @@ class ProxiedProtocol(ProtocolWrapper):
                 raise InvalidProxyHeader()
             self._parser = parser
             data, self._buf = buf, b""
+        if isinstance(parser, V1Parser) and (parser.buffer + data).startswith(_V1_UNKNOWN):
+            # The specification allows a bare "PROXY UNKNOWN"; Twisted's parser wants more.
+            data = parser.buffer + data
+            self.info = ProxyInfo(_V1_UNKNOWN[:-2], None, None)
+            return data[len(_V1_UNKNOWN) :]
         info, rest = parser.feed(data)
         if info is None:
             return None
-        self.info = info
+        self.info = ProxyInfo(info.header, _canonical(info.source), _canonical(info.destination))
         return rest or b""
 
     def _too_slow(self) -> None:
