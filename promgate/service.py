@@ -139,8 +139,8 @@ class GatewayService(MultiService):
         ``audit_sink`` stands in for the configured audit log file (a service, if it is one,
         started and stopped with the gateway), ``run_in_thread`` for bcrypt's own thread pool,
         ``install_signal_handlers=False`` leaves the process's SIGHUP alone, ``fetch_keys``
-    answers the identity providers' discovery and JWKS requests instead of HTTP, and
-    ``notifier`` tells systemd (``$NOTIFY_SOCKET``, if set) when it is ready and stopping.
+        answers the identity providers' discovery and JWKS requests instead of HTTP, and
+        ``notifier`` tells systemd (``$NOTIFY_SOCKET``, if set) when it is ready and stopping.
     """
 
     log = Logger()
