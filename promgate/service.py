@@ -127,20 +127,20 @@ def protocol_factory(listener: Listener, gateway: Gateway, clock: IReactorTime) 
 class GatewayService(MultiService):
     """The whole gateway: audit log, listeners, upstream pool and admin listener.
 
-        Start-up reads the key and certificate files and binds every listener first (in
-        ``privilegedStartService``, before ``twistd --uid`` drops privileges), then opens the
-        audit log and writes ``start``, then the ready file: a start-up that fails writes
-        nothing. The audit log stops last, so ``start`` and ``stop`` bracket every request
-        record. On stop, the listeners close, ``/-/ready`` answers 503 while in-flight work
-        drains and the connections that carried it close, then the admin listener closes.
+    Start-up reads the key and certificate files and binds every listener first (in
+    ``privilegedStartService``, before ``twistd --uid`` drops privileges), then opens the
+    audit log and writes ``start``, then the ready file: a start-up that fails writes
+    nothing. The audit log stops last, so ``start`` and ``stop`` bracket every request
+    record. On stop, the listeners close, ``/-/ready`` answers 503 while in-flight work
+    drains and the connections that carried it close, then the admin listener closes.
 
-        The constructor reads no file. What the gateway takes from the process that runs it can
-        be replaced, as the in-memory test kit (:mod:`promgate.testing.memory`) does:
-        ``audit_sink`` stands in for the configured audit log file (a service, if it is one,
-        started and stopped with the gateway), ``run_in_thread`` for bcrypt's own thread pool,
-        ``install_signal_handlers=False`` leaves the process's SIGHUP alone, ``fetch_keys``
-        answers the identity providers' discovery and JWKS requests instead of HTTP, and
-        ``notifier`` tells systemd (``$NOTIFY_SOCKET``, if set) when it is ready and stopping.
+    The constructor reads no file. What the gateway takes from the process that runs it can
+    be replaced, as the in-memory test kit (:mod:`promgate.testing.memory`) does:
+    ``audit_sink`` stands in for the configured audit log file (a service, if it is one,
+    started and stopped with the gateway), ``run_in_thread`` for bcrypt's own thread pool,
+    ``install_signal_handlers=False`` leaves the process's SIGHUP alone, ``fetch_keys``
+    answers the identity providers' discovery and JWKS requests instead of HTTP, and
+    ``notifier`` tells systemd (``$NOTIFY_SOCKET``, if set) when it is ready and stopping.
     """
 
     log = Logger()
