@@ -4,24 +4,49 @@ Each listener is a :class:`StreamServerEndpointService` that binds in
 ``privilegedStartService`` (before ``twistd --uid`` drops privileges, and before the audit
 log is opened), so a port in use or an address that is not local stops start-up with one
 line that names the listener and the address, and leaves nothing behind.
+
+A ``systemd:`` endpoint adopts a listening socket systemd passed on (socket activation): it
+must have been passed, under that index or name, and be a listening stream socket of the
+family the endpoint names, or start-up stops with one line saying which of these it is not.
+A ``haproxy:`` endpoint wraps the listener's factory so that each connection starts only
+once its PROXY protocol header has named the original client (:mod:`promgate.net.proxied`).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.python.systemd import ListenFDs
+from zope.interface import implementer
 
 from promgate.addresses import host_port, peer_address
+from promgate.endpoints import EndpointDescription, SystemdSocket, parse_endpoint
 from promgate.errors import StartupError, os_error_text
+from promgate.net.proxied import ProxiedFactory
 from promgate.reactors import IListenReactor
 
-__all__ = ["ListenerService", "bind_failure", "where"]
+__all__ = [
+    "InheritedSocketEndpoint",
+    "InheritedSocketError",
+    "ListenerService",
+    "bind_failure",
+    "inherited_sockets",
+    "where",
+]
 
 
 class ListenerService(StreamServerEndpointService):
@@ -30,9 +55,30 @@ class ListenerService(StreamServerEndpointService):
     _raiseSynchronously = True
 
     def __init__(
-        self, name: str, description: str, factory: IProtocolFactory, reactor: IListenReactor
+        self,
+        name: str,
+        description: str,
+        factory: IProtocolFactory,
+        reactor: IListenReactor,
+        *,
+        clock: IReactorTime | None = None,
+        passed: ListenFDs | None = None,
     ) -> None:
-        super().__init__(serverFromString(reactor, description), factory)  # type: ignore[no-untyped-call]
+        """``clock`` times the PROXY header of a ``haproxy:`` endpoint; ``passed`` is what
+        systemd passed (by default, what the environment said when Twisted started)."""
+        parsed = parse_endpoint(description)
+        endpoint: IStreamServerEndpoint
+        if parsed.systemd is not None:
+            endpoint = InheritedSocketEndpoint(reactor, parsed.systemd, passed)
+        else:
+            endpoint = serverFromString(reactor, parsed.inner)
+        wrapped: Any = factory
+        if parsed.proxied:
+            if clock is None:
+                raise ValueError("a haproxy: endpoint needs a clock for its header deadline")
+            wrapped = ProxiedFactory(factory, clock, name=name)
+        super().__init__(endpoint, wrapped)  # type: ignore[no-untyped-call]
+        self.parsed: EndpointDescription = parsed
         self.listener_name = name
         self.description = description
         self.port: IListeningPort | None = None
@@ -70,6 +116,8 @@ class ListenerService(StreamServerEndpointService):
 
 def bind_failure(name: str, description: str, error: BaseException) -> str:
     """The one line that says why listener ``name`` could not bind ``description``."""
+    if description.startswith("haproxy:"):
+        description = description[len("haproxy:") :]
     if isinstance(error, CannotListenError):
         if error.interface is None:  # a unix socket; the port is its path
             path = os.fsdecode(error.port)
@@ -99,3 +147,87 @@ def bind_failure(name: str, description: str, error: BaseException) -> str:
 def where(port: IListeningPort) -> str:
     """A listening port's address as operators write it."""
     return peer_address(port.getHost())
+
+
+class InheritedSocketError(Exception):
+    """A ``systemd:`` endpoint names a socket that systemd did not pass, or not as it says."""
+
+
+def inherited_sockets() -> ListenFDs:
+    """The sockets systemd passed to this process (``$LISTEN_FDS``, ``$LISTEN_FDNAMES``).
+
+    Twisted reads (and removes) those variables when ``twisted.internet.endpoints`` is
+    first imported, for its own ``systemd:`` endpoint parser; what it read is kept there.
+    """
+    passed: ListenFDs = endpoints._SystemdParser._sddaemon
+    return passed
+
+
+_FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
+
+
+@implementer(IStreamServerEndpoint)
+class InheritedSocketEndpoint:
+    """Listens on a socket passed by systemd, found (and checked) when it is used, so that
+    a missing or mismatched socket is a start-up error naming the listener, not a
+    traceback while the gateway is assembled."""
+
+    def __init__(
+        self, reactor: IListenReactor, wanted: SystemdSocket, passed: ListenFDs | None = None
+    ) -> None:
+        self.reactor = reactor
+        self.wanted = wanted
+        self.passed = passed
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        try:
+            fd = self._descriptor()
+            _check_listening(fd, self.wanted.domain)
+        except InheritedSocketError as e:
+            return fail(e)
+        adopted = AdoptedStreamServerEndpoint(self.reactor, fd, _FAMILIES[self.wanted.domain])
+        d: Deferred[IListeningPort] = adopted.listen(factory)
+        return d
+
+    def _descriptor(self) -> int:
+        passed = self.passed if self.passed is not None else inherited_sockets()
+        fds = passed.inheritedDescriptors()
+        if not fds:
+            raise InheritedSocketError(
+                "systemd passed no sockets (start it from a .socket unit, or use tcp:)"
+            )
+        if self.wanted.index is not None:
+            if self.wanted.index >= len(fds):
+                raise InheritedSocketError(
+                    f"systemd passed {len(fds)} socket(s); there is no index {self.wanted.index}"
+                )
+            return fds[self.wanted.index]
+        named = passed.inheritedNamedDescriptors()
+        if self.wanted.name not in named:
+            names = ", ".join(sorted(named)) or "none"
+            raise InheritedSocketError(
+                f"systemd passed no socket named {self.wanted.name!r} (names passed: {names})"
+            )
+        return named[self.wanted.name]
+
+
+def _check_listening(fd: int, domain: str) -> None:
+    """The descriptor must be a listening stream socket of the family ``domain`` names."""
+    try:
+        s = socket.socket(fileno=fd)
+    except OSError as e:
+        raise InheritedSocketError(f"descriptor {fd}: {os_error_text(e)}") from e
+    try:
+        family, kind = s.family, s.type
+        accepting = s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    finally:
+        s.detach()
+    if family != _FAMILIES[domain]:
+        raise InheritedSocketError(
+            f"descriptor {fd} is an {family.name} socket, not AF_{domain} as the endpoint says"
+        )
+    if kind != socket.SOCK_STREAM or not accepting:
+        raise InheritedSocketError(
+            f"descriptor {fd} is not a listening stream socket "
+            "(the .socket unit needs ListenStream= and Accept=no)"
+        )

@@ -172,7 +172,7 @@ def _apply(service: GatewayService, config: Config) -> str:
             gateway = pipeline.gateway(listener, config)
             tls = new_tls[listener.name] = _tls(service, listener)
             factory = protocol_factory(listener, gateway, reactor, tls)
-            svc = ListenerService(listener.name, listener.endpoint, factory, reactor)
+            svc = ListenerService(listener.name, listener.endpoint, factory, reactor, clock=reactor)
             svc.privilegedStartService()
             fresh[listener.name] = (gateway, svc)
     except StartupError:

@@ -37,6 +37,7 @@ from promgate.policy import Membership
 from promgate.ratelimit import RateLimiter
 from promgate.reactors import IGatewayReactor
 from promgate.reload import ReloadResult, reload_gateway
+from promgate.systemd import SystemdNotifier
 from promgate.tls_reload import CertificateWatch, TLSFilesError
 
 __all__ = ["ABORT_GRACE", "DRAIN_TIMEOUT", "GatewayService", "Pipeline"]
@@ -109,20 +110,21 @@ class Pipeline:
 class GatewayService(MultiService):
     """The whole gateway: audit log, listeners, upstream pool and admin listener.
 
-        Start-up reads the key and certificate files and binds every listener first (in
-        ``privilegedStartService``, before ``twistd --uid`` drops privileges), then opens the
-        audit log and writes ``start``, then the ready file: a start-up that fails writes
-        nothing. The audit log stops last, so ``start`` and ``stop`` bracket every request
-        record. On stop, the listeners close, ``/-/ready`` answers 503 while in-flight work
-        drains and the connections that carried it close, then the admin listener closes.
+    Start-up reads the key and certificate files and binds every listener first (in
+    ``privilegedStartService``, before ``twistd --uid`` drops privileges), then opens the
+    audit log and writes ``start``, then the ready file: a start-up that fails writes
+    nothing. The audit log stops last, so ``start`` and ``stop`` bracket every request
+    record. On stop, the listeners close, ``/-/ready`` answers 503 while in-flight work
+    drains and the connections that carried it close, then the admin listener closes.
 
-        The constructor reads no file. What the gateway takes from the process that runs it can
-        be replaced, as the in-memory test kit (:mod:`promgate.testing.memory`) does:
-        ``audit_sink`` stands in for the configured audit log file (a service, if it is one,
-        started and stopped with the gateway), ``run_in_thread`` for bcrypt's own thread pool,
-        ``install_signal_handlers=False`` leaves the process's SIGHUP and SIGUSR1 (audit log
-        rotation) alone, and ``fetch_keys``
-    answers the identity providers' discovery and JWKS requests instead of HTTP.
+    The constructor reads no file. What the gateway takes from the process that runs it can
+    be replaced, as the in-memory test kit (:mod:`promgate.testing.memory`) does:
+    ``audit_sink`` stands in for the configured audit log file (a service, if it is one,
+    started and stopped with the gateway), ``run_in_thread`` for bcrypt's own thread pool,
+    ``install_signal_handlers=False`` leaves the process's SIGHUP and SIGUSR1 (audit log
+    rotation) alone, ``fetch_keys`` answers the identity providers' discovery and JWKS
+    requests instead of HTTP, and ``notifier`` tells systemd (``$NOTIFY_SOCKET``, if set)
+    when it is ready, reloading and stopping.
     """
 
     log = Logger()
@@ -137,12 +139,14 @@ class GatewayService(MultiService):
         run_in_thread: ThreadRunner | None = None,
         install_signal_handlers: bool = True,
         fetch_keys: Fetch | None = None,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.reactor = reactor
         self.ready_file = ready_file
         self.install_signal_handlers = install_signal_handlers
+        self.notifier = notifier if notifier is not None else SystemdNotifier.from_environment()
         self.metrics = Metrics()
         audit_cfg = config.audit
         self.audit: IAuditSink
@@ -247,6 +251,7 @@ class GatewayService(MultiService):
             config.admin.endpoint,
             admin_site(self.metrics.registry, self.readiness, reactor, reload=self._admin_reload),
             reactor,
+            clock=reactor,
         )
         self._previous_sighup: Any = None
         self._previous_sigusr1: Any = None
@@ -266,7 +271,9 @@ class GatewayService(MultiService):
                 watched.append(tls)
             factory: IProtocolFactory = protocol_factory(listener, gateway, self.reactor, tls)
             services.append(
-                ListenerService(listener.name, listener.endpoint, factory, self.reactor)
+                ListenerService(
+                    listener.name, listener.endpoint, factory, self.reactor, clock=self.reactor
+                )
             )
         self.certificates = CertificateWatch(watched, self.reactor)
         self.certificates.setServiceParent(self)  # type: ignore[no-untyped-call]
@@ -324,6 +331,7 @@ class GatewayService(MultiService):
         self.readiness.ready = True
         if self.ready_file is not None:
             self._write_ready_file(self.ready_file)
+        self.notifier.notify_ready(self._serving())
 
     def _unbind(self) -> None:
         for listener in [*self.listeners, self.admin]:
@@ -334,6 +342,7 @@ class GatewayService(MultiService):
 
     async def _stop(self) -> None:
         self.readiness.ready = False
+        self.notifier.notify_stopping("stopping: draining in-flight requests")
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
@@ -365,8 +374,13 @@ class GatewayService(MultiService):
         self.reload("SIGHUP")
 
     def reload(self, trigger: str) -> ReloadResult:
-        """Reload the configuration file (``SIGHUP``, ``/-/reload``): see promgate.reload."""
-        return reload_gateway(self, trigger)
+        """Reload the configuration file (``SIGHUP``, ``/-/reload``): see promgate.reload.
+        systemd hears ``RELOADING=1`` before and ``READY=1`` after, applied or not."""
+        self.notifier.notify_reloading()
+        try:
+            return reload_gateway(self, trigger)
+        finally:
+            self.notifier.notify_ready(self._serving())
 
     def _admin_reload(self) -> tuple[bool, str]:
         result = self.reload("/-/reload")
@@ -444,6 +458,11 @@ class GatewayService(MultiService):
         return {
             listener.listener_name: listener.address() for listener in [*self.listeners, self.admin]
         }
+
+    def _serving(self) -> str:
+        """What ``systemctl status`` shows once the gateway is ready."""
+        listeners = ", ".join(f"{name} {where}" for name, where in self.addresses().items())
+        return f"serving: {listeners}"
 
     def _write_ready_file(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from promgate.config.errors import Problem
 from promgate.config.host_checks import Finding, endpoint_findings
 from promgate.config.yaml_source import Item, Source, join_key, parse_file
+from promgate.endpoints import parse_endpoint
 
 __all__ = ["LABEL_NAME", "NAME", "NAME_RULE", "Reader", "where"]
 
@@ -182,27 +183,27 @@ class Reader:
         return out
 
     def endpoint(self, item: Item) -> str | None:
-        """A server endpoint string (tcp:, tcp6: or unix:), parsed as twistd would."""
+        """A server endpoint string (tcp:, tcp6:, unix: or systemd:, optionally behind
+        haproxy:), parsed as the listeners will. A systemd: socket is only passed when
+        systemd starts the gateway, so it is checked for its form only."""
         text = self.string(item)
         if text is None:
             return None
-        kind = text.split(":", 1)[0]
-        if kind not in ("tcp", "tcp6", "unix"):
-            self.error(
-                item.src,
-                item.key,
-                "endpoint must be tcp:, tcp6: or unix: "
-                "(TLS is configured with 'tls', not in the endpoint)",
-            )
+        try:
+            parsed = parse_endpoint(text)
+        except ValueError as e:
+            self.error(item.src, item.key, str(e))
             return None
+        if parsed.systemd is not None:
+            return text
         from twisted.internet.endpoints import serverFromString
         from twisted.internet.testing import MemoryReactor
 
         try:
-            serverFromString(MemoryReactor(), text)
+            serverFromString(MemoryReactor(), parsed.inner)
         except (ValueError, TypeError, KeyError, RuntimeError) as e:  # "tcp:1\\": RuntimeError
             self.error(item.src, item.key, f"invalid endpoint {text!r}: {e}")
             return None
         if self.host_checks:
-            self.report(item, endpoint_findings(text))
+            self.report(item, endpoint_findings(parsed.inner))
         return text

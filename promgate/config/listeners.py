@@ -22,6 +22,7 @@ from promgate.config.sections import Sections
 from promgate.config.tcp_listeners import TCP_KEYS, TCPDestinations
 from promgate.config.units import parse_duration
 from promgate.config.yaml_source import Item
+from promgate.endpoints import parse_endpoint
 
 __all__ = ["check_admin", "check_listeners"]
 
@@ -47,10 +48,23 @@ def check_listeners(
     names are unique."""
     out: list[Listener] = []
     names: dict[str, Item] = {}
+    sockets: dict[tuple[int | None, str | None], Item] = {}
     for item in sections.listeners:
         lst = _listener(r, tcp, item, tls, "tls" in sections.singletons)
         if lst is None:
             continue
+        inherited = parse_endpoint(lst.endpoint).systemd
+        if inherited is not None:
+            passed = (inherited.index, inherited.name)
+            if passed in sockets:
+                r.error(
+                    item.src,
+                    f"{item.key}.endpoint",
+                    f"the systemd socket with {inherited.shown} is already "
+                    f"listened on at {where(sockets[passed])}",
+                )
+                continue
+            sockets[passed] = item
         if lst.name in names:
             r.error(
                 item.src,

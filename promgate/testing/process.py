@@ -11,7 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,22 @@ def run_twistd(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess
 class GatewayProcess:
     """The real ``twistd promgate`` in a subprocess, on loopback, for integration tests."""
 
-    def __init__(self, directory: Path, config: str, *, name: str = "promgate.yaml") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        config: str,
+        *,
+        name: str = "promgate.yaml",
+        env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+        prelude: str = "",
+    ) -> None:
+        """``env`` adds to the child's environment, ``pass_fds`` are descriptors it
+        inherits, and ``prelude`` is Python it runs before twistd (see
+        :mod:`promgate.testing.systemd`)."""
+        self.env = dict(env or {})
+        self.pass_fds = tuple(pass_fds)
+        self.prelude = prelude
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config_path = self.directory / name
@@ -81,7 +96,7 @@ class GatewayProcess:
                 [
                     sys.executable,
                     "-c",
-                    "from twisted.scripts.twistd import run; run()",
+                    self.prelude + "from twisted.scripts.twistd import run; run()",
                     "-n",
                     "--pidfile=",
                     "promgate",
@@ -91,7 +106,8 @@ class GatewayProcess:
                     str(self.ready_file),
                 ],
                 cwd=self.directory,
-                env=_subprocess_env(),
+                env={**_subprocess_env(), **self.env},
+                pass_fds=self.pass_fds,
                 stdout=log,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
