@@ -5,6 +5,7 @@ load balancer that sends PROXY protocol headers."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 import tempfile
@@ -150,7 +151,8 @@ class SystemdTests(SynchronousTestCase):
 
 
 class StopTests(SynchronousTestCase):
-    """STOPPING=1 when SIGTERM begins the shutdown."""
+    """RELOADING=1 then READY=1 around a SIGHUP reload; STOPPING=1 when SIGTERM begins the
+    shutdown."""
 
     def test_stopping(self) -> None:
         directory = workdir("systemd-stop")
@@ -171,6 +173,12 @@ audit: {{path: {q(directory / "audit.jsonl")}, key_file: {q(pki.audit_key)}}}
         gateway.start()
         self.assertEqual(notify.wait_for("READY")["READY"], "1")
         self.assertNotIn("STOPPING", str(notify.messages))
+        assert gateway.process is not None
+        gateway.process.send_signal(signal.SIGHUP)
+        reloading = notify.wait_for("RELOADING")
+        self.assertTrue(reloading["MONOTONIC_USEC"].isdigit())
+        after = notify.messages.index(reloading) + 1
+        self.assertEqual(notify.wait_for("READY", after=after)["READY"], "1")
         gateway.terminate()
         self.assertEqual(notify.wait_for("STOPPING")["STOPPING"], "1")
         gateway.wait()  # twistd ends with the signal's status once it has stopped

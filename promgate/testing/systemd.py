@@ -31,11 +31,12 @@ class NotifySocket:
     def close(self) -> None:
         self.sock.close()
 
-    def wait_for(self, key: str, timeout: float = 30.0) -> dict[str, str]:
-        """The first message (since the start) carrying ``key``; waits for it."""
+    def wait_for(self, key: str, timeout: float = 30.0, after: int = 0) -> dict[str, str]:
+        """The first message carrying ``key`` among those received since the start (or
+        since the first ``after``); waits for it."""
         deadline = time.monotonic() + timeout
         while True:
-            for message in self.messages:
+            for message in self.messages[after:]:
                 if key in message:
                     return message
             left = deadline - time.monotonic()
