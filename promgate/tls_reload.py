@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from promgate.config.model import TLSFiles
 from promgate.metrics import TLSMetrics
-from promgate.tls import ServerTLS, load_crls, options_from
+from promgate.tls import ServerTLS, crl_signed_by, load_crls, options_from
 
 __all__ = [
     "MAX_FILE_SIZE",
@@ -181,7 +181,7 @@ def build_set(
                 f"client_crl {files.client_crl}: not a PEM certificate revocation list ({e})"
             ) from e
         for crl in crls:
-            if not any(_signed_by(crl, ca) for ca in cas):
+            if not any(crl_signed_by(crl, ca) for ca in cas):
                 raise TLSFilesError(
                     f"client_crl {files.client_crl}: the CRL of "
                     f"{crl.issuer.rfc4514_string()} is not signed by a client_ca CA"
@@ -199,15 +199,6 @@ def build_set(
         certificate_sha256=leaf.fingerprint(hashes.SHA256()).hex(),
         not_after=leaf.not_valid_after_utc,
     )
-
-
-def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
-    if crl.issuer != ca.subject:
-        return False
-    try:
-        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
 
 
 def _check_times(

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import textwrap
 import time
@@ -33,6 +32,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from promgate import cli
 from promgate.testing import GatewayProcess, TestPKI, https_get
+from promgate.testing.integration import closed_port, http_get, tail
 
 PROMETHEUS = os.environ.get("PROMGATE_E2E_PROMETHEUS", "/usr/bin/prometheus")
 NODE_EXPORTER = os.environ.get("PROMGATE_E2E_NODE_EXPORTER", "/usr/bin/prometheus-node-exporter")
@@ -45,32 +45,6 @@ QUERY_WAIT = 20.0
 STOP_GRACE = 10.0
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """Plain HTTP GET; returns (status, body), or raises OSError when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def tail(path: Path, limit: int = 6000) -> str:
-    """The end of a log file, for failure messages."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        return f"<{path}: {e}>"
-    return text[-limit:]
 
 
 class Daemon:
@@ -189,7 +163,7 @@ class PrometheusThroughGatewayTests(SynchronousTestCase):
     # -- the pieces --------------------------------------------------------------------
 
     def start_node_exporter(self) -> str:
-        address = f"127.0.0.1:{free_port()}"
+        address = f"127.0.0.1:{closed_port()}"
         self.daemon(
             "node_exporter",
             [
@@ -278,7 +252,7 @@ audit:
         config_path = self.dir / "prometheus.yml"
         # JSON is YAML: no need for a YAML writer here.
         config_path.write_text(json.dumps(config, indent=2) + "\n")
-        self.prom_address = f"127.0.0.1:{free_port()}"
+        self.prom_address = f"127.0.0.1:{closed_port()}"
         storage = self.dir / "tsdb"
         storage.mkdir()
         self.daemon(
@@ -454,7 +428,7 @@ class PrometheusThroughForwardProxyTests(SynchronousTestCase):
                 }
             )
         )
-        address = f"127.0.0.1:{free_port()}"
+        address = f"127.0.0.1:{closed_port()}"
         self.daemon(
             "node_exporter_tls",
             [

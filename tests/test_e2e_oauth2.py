@@ -21,7 +21,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from promgate import cli
 from promgate.testing import GatewayProcess
+from promgate.testing.integration import closed_port, http_get, tail
 
 PROMETHEUS = os.environ.get("PROMGATE_E2E_PROMETHEUS", "/usr/bin/prometheus")
 NODE_EXPORTER = os.environ.get("PROMGATE_E2E_NODE_EXPORTER", "/usr/bin/prometheus-node-exporter")
@@ -50,28 +50,6 @@ TARGET_UP = 60.0
 QUERY_WAIT = 20.0
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def tail(path: Path, limit: int = 6000) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:]
-    except OSError as e:
-        return f"<{path}: {e}>"
 
 
 class PrometheusWithOAuth2Tests(SynchronousTestCase):
@@ -179,7 +157,7 @@ class PrometheusWithOAuth2Tests(SynchronousTestCase):
         return self.wait_for("the authorization server", issuer, START)
 
     def start_node_exporter(self) -> str:
-        address = f"127.0.0.1:{free_port()}"
+        address = f"127.0.0.1:{closed_port()}"
         self.spawn(
             "node_exporter",
             [
@@ -259,7 +237,7 @@ audit: {{path: audit.jsonl, key_file: {key}, fsync: always, on_failure: deny}}
         }
         path = self.dir / "prometheus.yml"
         path.write_text(json.dumps(config, indent=2))
-        self.prom = f"127.0.0.1:{free_port()}"
+        self.prom = f"127.0.0.1:{closed_port()}"
         (self.dir / "tsdb").mkdir()
         self.spawn(
             "prometheus",

@@ -725,12 +725,6 @@ class ShippedExample:
 EXAMPLE = Shared(ShippedExample)
 
 
-def free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago: only for a port that must be known
-    before the gateway starts (the shipped example scrapes its own admin listener)."""
-    return closed_port()
-
-
 def replace_once(text: str, old: str, new: str) -> str:
     if text.count(old) != 1:
         raise AssertionError(f"expected {old!r} exactly once in the shipped example")
@@ -753,7 +747,7 @@ class ShippedExampleTests(SynchronousTestCase):
         """The shipped ``self`` route serves promgate's own metrics to the prometheus cert."""
         etc = workdir("example-run") / "etc"
         shutil.copytree(self.example.etc, etc)
-        admin = free_port()
+        admin = closed_port()
         main = (etc / "promgate.yaml").read_text()
         main = replace_once(
             main, '"tcp:9099:interface=127.0.0.1"', f'"tcp:{admin}:interface=127.0.0.1"'

@@ -19,13 +19,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from promgate.config.fields import Reader
 from promgate.config.model import TLSFiles
 from promgate.config.yaml_source import Item
+from promgate.tls import crl_signed_by
 
 __all__ = [
     "audit_key_file",
     "bcrypt_hash",
     "certificates",
     "client_certificate",
-    "crl_signed_by",
     "private_key",
     "revocation_lists",
     "secret_file",
@@ -150,16 +150,6 @@ def _pem_crls(data: bytes) -> list[x509.CertificateRevocationList]:
     if not blocks:
         raise ValueError("no BEGIN X509 CRL block")
     return [x509.load_pem_x509_crl(block) for block in blocks]
-
-
-def crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
-    """Whether ``ca`` issued and signed ``crl``."""
-    if crl.issuer != ca.subject:
-        return False
-    try:
-        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
 
 
 def client_certificate(

@@ -14,6 +14,8 @@ import socket
 import ssl
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -71,6 +73,24 @@ def closed_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """Plain HTTP GET; (status, body), or OSError when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def tail(path: Path, limit: int = 6000) -> str:
+    """The end of a log file, for failure messages."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        return f"<{path}: {e}>"
+    return text[-limit:]
 
 
 def sha256(data: bytes) -> str:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from promgate.testing.clients import https_get
 from promgate.testing.fakes import FakeExporter
+from promgate.testing.integration import closed_port, http_get
 from promgate.testing.pki import TestPKI
 from promgate.testing.process import GatewayProcess
 
@@ -31,7 +32,6 @@ __all__ = [
     "MonitoredGateway",
     "PrometheusProcess",
     "executable",
-    "free_port",
     "http_get",
     "promtool",
 ]
@@ -57,23 +57,6 @@ def promtool(*args: str, stdin: bytes | None = None, timeout: float = 60.0) -> t
         stdin=None if stdin is not None else subprocess.DEVNULL,
     )
     return result.returncode, (result.stdout + result.stderr).decode(errors="replace")
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """Plain HTTP GET; (status, body), or OSError when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 0.1) -> T:
@@ -209,7 +192,7 @@ class PrometheusProcess:
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.address = f"127.0.0.1:{free_port()}"
+        self.address = f"127.0.0.1:{closed_port()}"
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(p) for p in rule_files or []],
