@@ -76,6 +76,16 @@ def restart_needed(old: Config, new: Config) -> list[str]:
 
 def reload_gateway(service: GatewayService, trigger: str) -> ReloadResult:
     """Reload ``service``'s configuration file; apply it, or refuse it and say why."""
+    try:
+        return _reload(service, trigger)
+    except Exception:
+        # Not a problem of the file (those are reported as such): logged in full, and the
+        # reload refused in one line rather than lost in the reactor's error log.
+        log.failure("reload ({trigger}) failed", trigger=trigger)
+        return _refused(service, trigger, ("reload failed: see the gateway's log",))
+
+
+def _reload(service: GatewayService, trigger: str) -> ReloadResult:
     config, errors, _ = check_config(service.config.source)
     if config is None:
         return _refused(service, trigger, tuple(str(e) for e in errors))
@@ -226,6 +236,8 @@ def _apply(service: GatewayService, config: Config) -> str:
     if provider_keys is not service.provider_keys:
         _replace_child(service, service.provider_keys, provider_keys)
         service.provider_keys = provider_keys
+    # Retired gateways are kept while they still hold connections, for the shutdown.
+    service.retired = [gw for gw in service.retired if _holds_connections(gw)]
     service.authenticator = authenticator
     service.pipeline = pipeline
     service.gateways = gateways
@@ -296,6 +308,11 @@ def _replace_factory(svc: ListenerService, factory: Any) -> None:
     port = svc.port
     if port is not None and hasattr(port, "factory"):
         port.factory = factory
+
+
+def _holds_connections(gateway: Any) -> bool:
+    held = gateway if isinstance(gateway, TCPGateway) else gateway.http
+    return len(held.open) > 0
 
 
 def _drain(gateway: Any) -> None:
