@@ -5,19 +5,86 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from promgate.config.model import Listener
+from promgate.audit import IAuditSink
+from promgate.authn import Authenticator
+from promgate.config.model import Config, Listener
+from promgate.http.listener import HTTPListener
 from promgate.http.server import HTTPListenerFactory
+from promgate.http.upstream import UpstreamPool
 from promgate.listeners.forward import ForwardGateway
 from promgate.listeners.scrape import ReverseGateway
 from promgate.listeners.tcp import TCPGateway, TCPGatewayFactory
 from promgate.metrics import Metrics
+from promgate.net.relay_upstream import EndpointConnector
+from promgate.policy import Membership
+from promgate.ratelimit import RateLimiter
+from promgate.reactors import IGatewayReactor
 from promgate.tls_reload import ReloadingServerTLS
 
 #: The gateway behind one listener, by listener kind.
 Gateway = ReverseGateway | ForwardGateway | TCPGateway
+
+
+@attrs.frozen
+class Pipeline:
+    """What every listener's gateway shares: one clock, limiter, audit sink, metrics
+    registry, upstream pool, authenticator, and the routes' current targets."""
+
+    reactor: IGatewayReactor
+    limiter: RateLimiter
+    audit: IAuditSink
+    metrics: Metrics
+    pool: UpstreamPool
+    authenticator: Authenticator
+    membership: Membership
+
+    def gateway(
+        self, listener: Listener, config: Config, reuse: HTTPListener | None = None
+    ) -> Gateway:
+        """The gateway (routing, policy, limits, audit) behind ``listener``; on a reload,
+        ``reuse`` is the running HTTP listener whose connections it takes over."""
+        if listener.protocol == "tcp":
+            return TCPGateway(
+                listener,
+                config,
+                clock=self.reactor,
+                limiter=self.limiter,
+                audit=self.audit,
+                metrics=self.metrics,
+                connector=EndpointConnector(
+                    self.reactor, connect_timeout=listener.deadlines.upstream_connect
+                ),
+            )
+        if listener.protocol == "forward":
+            return ForwardGateway(
+                listener,
+                config,
+                reactor=self.reactor,
+                clock=self.reactor,
+                limiter=self.limiter,
+                audit=self.audit,
+                metrics=self.metrics,
+                pool=self.pool,
+                authenticator=self.authenticator,
+                membership=self.membership,
+                reuse=reuse,
+            )
+        return ReverseGateway(
+            listener,
+            config,
+            clock=self.reactor,
+            limiter=self.limiter,
+            audit=self.audit,
+            metrics=self.metrics,
+            pool=self.pool,
+            authenticator=self.authenticator,
+            membership=self.membership,
+            reuse=reuse,
+        )
 
 
 def protocol_factory(
@@ -61,4 +128,4 @@ def listener_tls(
     )
 
 
-__all__ = ["Gateway", "listener_tls", "protocol_factory"]
+__all__ = ["Gateway", "Pipeline", "listener_tls", "protocol_factory"]

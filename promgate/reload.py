@@ -21,29 +21,49 @@ reload, applied or refused, is one audit record (``event: reload``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 from twisted.logger import Logger
 
 from promgate.access_diff import access_diff
-from promgate.audit import AuditEvent
-from promgate.authn import Authenticator
+from promgate.audit import AuditEvent, IAuditSink
+from promgate.authn import Authenticator, ThreadRunner
 from promgate.config.loader import check_config
 from promgate.config.model import Config, Listener
 from promgate.core.reasons import Reason
 from promgate.discovery import Discovery
 from promgate.errors import StartupError, os_error_text
-from promgate.jwks import IdentityProviderKeys
+from promgate.jwks import Fetch, IdentityProviderKeys
 from promgate.jwt_authn import JWTVerifier
-from promgate.listener_factory import listener_tls, protocol_factory
+from promgate.listener_factory import Gateway, Pipeline, listener_tls, protocol_factory
 from promgate.listeners.forward import ForwardGateway
 from promgate.listeners.tcp import TCPGateway
 from promgate.listening import ListenerService
-from promgate.tls_reload import ReloadingServerTLS, TLSFilesError
+from promgate.metrics import Metrics
+from promgate.reactors import IGatewayReactor
+from promgate.tls_reload import CertificateWatch, ReloadingServerTLS, TLSFilesError
 
-if TYPE_CHECKING:
-    from promgate.service import GatewayService
+
+class Reloadable(Protocol):
+    """What a reload changes of the running gateway (promgate.service.Reloadable)."""
+
+    config: Config
+    reactor: IGatewayReactor
+    metrics: Metrics
+    audit: IAuditSink
+    discovery: Discovery
+    provider_keys: IdentityProviderKeys
+    fetch_keys: Fetch | None
+    authenticator: Authenticator
+    run_in_thread: ThreadRunner
+    bcrypt_concurrency: int
+    pipeline: Pipeline
+    gateways: list[Gateway]
+    listeners: list[ListenerService]
+    retired: list[Gateway]
+    certificates: CertificateWatch | None
+
 
 log = Logger()
 
@@ -74,7 +94,7 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     return problems
 
 
-def reload_gateway(service: GatewayService, trigger: str) -> ReloadResult:
+def reload_gateway(service: Reloadable, trigger: str) -> ReloadResult:
     """Reload ``service``'s configuration file; apply it, or refuse it and say why."""
     try:
         return _reload(service, trigger)
@@ -85,7 +105,7 @@ def reload_gateway(service: GatewayService, trigger: str) -> ReloadResult:
         return _refused(service, trigger, ("reload failed: see the gateway's log",))
 
 
-def _reload(service: GatewayService, trigger: str) -> ReloadResult:
+def _reload(service: Reloadable, trigger: str) -> ReloadResult:
     config, errors, _ = check_config(service.config.source)
     if config is None:
         return _refused(service, trigger, tuple(str(e) for e in errors))
@@ -115,7 +135,7 @@ def _reload(service: GatewayService, trigger: str) -> ReloadResult:
     return ReloadResult(True, summary=summary)
 
 
-def _refused(service: GatewayService, trigger: str, problems: tuple[str, ...]) -> ReloadResult:
+def _refused(service: Reloadable, trigger: str, problems: tuple[str, ...]) -> ReloadResult:
     service.metrics.config_last_reload_successful.set(0)
     for problem in problems:
         log.error("reload ({trigger}) refused: {problem}", trigger=trigger, problem=problem)
@@ -136,7 +156,7 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return " ".join(parts) or "unchanged"
 
 
-def _apply(service: GatewayService, config: Config) -> str:
+def _apply(service: Reloadable, config: Config) -> str:
     """Swap ``config`` in; a listener that cannot bind raises StartupError first, with
     nothing changed."""
     old = service.config
@@ -252,7 +272,7 @@ def _apply(service: GatewayService, config: Config) -> str:
 
 
 def _authenticator(
-    service: GatewayService, config: Config, provider_keys: IdentityProviderKeys
+    service: Reloadable, config: Config, provider_keys: IdentityProviderKeys
 ) -> Authenticator:
     jwt = (
         JWTVerifier(
@@ -290,7 +310,7 @@ def _reconfigure(
     return new, cut
 
 
-def _tls(service: GatewayService, listener: Listener) -> ReloadingServerTLS | None:
+def _tls(service: Reloadable, listener: Listener) -> ReloadingServerTLS | None:
     """A listener's server TLS, read from its files now; a file that cannot be used
     refuses the reload."""
     try:
@@ -323,7 +343,7 @@ def _drain(gateway: Any) -> None:
         http.begin_drain()
 
 
-def _replace_child(service: GatewayService, old: Any, new: Any) -> None:
+def _replace_child(service: Reloadable, old: Any, new: Any) -> None:
     old.disownServiceParent()
     old.stopService()
     new.setServiceParent(service)

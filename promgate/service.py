@@ -8,7 +8,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import attrs
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IProtocolFactory
@@ -19,21 +18,17 @@ from promgate.admin import Readiness, admin_site
 from promgate.audit import AuditLog, IAuditSink
 from promgate.audit_aggregate import AggregatingSink
 from promgate.authn import Authenticator, BcryptThreads, ThreadRunner
-from promgate.config.model import Config, Listener
+from promgate.config.model import Config
 from promgate.discovery import Discovery
 from promgate.errors import StartupError, os_error_text
 from promgate.http.listener import HTTPListener
 from promgate.http.upstream import UpstreamPool
 from promgate.jwks import Fetch, IdentityProviderKeys
 from promgate.jwt_authn import JWTVerifier
-from promgate.listener_factory import Gateway, listener_tls, protocol_factory
-from promgate.listeners.forward import ForwardGateway
-from promgate.listeners.scrape import ReverseGateway
+from promgate.listener_factory import Gateway, Pipeline, listener_tls, protocol_factory
 from promgate.listeners.tcp import TCPGateway
 from promgate.listening import ListenerService
 from promgate.metrics import Metrics
-from promgate.net.relay_upstream import EndpointConnector
-from promgate.policy import Membership
 from promgate.ratelimit import RateLimiter
 from promgate.reactors import IGatewayReactor
 from promgate.reload import ReloadResult, reload_gateway
@@ -47,64 +42,6 @@ __all__ = ["ABORT_GRACE", "DRAIN_TIMEOUT", "GatewayService", "Pipeline"]
 DRAIN_TIMEOUT = 10.0
 #: How long connections cut at the end of the drain may take to be gone (and audited).
 ABORT_GRACE = 2.0
-
-
-@attrs.frozen
-class Pipeline:
-    """What every listener's gateway shares: one clock, limiter, audit sink, metrics
-    registry, upstream pool, authenticator, and the routes' current targets."""
-
-    reactor: IGatewayReactor
-    limiter: RateLimiter
-    audit: IAuditSink
-    metrics: Metrics
-    pool: UpstreamPool
-    authenticator: Authenticator
-    membership: Membership
-
-    def gateway(
-        self, listener: Listener, config: Config, reuse: HTTPListener | None = None
-    ) -> Gateway:
-        """The gateway (routing, policy, limits, audit) behind ``listener``; on a reload,
-        ``reuse`` is the running HTTP listener whose connections it takes over."""
-        if listener.protocol == "tcp":
-            return TCPGateway(
-                listener,
-                config,
-                clock=self.reactor,
-                limiter=self.limiter,
-                audit=self.audit,
-                metrics=self.metrics,
-                connector=EndpointConnector(
-                    self.reactor, connect_timeout=listener.deadlines.upstream_connect
-                ),
-            )
-        if listener.protocol == "forward":
-            return ForwardGateway(
-                listener,
-                config,
-                reactor=self.reactor,
-                clock=self.reactor,
-                limiter=self.limiter,
-                audit=self.audit,
-                metrics=self.metrics,
-                pool=self.pool,
-                authenticator=self.authenticator,
-                membership=self.membership,
-                reuse=reuse,
-            )
-        return ReverseGateway(
-            listener,
-            config,
-            clock=self.reactor,
-            limiter=self.limiter,
-            audit=self.audit,
-            metrics=self.metrics,
-            pool=self.pool,
-            authenticator=self.authenticator,
-            membership=self.membership,
-            reuse=reuse,
-        )
 
 
 class GatewayService(MultiService):
