@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import re
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 #: The previous MAC of the first record in a chain.
@@ -23,6 +25,19 @@ TRUNCATION_MARK = "...[truncated]"
 #: a record the writer did not finish.
 RECORD_PREFIX = b'{"seq":'
 
+_finite = math.isfinite
+
+
+class _Keys(dict[str, str]):
+    """'"name":' for each field name, made on first use."""
+
+    def __missing__(self, name: str) -> str:
+        key = self[name] = json.dumps(name) + ":"
+        return key
+
+
+_KEYS = _Keys()
+
 # Pre-built encoders: json.dumps() with non-default arguments builds a new encoder per call.
 LINE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -31,6 +46,47 @@ CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii
 #: in the middle of a record (they closed the partial line with a newline at the next start).
 TERMINATED_NOTE = "previous run ended mid-record; the incomplete line was terminated"
 _NOT_RECORDS = re.compile(r"lines after seq (\d+) that are not audit records: (\d+); left in place")
+
+
+def encode_record(
+    key: bytes,
+    prev_mac: bytes,
+    seq: int,
+    time: str,
+    event: Any,
+    fields: tuple[str, ...],
+    limit: int,
+) -> tuple[bytes, str]:
+    """One record's line (with its newline) and MAC, each value JSON-encoded once.
+
+    ``event`` has an ``event`` name and the attributes ``fields``, written in that order.
+    The same bytes as ``LINE.encode`` of the record and the MAC over ``CANONICAL.encode`` of
+    it without ``mac``: string values longer than ``limit`` characters are cut and marked,
+    floats rounded to 6 places, None fields left out.
+    """
+    name = event.event
+    if len(name) > limit:
+        name = name[:limit] + TRUNCATION_MARK
+    values = {"seq": int.__repr__(seq), "time": f'"{time}"', "event": encode_basestring_ascii(name)}
+    for field in fields:
+        value = getattr(event, field)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            if len(value) > limit:
+                value = value[:limit] + TRUNCATION_MARK
+            values[field] = encode_basestring_ascii(value)
+        elif type(value) is int:
+            values[field] = int.__repr__(value)
+        elif type(value) is float and _finite(value):
+            values[field] = float.__repr__(round(value, 6))  # as json writes a float
+        else:
+            values[field] = LINE.encode(value)
+    keys = _KEYS
+    canonical = ",".join([keys[k] + v for k, v in sorted(values.items())])
+    record_mac = mac(key, prev_mac, ("{" + canonical + "}").encode("ascii"))
+    body = ",".join([keys[k] + v for k, v in values.items()])
+    return ("{" + body + ',"mac":"' + record_mac + '"}\n').encode("ascii"), record_mac
 
 
 def mac(key: bytes, prev_mac: bytes, canonical: bytes) -> str:
