@@ -37,7 +37,7 @@ from zope.interface import Attribute, Interface, implementer
 from promgate.audit_format import (
     GENESIS_MAC,
     TRUNCATION_MARK,
-    encode_record,
+    RecordEncoder,
     not_records_note,
 )
 from promgate.audit_lock import LockedFile, describe, lock_audit_file
@@ -130,10 +130,11 @@ class AuditLog(Service):
     continuing from it), makes ``healthy`` False and counts each record as failed, as a
     failed single write does. Without ``batch``, or with ``"always"``, each record is written
     (and synced) before record() returns.
-    ``on_result(ok)`` is called after every write attempt, for metrics, and ``on_reopen()``
+
+    ``on_result(ok)`` is called for every record after its write attempt, for metrics, and ``on_reopen()``
     each time the file is reopened because its path no longer named it (or was rotated);
-    ``on_head(seq, mac)`` after every record written, with its seq and MAC (the chain's
-    head, for the witness metrics). ``write`` replaces
+    ``on_head(seq, mac)`` after every write, with the seq and MAC of the last record written
+    (the chain's head, for the witness metrics). ``write`` replaces
     ``os.write`` (tests use it to fill the disk). ``key`` is the key itself, or the key file
     (:func:`load_key`), read when start-up begins (``privilegedStartService``, before
     ``twistd --uid`` drops privileges), never in the constructor.
@@ -174,6 +175,7 @@ class AuditLog(Service):
         self._fsync = fsync
         self._fsync_interval = fsync_interval
         self._max = max_field_length
+        self._encoder = RecordEncoder(_FIELDS, max_field_length)
         self._on_result = on_result
         self._on_reopen = on_reopen
         self._write = write
@@ -450,10 +452,8 @@ class AuditLog(Service):
                 self.log.error("audit log {path} is not open; record dropped", path=str(self.path))
             return self._result(False)
         seq = self._seq + 1
-        when = datetime.fromtimestamp(self._clock.seconds(), timezone.utc)
-        line, record_mac = encode_record(
-            self._key, self._prev, seq, when.strftime(_TIME_FORMAT), event, _FIELDS, self._max
-        )
+        time = record_time(self._clock.seconds())
+        line, record_mac = self._encoder.encode(self._key, self._prev, seq, time, event)
         self._seq = seq
         self._prev = record_mac.encode("ascii")
         self._pending.append(line)
@@ -617,6 +617,12 @@ class MemoryAuditSink:
         if self.healthy:
             self.events.append(event)
         return self.healthy
+
+
+def record_time(seconds: float) -> str:
+    """A record's ``time``: UTC, to the microsecond, as ``strftime(_TIME_FORMAT)`` writes it."""
+    when = datetime.fromtimestamp(seconds, timezone.utc)
+    return when.isoformat(timespec="microseconds")[:-6] + "Z"  # without "+00:00"
 
 
 def load_key(path: Path) -> bytes:

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from promgate.audit import AuditEvent, AuditLog, verify_files
-from promgate.audit_format import CANONICAL, LINE, TRUNCATION_MARK, encode_record, mac
+from promgate.audit import AuditEvent, AuditLog, record_time, verify_files
+from promgate.audit_format import CANONICAL, LINE, TRUNCATION_MARK, RecordEncoder, mac
 from promgate.testing.clients import https_get
 from promgate.testing.fakes import FakeExporter
 from promgate.testing.integration import run_cli
@@ -97,9 +97,14 @@ class EncodeTests(SynchronousTestCase):
         prev = b"ab" * 32
         time = "2026-11-24T06:11:15.123456Z"
         self.assertEqual(
-            encode_record(KEY, prev, seq, time, event, FIELDS, limit),
+            RecordEncoder(FIELDS, limit).encode(KEY, prev, seq, time, event),
             reference(KEY, prev, seq, time, event, limit),
         )
+
+    @given(seconds=st.floats(0, 2**34))
+    def test_time_as_strftime_writes_it(self, seconds: float) -> None:
+        when = datetime.fromtimestamp(seconds, timezone.utc)
+        self.assertEqual(record_time(seconds), when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
 
 
 class BatchTests(SynchronousTestCase):
