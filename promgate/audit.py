@@ -131,8 +131,9 @@ class AuditLog(Service):
     failed single write does. Without ``batch``, or with ``"always"``, each record is written
     (and synced) before record() returns.
 
-    ``on_result(ok)`` is called for every record after its write attempt, for metrics, and ``on_reopen()``
-    each time the file is reopened because its path no longer named it (or was rotated);
+    ``on_result(ok)`` is called for every record after its write attempt, for metrics, and
+    ``on_reopen()`` each time the file is reopened because its path no longer named it (or
+    was rotated);
     ``on_head(seq, mac)`` after every write, with the seq and MAC of the last record written
     (the chain's head, for the witness metrics). ``write`` replaces
     ``os.write`` (tests use it to fill the disk). ``key`` is the key itself, or the key file
