@@ -12,6 +12,10 @@ Topology (see bench/README.md for how to read the results)::
     gateway: wrk --http--> haproxy "originator" --mTLS--> twistd promgate --http--> backend
     jwt    : wrk --http--> haproxy "originator" --mTLS + Bearer JWT--> twistd promgate --> backend
     peer   : wrk --http--> haproxy "originator" --mTLS--> haproxy "peer"  --http--> backend
+    floor  : wrk --http--> haproxy "originator" --mTLS--> bench/tls_floor.py --tcp--> backend
+
+The floor is a bare Twisted TLS-terminating TCP relay (no HTTP, no policy, no audit): the part
+of promgate's cost that is Twisted's reactor and TLS.
 
 wrk cannot present a client certificate, so a local HAProxy (the originator) turns wrk's
 plain keep-alive requests into mutual-TLS requests, exactly like Prometheus would send
@@ -57,11 +61,22 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAYLOADS = {"20KB": 20 * 1024, "5MB": 5 * 1024 * 1024}
 PAYLOAD_FILES = {"20KB": "small.prom", "5MB": "large.prom"}
 ROUTES = {"20KB": "small", "5MB": "large"}
-MODES = ("direct", "gateway", "gateway_jwt", "peer")
+MODES = ("direct", "gateway", "gateway_jwt", "peer", "floor")
 #: How each mode is named in the table.
-MODE_NAMES = {"gateway": "promgate", "gateway_jwt": "promgate-jwt", "peer": "haproxy"}
+MODE_NAMES = {
+    "gateway": "promgate",
+    "gateway_jwt": "promgate-jwt",
+    "peer": "haproxy",
+    "floor": "floor",
+}
 #: Whose CPU is "gw" for each mode: promgate serves both its modes in one process.
-SUBJECTS = {"direct": "backend", "gateway": "gateway", "gateway_jwt": "gateway", "peer": "peer"}
+SUBJECTS = {
+    "direct": "backend",
+    "gateway": "gateway",
+    "gateway_jwt": "gateway",
+    "peer": "peer",
+    "floor": "floor",
+}
 GATEWAY_MODES = ("gateway", "gateway_jwt")
 CLIENT = "prometheus"
 #: The client certificate of the jwt path: it names no identity, so the token decides.
@@ -406,12 +421,17 @@ frontend to_gateway_jwt
 frontend to_peer
     bind 127.0.0.1:{p_peer}
     default_backend peer
+frontend to_floor
+    bind 127.0.0.1:{p_floor}
+    default_backend floor
 backend gateway
     server gate 127.0.0.1:{gate_port} {tls_out}
 backend gateway_jwt
     server gate 127.0.0.1:{gate_port} {tls_out_jwt}
 backend peer
     server peer 127.0.0.1:{peer_port} {tls_out}
+backend floor
+    server floor 127.0.0.1:{floor_port} {tls_out}
 """
 
 PEER_CFG = """\
@@ -751,10 +771,30 @@ class Bench:
         self.peer = start_haproxy(self.sup, "peer", peer_cfg, tmp, self.gate_cpus, [self.peer_port])
         log(f"peer haproxy pid {self.peer.pid} on 127.0.0.1:{self.peer_port}")
 
+        # the floor: a bare Twisted TLS relay to the backend, on the gateway's CPU
+        self.floor_port = free_port()
+        self.floor = self.sup.start(
+            "floor",
+            [
+                *taskset(self.gate_cpus),
+                sys.executable,
+                str(HERE / "tls_floor.py"),
+                f"--port={self.floor_port}",
+                f"--cert={pki.gate_cert}",
+                f"--key={pki.gate_key}",
+                f"--ca={pki.ca_cert}",
+                f"--backend-port={self.backend.port}",
+            ],
+            log_path=tmp / "floor.out",
+        )
+        wait_listening(self.floor_port, self.floor, "floor relay", tmp / "floor.out")
+        log(f"floor relay pid {self.floor.pid} on 127.0.0.1:{self.floor_port}")
+
         # originator haproxy (plain HTTP in, mTLS out)
         self.orig_sock = tmp / "originator.sock"
         self.p_to_gateway, self.p_to_peer = free_port(), free_port()
         self.p_to_gateway_jwt = free_port()
+        self.p_to_floor = free_port()
         tls_common = (
             f"ca-file {pki.ca_cert} verify required"
             " sni str(localhost) verifyhost localhost alpn http/1.1"
@@ -770,6 +810,8 @@ class Bench:
             defaults=HAPROXY_DEFAULTS,
             p_gateway=self.p_to_gateway,
             p_peer=self.p_to_peer,
+            p_floor=self.p_to_floor,
+            floor_port=self.floor_port,
             gate_port=self.gate_port,
             peer_port=self.peer_port,
         )
@@ -779,19 +821,21 @@ class Bench:
             orig_cfg,
             tmp,
             self.load_cpus,
-            [self.p_to_gateway, self.p_to_gateway_jwt, self.p_to_peer],
+            [self.p_to_gateway, self.p_to_gateway_jwt, self.p_to_peer, self.p_to_floor],
         )
         log(f"originator haproxy pid {self.orig.pid}")
 
         self.probes = {
             "gateway": CPUProbe("promgate", [self.gate_pid]),
             "peer": CPUProbe("haproxy-peer", [self.peer.pid]),
+            "floor": CPUProbe("floor", [self.floor.pid]),
             "originator": CPUProbe("haproxy-originator", [self.orig.pid]),
             "backend": self.backend.cpu_probe(),
         }
         self.tls_probe = {
             "gateway": self._tls_probe(self.gate_port, pki),
             "peer": self._tls_probe(self.peer_port, pki),
+            "floor": self._tls_probe(self.floor_port, pki),
         }
         log(f"TLS negotiated: {self.tls_probe}")
         self.sanity()
@@ -826,6 +870,8 @@ class Bench:
     def url(self, mode: str, payload: str) -> str:
         if mode == "direct":
             return f"http://127.0.0.1:{self.backend.port}/{PAYLOAD_FILES[payload]}"
+        if mode == "floor":  # a byte relay: the backend's own path
+            return f"http://127.0.0.1:{self.p_to_floor}/{PAYLOAD_FILES[payload]}"
         port = {
             "gateway": self.p_to_gateway,
             "gateway_jwt": self.p_to_gateway_jwt,
@@ -864,7 +910,7 @@ class Bench:
 
     def logs(self) -> str:
         parts = [f"--- promgate log ---\n{_tail(self.gateway.log_path)}"]
-        for name in ("peer.out", "originator.out", "nginx-error.log"):
+        for name in ("peer.out", "floor.out", "originator.out", "nginx-error.log"):
             parts.append(f"--- {name} ---\n{_tail(self.tmp / name)}")
         return "\n".join(parts)
 
@@ -1208,10 +1254,13 @@ def render(results: dict[str, Any]) -> str:
             f"{_f(c.get('all_util'), '.2f'):>8} {_f(vs, '.2f'):>9}"
         )
     lines.append("")
-    lines.append("promgate vs haproxy peer (same run); promgate-jwt vs promgate (same process):")
+    lines.append(
+        "promgate vs haproxy peer and vs the floor (same run); "
+        "promgate-jwt vs promgate (same process):"
+    )
     sh = (
         f"{'payload':<7} {'conc':>4} {'rps ratio':>9} {'p50 ratio':>9} {'p99 ratio':>9} "
-        f"{'CPU/scrape ratio':>16} {'upstream conns opened':>22} "
+        f"{'CPU/scrape ratio':>16} {'floor CPU/scrape ratio':>22} {'upstream conns opened':>22} "
         f"{'jwt/mTLS CPU/scrape':>19} {'jwt sig checks':>14}"
     )
     lines.append(sh)
@@ -1228,13 +1277,15 @@ def render(results: dict[str, Any]) -> str:
         gw_cpu = g["cpu_s_per_1k"].get("gateway")
         up = sum(g.get("upstream_connections_opened", {}).get("measured", {}).values())
         cpu_ratio = ratio(gw_cpu, p.get("cpu_s_per_1k", {}).get("peer"))
+        fl = by.get((payload, conc, "floor"), {})
+        floor_ratio = ratio(gw_cpu, fl.get("cpu_s_per_1k", {}).get("floor"))
         jwt_ratio = ratio(j.get("cpu_s_per_1k", {}).get("gateway"), gw_cpu)
         checks = j.get("jwt_signature_checks", {}).get("measured")
         lines.append(
             f"{payload:<7} {conc:>4} {_f(ratio(g['rps'], p.get('rps')), '.2f'):>9} "
             f"{_f(ratio(g.get('p50_ms'), p.get('p50_ms')), '.2f'):>9} "
             f"{_f(ratio(g.get('p99_ms'), p.get('p99_ms')), '.2f'):>9} "
-            f"{_f(cpu_ratio, '.2f'):>16} {up:>22.0f} "
+            f"{_f(cpu_ratio, '.2f'):>16} {_f(floor_ratio, '.2f'):>22} {up:>22.0f} "
             f"{_f(jwt_ratio, '.2f'):>19} {_f(checks, '.0f'):>14}"
         )
     warns = [

@@ -25,22 +25,19 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from promgate.audit_format import (
-    CANONICAL,
     GENESIS_MAC,
-    LINE,
     TRUNCATION_MARK,
-    mac,
+    RecordEncoder,
     not_records_note,
 )
 from promgate.audit_lock import LockedFile, describe, lock_audit_file
@@ -108,7 +105,7 @@ class AuditEvent:
 
 
 #: Record fields after seq, time and event, in the order they are written.
-_OPTIONAL_FIELDS = tuple(a.name for a in attrs.fields(AuditEvent) if a.name != "event")
+_FIELDS = tuple(a.name for a in attrs.fields(AuditEvent) if a.name != "event")
 
 
 class _State(Enum):
@@ -125,10 +122,20 @@ class AuditLog(Service):
 
     ``fsync`` is ``"always"`` (before record() returns), ``"interval"`` (every
     ``fsync_interval`` seconds on ``clock`` when something was written) or ``"never"``.
-    ``on_result(ok)`` is called after every write attempt, for metrics, and ``on_reopen()``
-    each time the file is reopened because its path no longer named it (or was rotated);
-    ``on_head(seq, mac)`` after every record written, with its seq and MAC (the chain's
-    head, for the witness metrics). ``write`` replaces
+
+    With ``batch`` (and ``fsync`` other than ``"always"``), the records of one reactor turn
+    are written together: record() chains and encodes the record at once and queues it, and
+    one ``write(2)`` at the end of the turn (``clock.callLater(0)``) appends them all. A write
+    that fails then loses the whole batch (cut back to the last complete record, the chain
+    continuing from it), makes ``healthy`` False and counts each record as failed, as a
+    failed single write does. Without ``batch``, or with ``"always"``, each record is written
+    (and synced) before record() returns.
+
+    ``on_result(ok)`` is called for every record after its write attempt, for metrics, and
+    ``on_reopen()`` each time the file is reopened because its path no longer named it (or
+    was rotated);
+    ``on_head(seq, mac)`` after every write, with the seq and MAC of the last record written
+    (the chain's head, for the witness metrics). ``write`` replaces
     ``os.write`` (tests use it to fill the disk). ``key`` is the key itself, or the key file
     (:func:`load_key`), read when start-up begins (``privilegedStartService``, before
     ``twistd --uid`` drops privileges), never in the constructor.
@@ -152,6 +159,7 @@ class AuditLog(Service):
         on_reopen: Callable[[], None] | None = None,
         write: Callable[[int, bytes], int] | None = None,
         on_head: Callable[[int, str], None] | None = None,
+        batch: bool = False,
     ) -> None:
         if not key:
             raise ValueError("audit key must not be empty")
@@ -168,6 +176,7 @@ class AuditLog(Service):
         self._fsync = fsync
         self._fsync_interval = fsync_interval
         self._max = max_field_length
+        self._encoder = RecordEncoder(_FIELDS, max_field_length)
         self._on_result = on_result
         self._on_reopen = on_reopen
         self._write = write
@@ -187,6 +196,12 @@ class AuditLog(Service):
         self._end: int | None = None
         self._cut: int | None = None
         self._lead = b""  # b"\n" while the file ends with a line that is not ours, unfinished
+        self._batch = batch and fsync != "always"
+        self._pending: list[bytes] = []  # encoded records not written yet (batch)
+        self._flush_call: IDelayedCall | None = None
+        # The chain's head as written: what it goes back to when a batch is lost.
+        self._written_seq = 0
+        self._written_prev = self._prev
         self._sync_loop: LoopingCall | None = None
         self._watch_loop: LoopingCall | None = None
 
@@ -225,6 +240,7 @@ class AuditLog(Service):
         self._opened(file)
         Service.startService(self)
         self.record(AuditEvent("start", detail="; ".join(notes) or None))
+        self.flush()
         if self._fsync == "interval":
             self._sync_loop = self._every(self._fsync_interval, self._sync)
         self._watch_loop = self._every(WATCH_INTERVAL, self._watch)
@@ -240,6 +256,7 @@ class AuditLog(Service):
         self._watch()  # the stop record goes where the path leads now
         if self._file is not None:
             self.record(AuditEvent("stop"))
+            self.flush()
             self._sync()
             self._file.close()
             self._file = None
@@ -265,6 +282,7 @@ class AuditLog(Service):
         ``verify`` accepts as their explanation.
         """
         self._seq, self._prev, self._lead = 0, GENESIS_MAC.encode("ascii"), b""
+        self._written_seq, self._written_prev = self._seq, self._prev
         size = os.fstat(fd).st_size
         if size == 0:  # a new log (or a device such as /dev/full)
             return []
@@ -295,8 +313,8 @@ class AuditLog(Service):
             )
             notes.append(f"no intact record found in the last {limit} bytes; chain restarted")
             return notes
-        self._seq = last["seq"]
-        self._prev = last["mac"].encode("ascii")
+        self._seq = self._written_seq = last["seq"]
+        self._prev = self._written_prev = last["mac"].encode("ascii")
         if junk:
             notes.append(not_records_note(self._seq, junk))
         if last.get("event") != "stop":
@@ -313,6 +331,7 @@ class AuditLog(Service):
         """
         if self._state is _State.STOPPED:
             return
+        self.flush()  # what was recorded before goes to the file it was recorded for
         if self._state is _State.OPEN:
             if self._names_open_file():
                 self.log.info(
@@ -331,6 +350,7 @@ class AuditLog(Service):
 
     def _watch(self) -> None:
         """Reopen the path if it no longer names the open file (removed, moved, replaced)."""
+        self.flush()
         if self._state is _State.OPEN and not self._names_open_file():
             self._detach()
         if self._state is _State.DETACHED:
@@ -421,72 +441,81 @@ class AuditLog(Service):
     # -- writing ---------------------------------------------------------------------------
 
     def record(self, event: AuditEvent) -> bool:
-        """Append one record; False (and ``healthy`` False) if it could not be written."""
-        file = self._file
-        if file is None:
+        """Append one record; False (and ``healthy`` False) if it could not be written.
+
+        With batching, the record is chained and queued and True means it was queued: it is
+        written at the end of the reactor turn, or lost with its batch if that write fails.
+        """
+        if self._file is None:
             if self._state is _State.DETACHED:
                 self._failures += 1
             else:
                 self.log.error("audit log {path} is not open; record dropped", path=str(self.path))
             return self._result(False)
-        limit = self._max
         seq = self._seq + 1
-        value: Any = event.event
-        if len(value) > limit:
-            value = value[:limit] + TRUNCATION_MARK
-        record: dict[str, Any] = {
-            "seq": seq,
-            "time": datetime.fromtimestamp(self._clock.seconds(), timezone.utc).strftime(
-                _TIME_FORMAT
-            ),
-            "event": value,
-        }
-        for name in _OPTIONAL_FIELDS:
-            value = getattr(event, name)
-            if value is None:
-                continue
-            if isinstance(value, str):
-                if len(value) > limit:
-                    value = value[:limit] + TRUNCATION_MARK
-            elif isinstance(value, float):
-                value = round(value, 6)
-            record[name] = value
-        record_mac = mac(self._key, self._prev, CANONICAL.encode(record).encode("ascii"))
-        record["mac"] = record_mac
-        data = (LINE.encode(record) + "\n").encode("ascii")
+        time = record_time(self._clock.seconds())
+        line, record_mac = self._encoder.encode(self._key, self._prev, seq, time, event)
+        self._seq = seq
+        self._prev = record_mac.encode("ascii")
+        self._pending.append(line)
+        if not self._batch:
+            return self._flush()
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self._flush)
+        return True
+
+    def flush(self) -> None:
+        """Write the queued records now (batching writes them at the end of the turn)."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        if self._pending:
+            self._flush()
+        self._flush_call = None
+
+    def _flush(self) -> bool:
+        """Write every queued record in one write; False if they could not be written."""
+        self._flush_call = None
+        pending, self._pending = self._pending, []
+        count = len(pending)
+        if not count:
+            return True
+        file = self._file
+        if file is None:  # let go of meanwhile (not expected: rotation flushes first)
+            self._lost()
+            self._failures += count
+            return self._result(False, count)
         fd = file.fd
         if self._cut is not None:
             try:
                 os.ftruncate(fd, self._cut)
             except OSError as e:
-                return self._failed("truncate", e)
+                return self._failed("truncate", e, count)
             self._end, self._cut = self._cut, None
-        data = self._lead + data
+        data = self._lead + (pending[0] if count == 1 else b"".join(pending))
         written = 0
         try:
             while written < len(data):
-                count = (self._write or os.write)(fd, data[written:] if written else data)
-                if count <= 0:  # no progress: do not spin
+                n = (self._write or os.write)(fd, data[written:] if written else data)
+                if n <= 0:  # no progress: do not spin
                     raise OSError(errno.EIO, "write wrote nothing")
-                written += count
+                written += n
         except OSError as e:
             self._cut_back(fd, len(data))
-            return self._failed("write", e)
+            return self._failed("write", e, count)
         self._lead = b""
         if self._end is not None:
-            # One lseek per record (no I/O) keeps the offset to cut back to exact, even
+            # One lseek per write (no I/O) keeps the offset to cut back to exact, even
             # after the file was truncated in place (copytruncate).
             self._end = os.lseek(fd, 0, os.SEEK_CUR)
-        self._seq = seq
-        self._prev = record_mac.encode("ascii")
+        self._written_seq, self._written_prev = self._seq, self._prev
         self._dirty = True
         if self._on_head is not None:
-            self._on_head(seq, record_mac)
+            self._on_head(self._seq, self._prev.decode("ascii"))
         if self._fsync == "always":
             try:
                 self._fsync_now(fd)
             except OSError as e:
-                return self._failed("fsync", e)
+                return self._failed("fsync", e, count)
         if not self._healthy:
             self._healthy = True
             self.log.info(
@@ -494,7 +523,11 @@ class AuditLog(Service):
                 path=str(self.path),
                 failures=self._failures,
             )
-        return self._result(True)
+        return self._result(True, count)
+
+    def _lost(self) -> None:
+        """The queued records were not written: the chain goes on from the last written."""
+        self._seq, self._prev = self._written_seq, self._written_prev
 
     def _cut_back(self, fd: int, attempted: int) -> None:
         """After a failed write, cut off whatever part of the record reached the file.
@@ -530,14 +563,17 @@ class AuditLog(Service):
             return
         self._end = cut
 
-    def _result(self, ok: bool) -> bool:
+    def _result(self, ok: bool, count: int = 1) -> bool:
         if self._on_result is not None:
-            self._on_result(ok)
+            for _ in range(count):
+                self._on_result(ok)
         return ok
 
-    def _failed(self, operation: str, error: OSError) -> bool:
+    def _failed(self, operation: str, error: OSError, count: int = 1) -> bool:
         """Mark the log unhealthy; log once per outage, not once per request."""
-        self._failures = self._failures + 1 if not self._healthy else 1
+        if operation != "fsync":  # the records were not written: neither is their chain
+            self._lost()
+        self._failures = self._failures + count if not self._healthy else count
         if self._healthy:
             self._healthy = False
             self.log.error(
@@ -546,7 +582,7 @@ class AuditLog(Service):
                 operation=operation,
                 error=error,
             )
-        return self._result(False)
+        return self._result(False, count)
 
     def _fsync_now(self, fd: int) -> None:
         self._dirty = False
@@ -582,6 +618,12 @@ class MemoryAuditSink:
         if self.healthy:
             self.events.append(event)
         return self.healthy
+
+
+def record_time(seconds: float) -> str:
+    """A record's ``time``: UTC, to the microsecond, as ``strftime(_TIME_FORMAT)`` writes it."""
+    when = datetime.fromtimestamp(seconds, timezone.utc)
+    return when.isoformat(timespec="microseconds")[:-6] + "Z"  # without "+00:00"
 
 
 def load_key(path: Path) -> bytes:

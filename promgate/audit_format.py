@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
+import operator
 import re
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 #: The previous MAC of the first record in a chain.
@@ -23,6 +26,9 @@ TRUNCATION_MARK = "...[truncated]"
 #: a record the writer did not finish.
 RECORD_PREFIX = b'{"seq":'
 
+_finite = math.isfinite
+
+
 # Pre-built encoders: json.dumps() with non-default arguments builds a new encoder per call.
 LINE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -31,6 +37,49 @@ CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii
 #: in the middle of a record (they closed the partial line with a newline at the next start).
 TERMINATED_NOTE = "previous run ended mid-record; the incomplete line was terminated"
 _NOT_RECORDS = re.compile(r"lines after seq (\d+) that are not audit records: (\d+); left in place")
+
+
+class RecordEncoder:
+    """Encodes records of events with the attributes ``fields``, each value JSON-encoded once.
+
+    ``encode`` returns the same bytes as ``LINE.encode`` of the record (with its newline) and
+    the MAC over ``CANONICAL.encode`` of it without ``mac``: string values longer than
+    ``limit`` characters are cut and marked, floats rounded to 6 places, None fields left out.
+    """
+
+    def __init__(self, fields: tuple[str, ...], limit: int) -> None:
+        self._get = operator.attrgetter("event", *fields)
+        names = ("event", *fields)
+        self._prefixes = tuple(json.dumps(name) + ":" for name in names)
+        head = ("seq", "time")
+        # Where each field goes in the canonical (sorted) form, seq and time included.
+        order = sorted(range(len(head) + len(names)), key=lambda i: (*head, *names)[i])
+        self._order = tuple(order)
+        self._limit = limit
+
+    def encode(
+        self, key: bytes, prev_mac: bytes, seq: int, time: str, event: Any
+    ) -> tuple[bytes, str]:
+        limit = self._limit
+        parts: list[str | None] = ['"seq":' + int.__repr__(seq), '"time":"' + time + '"']
+        append = parts.append
+        for prefix, value in zip(self._prefixes, self._get(event), strict=True):
+            if value is None:
+                append(None)
+            elif isinstance(value, str):
+                if len(value) > limit:
+                    value = value[:limit] + TRUNCATION_MARK
+                append(prefix + encode_basestring_ascii(value))
+            elif type(value) is int:
+                append(prefix + int.__repr__(value))
+            elif type(value) is float and _finite(value):
+                append(prefix + float.__repr__(round(value, 6)))  # as json writes a float
+            else:
+                append(prefix + LINE.encode(round(value, 6) if isinstance(value, float) else value))
+        canonical = ",".join([part for i in self._order if (part := parts[i]) is not None])
+        record_mac = mac(key, prev_mac, ("{" + canonical + "}").encode("ascii"))
+        body = ",".join([part for part in parts if part is not None])
+        return ("{" + body + ',"mac":"' + record_mac + '"}\n').encode("ascii"), record_mac
 
 
 def mac(key: bytes, prev_mac: bytes, canonical: bytes) -> str:

@@ -98,6 +98,7 @@ class GatewayService(MultiService):
                 on_result=self.metrics.audit_result,
                 on_reopen=self.metrics.audit_reopens.inc,
                 on_head=self.metrics.audit_head.update,
+                batch=True,
             )
         else:
             self.audit = audit_sink
