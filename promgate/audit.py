@@ -38,11 +38,10 @@ from promgate.audit_format import (
     GENESIS_MAC,
     TRUNCATION_MARK,
     RecordEncoder,
-    not_records_note,
 )
 from promgate.audit_lock import LockedFile, describe, lock_audit_file
 from promgate.audit_rotate import ROTATE, current_name, rotate_detail
-from promgate.audit_tail import scan_tail
+from promgate.audit_tail import recover
 from promgate.audit_verify import VerifyGap, VerifyResult, verify_files
 from promgate.errors import StartupError
 
@@ -65,7 +64,6 @@ FSYNC_POLICIES = ("always", "interval", "never")
 WATCH_INTERVAL = 1.0
 
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-_MIN_TAIL_SCAN = 4 * 1024 * 1024
 
 
 class IAuditSink(Interface):
@@ -275,51 +273,13 @@ class AuditLog(Service):
         self._end = os.lseek(file.fd, 0, os.SEEK_END) if file.regular else None
 
     def _recover(self, fd: int) -> list[str]:
-        """Continue the chain from the file's last intact record; return notes for "start".
-
-        An unfinished record at the end (a crash mid-write) is cut off. Lines after the last
-        intact record that are not records (nor ours) are left, counted in a note that
-        ``verify`` accepts as their explanation.
-        """
-        self._seq, self._prev, self._lead = 0, GENESIS_MAC.encode("ascii"), b""
-        self._written_seq, self._written_prev = self._seq, self._prev
-        size = os.fstat(fd).st_size
-        if size == 0:  # a new log (or a device such as /dev/full)
-            return []
-        # A record holds 15 capped strings of up to 12 bytes per character, plus numbers.
-        limit = max(_MIN_TAIL_SCAN, 4 * 16 * 12 * (self._max + len(TRUNCATION_MARK)))
-        tail = scan_tail(lambda offset, n: os.pread(fd, n, offset), size, limit)
-        notes = []
-        junk = tail.junk_lines
-        if tail.fragment and tail.fragment_ours:
-            os.ftruncate(fd, size - tail.fragment)
-            size -= tail.fragment
-            notes.append(
-                "previous run ended mid-record; "
-                f"dropped its incomplete last record ({tail.fragment} bytes)"
-            )
-        elif tail.fragment:
-            self._lead = b"\n"  # close the line before the start record
-            junk += 1
-        last = tail.record
-        if last is None:
-            if size == 0:  # nothing but an unfinished first record
-                return notes
-            self.log.error(
-                "no intact audit record in the last {limit} bytes of {path}; "
-                "starting a new chain at seq 1, which will not verify against the old one",
-                limit=limit,
-                path=str(self.path),
-            )
-            notes.append(f"no intact record found in the last {limit} bytes; chain restarted")
-            return notes
-        self._seq = self._written_seq = last["seq"]
-        self._prev = self._written_prev = last["mac"].encode("ascii")
-        if junk:
-            notes.append(not_records_note(self._seq, junk))
-        if last.get("event") != "stop":
-            notes.append(f"previous run ended without a stop record (last seq {self._seq})")
-        return notes
+        """Continue the chain from the file's last intact record (promgate.audit_tail);
+        return the notes for ``start``."""
+        found = recover(fd, self._max, self.log, self.path)
+        self._seq = self._written_seq = found.seq
+        self._prev = self._written_prev = found.prev
+        self._lead = found.lead
+        return list(found.notes)
 
     # -- rotation, and the path removed or replaced ----------------------------------------
 
