@@ -361,8 +361,14 @@ class Tunnel:
             gw.open_tunnels.dec()
             gw.record_tunnel(self, relay)
         elif not self.answered:
-            # Not yet answered: audited as an abandoned CONNECT, like any request.
-            shutdown = relay.ended == Reason.GATEWAY_SHUTDOWN
-            reason = Reason.GATEWAY_SHUTDOWN if shutdown else Reason.CLIENT_ABORTED
-            outcome = Outcome("allow", reason, None, self.route.name, self.target.address)
+            # Not yet answered: audited as an abandoned CONNECT, like any request (or as
+            # revoked, when a reload cut it while its upstream was being connected).
+            reason = Reason.CLIENT_ABORTED
+            detail = None
+            if relay.ended in (Reason.GATEWAY_SHUTDOWN, Reason.POLICY_REVOKED):
+                reason = Reason(relay.ended)
+                detail = relay.detail
+            outcome = Outcome(
+                "allow", reason, None, self.route.name, self.target.address, detail=detail
+            )
             gw.http.record(self.ctx, outcome)
