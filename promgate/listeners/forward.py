@@ -128,10 +128,16 @@ class ForwardGateway:
             tunnel = getattr(relay, "owner", None)
             if not isinstance(relay, Relay) or not isinstance(tunnel, Tunnel):
                 continue
-            old = tunnel.ctx.recognition.identity
-            identity = identities.get(old.name) if old is not None else None
+            if tunnel.req.headers.get(b"proxy-authorization") is None:
+                # Recognised from the connection's certificate: as the new configuration
+                # names it (the listener recognised every connection anew).
+                recognition = conn.recognition
+            else:
+                old = tunnel.ctx.recognition.identity
+                identity = identities.get(old.name) if old is not None else None
+                recognition = Recognition(identity, Reason.OK)
             address = canonical_address(tunnel.target.address) or tunnel.target.address
-            decision = self.policy.decide_connect(Recognition(identity, Reason.OK), address)
+            decision = self.policy.decide_connect(recognition, address)
             route = decision.route
             if not decision.allowed or route is None or route.name != tunnel.route.name:
                 relay.revoke(f"reload: {decision.rule}")
