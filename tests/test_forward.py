@@ -768,6 +768,21 @@ class TunnelTests(TunnelTestCase):
         self.assertEqual(self.limiter.in_flight("secure"), 0)
         self.assertTrue(self.clock.connectors[0].stoppedConnecting)
 
+    def test_revoked_while_connecting(self) -> None:
+        """A reload revokes a CONNECT whose upstream is still being connected: the one
+        record says policy_revoked, with the rule, not that the client went away."""
+        proto, transport = self.send(request(b"CONNECT", b"10.0.0.7:9443"))
+        assert proto.tunnel is not None
+        proto.tunnel.revoke("reload: no rule allows it")
+        self.assertTrue(transport.disconnecting or transport.disconnected)
+        proto.connectionLost(Failure(ConnectionLost()))
+        (event,) = self.requests()
+        self.assertEqual(
+            (event.reason, event.status, event.method, event.detail),
+            ("policy_revoked", None, "CONNECT", "reload: no rule allows it"),
+        )
+        self.assertEqual(self.limiter.in_flight("secure"), 0)
+
     def test_shutdown(self) -> None:
         """The gateway stops: the tunnel is cut both ways and audited as such."""
         proto, _, upstream, upstream_transport = self.open_tunnel()

@@ -220,3 +220,34 @@ class RevocationTests(ReloadTestCase):
         records = [r for r in self.gw.audit_records("request") if r.method == "CONNECT"]
         self.assertEqual([r.reason for r in records], ["policy_revoked", "policy_revoked"])
         self.assertIn("reload:", records[0].detail or "")
+
+
+class CertificateRevocationTests(ReloadTestCase):
+    def test_tunnel_whose_certificate_no_longer_names_its_caller_is_cut(self) -> None:
+        """A tunnel opened by a caller recognised from its certificate is judged by who
+        that certificate names under the new configuration, not by the old identity's
+        name: an identity that no longer matches the certificate loses the tunnel."""
+        self.write(
+            CONFIG.replace(
+                'endpoint: "tcp:3128:interface=127.0.0.1", tls: false}',
+                'endpoint: "tcp:3128:interface=127.0.0.1"}',
+            )
+        )
+        self.assertTrue(self.gw.reload().applied)
+        self.gw.upstream("10.0.0.7:9443", factory=Factory.forProtocol(_Echo))
+        conn = self.gw.connect(self.pki.client("prometheus"), listener="egress")
+        conn.send("10.0.0.7:9443", method="CONNECT")
+        self.assertIn(b" 200 ", conn.received)
+        # Same identity name and roles, but it now names another certificate.
+        self.write(
+            CONFIG.replace(
+                'endpoint: "tcp:3128:interface=127.0.0.1", tls: false}',
+                'endpoint: "tcp:3128:interface=127.0.0.1"}',
+            ).replace("promgate.local/prometheus", "promgate.local/someone-else")
+        )
+        result = self.gw.reload()
+        self.assertTrue(result.applied, result.problems)
+        self.assertIn("revoked: 1", result.summary)
+        self.assertIsNotNone(conn.lost)
+        records = [r for r in self.gw.audit_records("request") if r.method == "CONNECT"]
+        self.assertEqual([r.reason for r in records], ["policy_revoked"])

@@ -128,10 +128,16 @@ class ForwardGateway:
             tunnel = getattr(relay, "owner", None)
             if not isinstance(relay, Relay) or not isinstance(tunnel, Tunnel):
                 continue
-            old = tunnel.ctx.recognition.identity
-            identity = identities.get(old.name) if old is not None else None
+            if tunnel.req.headers.get(b"proxy-authorization") is None:
+                # Recognised from the connection's certificate: as the new configuration
+                # names it (the listener recognised every connection anew).
+                recognition = conn.recognition
+            else:
+                old = tunnel.ctx.recognition.identity
+                identity = identities.get(old.name) if old is not None else None
+                recognition = Recognition(identity, Reason.OK)
             address = canonical_address(tunnel.target.address) or tunnel.target.address
-            decision = self.policy.decide_connect(Recognition(identity, Reason.OK), address)
+            decision = self.policy.decide_connect(recognition, address)
             route = decision.route
             if not decision.allowed or route is None or route.name != tunnel.route.name:
                 relay.revoke(f"reload: {decision.rule}")
@@ -361,8 +367,14 @@ class Tunnel:
             gw.open_tunnels.dec()
             gw.record_tunnel(self, relay)
         elif not self.answered:
-            # Not yet answered: audited as an abandoned CONNECT, like any request.
-            shutdown = relay.ended == Reason.GATEWAY_SHUTDOWN
-            reason = Reason.GATEWAY_SHUTDOWN if shutdown else Reason.CLIENT_ABORTED
-            outcome = Outcome("allow", reason, None, self.route.name, self.target.address)
+            # Not yet answered: audited as an abandoned CONNECT, like any request (or as
+            # revoked, when a reload cut it while its upstream was being connected).
+            reason = Reason.CLIENT_ABORTED
+            detail = None
+            if relay.ended in (Reason.GATEWAY_SHUTDOWN, Reason.POLICY_REVOKED):
+                reason = Reason(relay.ended)
+                detail = relay.detail
+            outcome = Outcome(
+                "allow", reason, None, self.route.name, self.target.address, detail=detail
+            )
             gw.http.record(self.ctx, outcome)
