@@ -43,6 +43,7 @@ from promgate.audit_lock import LockedFile, describe, lock_audit_file
 from promgate.audit_rotate import ROTATE, current_name, rotate_detail
 from promgate.audit_tail import recover
 from promgate.audit_verify import VerifyGap, VerifyResult, verify_files
+from promgate.config.model import FSYNC_POLICIES
 from promgate.errors import StartupError
 
 __all__ = [
@@ -59,11 +60,8 @@ __all__ = [
     "verify_files",
 ]
 
-FSYNC_POLICIES = ("always", "interval", "never")
 #: How often the log checks that its path still names the file it writes.
 WATCH_INTERVAL = 1.0
-
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 class IAuditSink(Interface):
@@ -581,7 +579,8 @@ class MemoryAuditSink:
 
 
 def record_time(seconds: float) -> str:
-    """A record's ``time``: UTC, to the microsecond, as ``strftime(_TIME_FORMAT)`` writes it."""
+    """A record's ``time``: UTC, to the microsecond, as
+    ``strftime("%Y-%m-%dT%H:%M:%S.%fZ")`` writes it."""
     when = datetime.fromtimestamp(seconds, timezone.utc)
     return when.isoformat(timespec="microseconds")[:-6] + "Z"  # without "+00:00"
 
