@@ -885,6 +885,22 @@ class TunnelBackPressureTests(TunnelTestCase):
         self.assertEqual((event.reason, event.status), ("client_aborted", None))
         self.assertEqual(self.limiter.in_flight("secure"), 0)
 
+    def test_early_data_overflow_then_upstream(self) -> None:
+        """An upstream that connects after the client was cut for overflowing, but before
+        its loss is seen, is closed at once and is sent nothing the client sent."""
+        proto, transport = self.send(request(b"CONNECT", b"10.0.0.7:9443"))
+        chunk = b"x" * 4096
+        for _ in range(MAX_PENDING // len(chunk) + 1):
+            proto.dataReceived(chunk)
+        self.assertTrue(transport.disconnecting)
+        _, upstream_transport = self.accept_upstream()
+        self.assertEqual(upstream_transport.value(), b"")
+        self.assertTrue(upstream_transport.disconnecting)
+        proto.connectionLost(Failure(ConnectionLost()))
+        (event,) = self.requests()
+        self.assertEqual(event.status, None)
+        self.assertEqual(self.limiter.in_flight("secure"), 0)
+
 
 class RefusedConnectTests(TunnelTestCase):
     """A refused CONNECT answers, closes, and never reads what followed its head."""

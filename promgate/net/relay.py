@@ -245,6 +245,8 @@ class Relay:
     def _connected(self, upstream: Upstream) -> None:
         self.connecting = None
         if self.client_gone or self.state is not RelayState.CONNECTING:
+            # The relay is already ending (the client was cut, or is gone): the upstream
+            # gets nothing the client sent.
             upstream.abort()
             return
         self.upstream = upstream
@@ -300,6 +302,10 @@ class Relay:
                 Reason.CLIENT_BUFFER_OVERFLOW,
                 "client sent too much before the upstream connected",
             )
+            self._pending, self._pending_size = [], 0
+            # Lingering, not connecting: an upstream that connects before the client's loss
+            # is seen is closed at once.
+            self._enter(RelayState.LINGERING)
             self.client.abort()
 
     def upstream_data(self, data: bytes) -> None:
