@@ -171,6 +171,25 @@ class SnapshotTests(ReloadTestCase):
         self.assertIn("newly denied", detail)
         self.assertIn("agent", detail)
 
+    def test_listener_switched_to_tls_keeps_plain_connections_plain(self) -> None:
+        """A kept listener that a reload switches to TLS: connections already open stay
+        plain connections (their /sd says http), new ones are TLS (theirs says https)."""
+        conn = self.gw.connect(Bearer(TOKEN), listener="local")
+        self.assertIn(b'"__scheme__":"http"', conn.request("/sd").body.replace(b" ", b""))
+        self.write(
+            CONFIG.replace(
+                'endpoint: "tcp:8080:interface=127.0.0.1", tls: false}',
+                'endpoint: "tcp:8080:interface=127.0.0.1"}',
+            )
+        )
+        self.assertTrue(self.gw.reload().applied)
+        again = conn.request("/sd")
+        self.assertEqual(again.status, 200)
+        self.assertIn(b'"__scheme__":"http"', again.body.replace(b" ", b""))
+        self.assertEqual(conn.request(SCRAPE).status, 200)
+        fresh = self.gw.connect(self.pki.client("prometheus"), listener="local")
+        self.assertIn(b'"__scheme__":"https"', fresh.request("/sd").body.replace(b" ", b""))
+
     def test_new_identity_usable_at_once(self) -> None:
         """A role granted by the reload applies to the next request."""
         self.assertEqual(self.gw.get(SCRAPE, identity=Bearer(OTHER), listener="local").status, 403)

@@ -43,6 +43,9 @@ class ClientConnection(Protocol):
     info: ConnectionInfo
     recognition: Recognition
     peer: str
+    #: Whether this connection is over TLS: fixed when it is accepted, whatever a reload
+    #: later makes of its listener.
+    secure: bool
 
     def send(self, data: bytes) -> None: ...
 

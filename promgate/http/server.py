@@ -113,6 +113,9 @@ class DownstreamProtocol(Protocol):
         self.listener = listener
         self.peer = ""
         self.local_address = ""
+        #: Over TLS or not, as the listener was when this connection was accepted: a reload
+        #: that switches the listener changes new connections only.
+        self.secure = listener.tls
         self.tls_info = NO_TLS
         #: Who and how, for audit records: complete once the handshake is.
         self.info = ConnectionInfo(listener.name, "")
@@ -154,7 +157,7 @@ class DownstreamProtocol(Protocol):
         no_delay(self.transport)
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self._producing = True
-        if self.listener.tls:
+        if self.secure:
             self._enter(State.HANDSHAKE)
         else:
             self.recognition = self.listener.authenticator.for_connection(None)
@@ -169,7 +172,7 @@ class DownstreamProtocol(Protocol):
     def recognise(self) -> None:
         """Who this connection's certificate names, as the listener's current
         authenticator says (again, after a reload)."""
-        if self._state is not State.HANDSHAKE or not self.listener.tls:
+        if self._state is not State.HANDSHAKE or not self.secure:
             self.recognition = self.listener.authenticator.for_connection(self.tls_info.peer)
 
     def tls_verify_error(self, errno: int, depth: int, cert: x509.Certificate) -> None:

@@ -323,7 +323,7 @@ class Tunnel:
         gw = self.gw
         relay = Relay(
             self,
-            Side(self.conn.transport, secure=gw.http.tls),
+            Side(self.conn.transport, secure=self.conn.secure),
             clock=gw.http.clock,
             connect_timeout=gw.connect_timeout,
             idle=gw.tunnel_idle,

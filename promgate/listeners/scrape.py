@@ -189,7 +189,7 @@ class ReverseGateway:
         body = render_http_sd(
             routes,
             self.advertise(conn, req),
-            "https" if http.tls else "http",
+            "https" if conn.secure else "http",
             self.policy.targets,
             route_label=self.sd_route_label,
         )
