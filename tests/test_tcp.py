@@ -715,6 +715,25 @@ class RelayTests(TCPTestCase):
         self.assertEqual(event.reason, "client_aborted")
         self.assertEqual(self.limiter.in_flight("pass-a"), 0)
 
+    def test_shutdown_while_connecting(self) -> None:
+        """A connection cut by the shutdown before its upstream connected is audited
+        gateway_shutdown, and is not an upstream error."""
+        self.gateway(PASS_SNI)
+        proto, transport = self.client()
+        proto.dataReceived(python_client_hello("a.example.org"))
+        self.assertEqual(self.gw.shut_down_connections(), 1)
+        self.assertTrue(transport.disconnected)
+        lose(proto, clean=False)
+        (event,) = self.records()
+        self.assertEqual(event.reason, "gateway_shutdown")
+        self.assertEqual(self.limiter.in_flight("pass-a"), 0)
+        self.assertEqual(
+            self.sample(
+                "promgate_upstream_errors_total", route="pass-a", reason="gateway_shutdown"
+            ),
+            0.0,
+        )
+
     def test_shutdown(self) -> None:
         """Gateway shutdown cuts open tunnels, each audited as gateway_shutdown."""
         proto, transport, upstream, upstream_transport, _ = self.tunnel()

@@ -274,6 +274,12 @@ class Relay:
         if self._timed_out:
             reason, detail = Reason.UPSTREAM_TIMEOUT, "upstream connect timed out"
         elif failure.check(CancelledError, ConnectingCancelledError):
+            if self.ended is not None:
+                # Cancelled by the relay's own end (shut down, revoked, cut): not a failure
+                # of the upstream, and its first cause is already the relay's.
+                self.state = RelayState.FAILED
+                self.client.abort()
+                return
             reason, detail = Reason.GATEWAY_SHUTDOWN, "connect cancelled"
         else:
             reason, detail = connect_failure(failure)
