@@ -91,6 +91,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         problems.append(f"{new.source}: audit: changing the audit log takes a restart")
     if old.admin != new.admin:
         problems.append(f"{new.source}: admin: changing the admin endpoint takes a restart")
+    if old.workers != new.workers:
+        problems.append(f"{new.source}: workers: changing the number of workers takes a restart")
     return problems
 
 
