@@ -63,12 +63,17 @@ class ListenerService(StreamServerEndpointService):
         *,
         clock: IReactorTime | None = None,
         passed: ListenFDs | None = None,
+        descriptor: int | None = None,
     ) -> None:
         """``clock`` times the PROXY header of a ``haproxy:`` endpoint; ``passed`` is what
-        systemd passed (by default, what the environment said when Twisted started)."""
+        systemd passed (by default, what the environment said when Twisted started);
+        ``descriptor`` is a listening socket already bound for ``description`` (by a
+        worker's supervisor), listened on instead of binding (and closed once adopted)."""
         parsed = parse_endpoint(description)
         endpoint: IStreamServerEndpoint
-        if parsed.systemd is not None:
+        if descriptor is not None:
+            endpoint = AdoptedStreamServerEndpoint(reactor, descriptor, _family(descriptor))
+        elif parsed.systemd is not None:
             endpoint = InheritedSocketEndpoint(reactor, parsed.systemd, passed)
         else:
             endpoint = serverFromString(reactor, parsed.inner)
@@ -209,6 +214,15 @@ class InheritedSocketEndpoint:
                 f"systemd passed no socket named {self.wanted.name!r} (names passed: {names})"
             )
         return named[self.wanted.name]
+
+
+def _family(fd: int) -> socket.AddressFamily:
+    """The address family of socket ``fd``."""
+    s = socket.socket(fileno=fd)
+    try:
+        return s.family
+    finally:
+        s.detach()
 
 
 def _check_listening(fd: int, domain: str) -> None:
