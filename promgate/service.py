@@ -100,7 +100,7 @@ class GatewayService(MultiService):
         self.audit: IAuditSink
         if audit_sink is None:
             self.audit = AuditLog(
-                audit_cfg.path,
+                _audit_path(audit_cfg.path, worker),
                 audit_cfg.key_file,  # read when start-up begins
                 reactor,
                 fsync=audit_cfg.fsync,
@@ -434,6 +434,14 @@ class GatewayService(MultiService):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "listeners": self.addresses()}) + "\n")
         tmp.replace(path)
+
+
+def _audit_path(path: Path, worker: WorkerSlot | None) -> Path:
+    """The audit log a gateway writes: each worker process keeps a chain of its own
+    (``audit.jsonl`` becomes ``audit.worker-0.jsonl``, and so on)."""
+    if worker is None:
+        return path
+    return path.with_name(f"{path.stem}.worker-{worker.index}{path.suffix}")
 
 
 def _ignore_cancelled(failure: Failure) -> None:

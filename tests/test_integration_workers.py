@@ -1,0 +1,313 @@
+"""Integration: ``workers: 2`` under the real ``twistd promgate``: a supervisor that binds
+once and two worker processes that share the listeners.
+
+Which worker served a request is seen in its audit log: each worker keeps a chain of its
+own, so the file a request's record is in names the worker, and the record's ``peer``
+names the client's connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import threading
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from promgate.testing import FakeExporter, GatewayProcess, TestPKI, https_connection
+from promgate.testing.clients import request
+from promgate.testing.integration import (
+    closed_port,
+    eventually,
+    http_get,
+    metric_samples,
+    q,
+    scrape_path,
+    workdir,
+)
+
+#: How ``twistd`` ends after SIGTERM: it re-raises the signal once the reactor has stopped.
+STOPPED = (0, -signal.SIGTERM)
+#: At most this many connections are tried to see both workers serve.
+MAX_TRIES = 400
+
+
+def config(
+    pki: TestPKI,
+    directory: Path,
+    upstream: str,
+    *,
+    allow: str = "role:scraper",
+    admin: str = "tcp:0:interface=127.0.0.1",
+) -> str:
+    """Two workers, one mutual-TLS ``http`` listener and one route to ``upstream``."""
+    return f"""
+workers: 2
+tls: {{certificate: {q(pki.gate_cert)}, key: {q(pki.gate_key)}, client_ca: {q(pki.ca_cert)}}}
+admin: {{endpoint: {q(admin)}}}
+listeners:
+  - {{name: scrape, endpoint: "tcp:0:interface=127.0.0.1"}}
+identities:
+  prometheus: {{cert: {{uri: "spiffe://promgate.local/prometheus"}}, roles: [scraper]}}
+  ops: {{cert: {{cn: ops}}}}
+routes:
+  node: {{allow: [{q(allow)}], paths: [/metrics], targets: {{static: ["{upstream}"]}}}}
+audit: {{path: {q(directory / "audit.jsonl")}, key_file: {q(pki.audit_key)}}}
+"""
+
+
+def records(directory: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every worker's complete audit records, by file name."""
+    found = {}
+    for path in sorted(directory.glob("audit*.jsonl")):
+        text = path.read_text()
+        found[path.name] = [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+    return found
+
+
+def served_by(directory: Path, peer: str) -> str | None:
+    """The audit file (so the worker) holding the request record of ``peer``."""
+    for name, recs in records(directory).items():
+        if any(r["event"] == "request" and r.get("peer") == peer for r in recs):
+            return name
+    return None
+
+
+def ready_pids(gateway: GatewayProcess) -> list[int]:
+    pids: list[int] = json.loads(gateway.ready_file.read_text())["workers"]
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class WorkersTestCase(SynchronousTestCase):
+    """A two-worker gateway before each test, stopped after."""
+
+    def setUp(self) -> None:
+        self.directory = workdir(self.mktemp())
+        self.pki = TestPKI(self.directory / "pki")
+        self.exporter = FakeExporter({"/metrics": b"up 1\n"})
+        self.addCleanup(self.exporter.stop)
+        self.context = self.pki.client_context("prometheus")
+        self.path = scrape_path("node", self.exporter.address)
+
+    def start(self, **kw: Any) -> GatewayProcess:
+        gateway = GatewayProcess(
+            self.directory, config(self.pki, self.directory, self.exporter.address, **kw)
+        )
+        self.addCleanup(gateway.stop)
+        return gateway.start()
+
+    def held_connections(
+        self, gateway: GatewayProcess, context: ssl.SSLContext, count: int = 8
+    ) -> list[tuple[Any, int, str]]:
+        """``count`` keep-alive connections opened at once, one scrape made on each:
+        (connection, status, audit file of the worker that serves it)."""
+        conns = [https_connection(gateway.address("scrape"), context) for _ in range(count)]
+        threads = [threading.Thread(target=c.connect) for c in conns]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        out = []
+        for conn in conns:
+            self.addCleanup(conn.close)
+            status = request(conn, self.path).status
+            peer = "{}:{}".format(*conn.sock.getsockname()[:2])
+            worker = eventually(lambda p=peer: served_by(self.directory, p), f"record of {peer}")
+            out.append((conn, status, worker))
+        return out
+
+    def both_workers(
+        self, gateway: GatewayProcess, context: ssl.SSLContext
+    ) -> list[tuple[Any, int, str]]:
+        """Connections until each worker serves at least one (bounded by MAX_TRIES)."""
+        seen: list[tuple[Any, int, str]] = []
+        while len({w for _, _, w in seen}) < 2:
+            self.assertLess(len(seen), MAX_TRIES, "one worker served every connection")
+            seen += self.held_connections(gateway, context)
+        return seen
+
+    def metrics(self, gateway: GatewayProcess) -> str:
+        status, body = http_get(f"http://{gateway.address('admin')}/metrics")
+        self.assertEqual(status, 200)
+        return body.decode()
+
+
+class ServingTests(WorkersTestCase):
+    def test_both_workers_serve(self) -> None:
+        """Two worker processes, each with its own pid, both answer on the one listener;
+        the supervisor's /metrics adds up their requests."""
+        gateway = self.start()
+        pids = ready_pids(gateway)
+        self.assertEqual(len(set(pids)), 2)
+        self.assertNotIn(gateway.process.pid if gateway.process else 0, pids)
+        seen = self.both_workers(gateway, self.context)
+        self.assertEqual({status for _, status, _ in seen}, {200})
+        self.assertEqual(
+            sorted({w for _, _, w in seen}), ["audit.worker-0.jsonl", "audit.worker-1.jsonl"]
+        )
+
+        def counted() -> float | None:
+            total = sum(
+                value
+                for labels, value in metric_samples(
+                    self.metrics(gateway), "promgate_requests_total"
+                )
+            )
+            return total if total == len(seen) else None
+
+        self.assertEqual(eventually(counted, "every request counted"), len(seen))
+        text = self.metrics(gateway)
+        self.assertEqual(
+            metric_samples(text, "promgate_workers"),
+            [
+                ({"state": "starting"}, 0.0),
+                ({"state": "ready"}, 2.0),
+                ({"state": "unready"}, 0.0),
+                ({"state": "stopping"}, 0.0),
+                ({"state": "dead"}, 0.0),
+            ],
+        )
+        self.assertNotIn("_created", text)
+        self.assertEqual(metric_samples(text, "promgate_ready"), [({}, 1.0)])
+        self.assertEqual(len(metric_samples(text, "promgate_build_info")), 1)
+
+    def test_sigterm_drains_every_worker(self) -> None:
+        """SIGTERM: a scrape in flight on a worker is answered, every worker exits, and
+        the supervisor exits as twistd does."""
+        self.exporter.routes["/metrics"] = "held"
+        self.exporter.bodies["/metrics"] = b"up 1\n"
+        gateway = self.start()
+        pids = ready_pids(gateway)
+        result: dict[str, Any] = {}
+
+        def scrape() -> None:
+            try:
+                result["status"] = gateway.get("scrape", self.path, self.context).status
+            except Exception as e:  # reported below
+                result["error"] = repr(e)
+
+        thread = threading.Thread(target=scrape)
+        thread.start()
+        eventually(lambda: self.exporter.requests or None, "the scrape upstream")
+        gateway.terminate()
+        eventually(
+            lambda: "draining 1 in-flight request(s)" in gateway.log() or None,
+            "the worker with the scrape draining",
+        )
+        self.exporter.release()
+        thread.join(30)
+        self.assertEqual(result, {"status": 200})
+        self.assertIn(gateway.wait(), STOPPED)
+        for pid in pids:
+            self.assertFalse(alive(pid), pid)
+
+
+class ReplacementTests(WorkersTestCase):
+    def test_killed_worker_replaced(self) -> None:
+        """A worker killed with SIGKILL: the other worker's connections go on serving
+        without a failed scrape, and a new worker takes the dead one's slot."""
+        gateway = self.start()
+        seen = self.both_workers(gateway, self.context)
+        pids = ready_pids(gateway)
+        victim = pids[0]
+        os.kill(victim, signal.SIGKILL)
+        survivors = [conn for conn, _, w in seen if w == "audit.worker-1.jsonl"]
+        self.assertTrue(survivors)
+        for conn in survivors:
+            self.assertEqual(request(conn, self.path).status, 200)
+
+        def replaced() -> list[int] | None:
+            if not gateway.ready_file.exists():
+                return None
+            now = ready_pids(gateway)
+            return now if now[0] != victim else None
+
+        now = eventually(replaced, "a replacement worker", timeout=30)
+        self.assertEqual(now[1], pids[1])
+        self.assertIn(f"worker 0 (pid {victim}) died: signal 9 (SIGKILL)", gateway.log())
+        text = self.metrics(gateway)
+        self.assertEqual(metric_samples(text, "promgate_worker_restarts_total"), [({}, 1.0)])
+        # The replacement serves too.
+        seen = self.both_workers(gateway, self.context)
+        self.assertEqual({status for _, status, _ in seen}, {200})
+
+    def test_ready_only_when_every_worker_is(self) -> None:
+        """/-/ready answers 503 while one worker cannot start (its audit log cannot be
+        opened), and 200 once it has been replaced by one that starts."""
+        blocked = self.directory / "audit.worker-1.jsonl"
+        blocked.mkdir()
+        admin = f"127.0.0.1:{closed_port()}"
+        gateway = GatewayProcess(
+            self.directory,
+            config(
+                self.pki,
+                self.directory,
+                self.exporter.address,
+                admin=f"tcp:{admin.split(':')[1]}:interface=127.0.0.1",
+            ),
+        )
+        self.addCleanup(gateway.stop)
+        gateway._spawn()
+
+        def status() -> int | None:
+            try:
+                return http_get(f"http://{admin}/-/ready")[0]
+            except OSError:
+                return None
+
+        def died_twice() -> bool | None:
+            return gateway.log().count("worker 1 (pid") >= 3 or None
+
+        eventually(died_twice, "worker 1 failing to start", timeout=30)
+        self.assertEqual(status(), 503)
+        self.assertFalse(gateway.ready_file.exists())
+        blocked.rmdir()
+        eventually(lambda: status() == 200 or None, "every worker ready", timeout=60)
+        self.assertTrue(gateway.ready_file.exists())
+
+
+class ReloadTests(WorkersTestCase):
+    def test_reload_reaches_every_worker(self) -> None:
+        """/-/reload on the supervisor: every worker serves the new policy; a reload
+        that cannot be applied is refused (500) and both keep the old one."""
+        gateway = self.start()
+        admin = gateway.address("admin")
+        config_path = gateway.config_path
+        good = config_path.read_text()
+        config_path.write_text(good.replace("routes:", "routes:\n  broken: {}\n", 1))
+        bad = http_post(admin, "/-/reload")
+        self.assertEqual(bad[0], 500, bad)
+        seen = self.both_workers(gateway, self.context)
+        self.assertEqual({status for _, status, _ in seen}, {200})
+        config_path.write_text(good.replace('allow: ["role:scraper"]', "allow: [ops]"))
+        status, body = http_post(admin, "/-/reload")
+        self.assertEqual(status, 200, body)
+        self.assertIn(b"reloaded", body)
+        seen = self.both_workers(gateway, self.context)
+        self.assertEqual({status for _, status, _ in seen}, {403})
+        applied = [
+            [r for r in recs if r["event"] == "reload" and r["decision"] == "allow"]
+            for recs in records(self.directory).values()
+        ]
+        self.assertEqual([len(a) for a in applied], [1, 1])
+
+
+def http_post(address: str, path: str) -> tuple[int, bytes]:
+    conn = https_connection(address, None, timeout=60)
+    try:
+        response = request(conn, path, method="POST")
+    finally:
+        conn.close()
+    return response.status, response.body
