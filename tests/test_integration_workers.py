@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import ssl
 import threading
 from pathlib import Path
@@ -302,6 +303,55 @@ class ReloadTests(WorkersTestCase):
             for recs in records(self.directory).values()
         ]
         self.assertEqual([len(a) for a in applied], [1, 1])
+
+
+class MovedListenerTests(WorkersTestCase):
+    def test_listener_added_and_moved(self) -> None:
+        """A reload that adds a listener and moves another: the supervisor binds the new
+        sockets and hands them to every worker, which serve on them; the old address
+        is closed."""
+        gateway = self.start()
+        admin = gateway.address("admin")
+        old = gateway.address("scrape")
+        text = gateway.config_path.read_text().replace(
+            '  - {name: scrape, endpoint: "tcp:0:interface=127.0.0.1"}',
+            f'  - {{name: scrape, endpoint: "tcp:{closed_port()}:interface=127.0.0.1"}}\n'
+            '  - {name: more, endpoint: "tcp:0:interface=127.0.0.1"}',
+        )
+        gateway.config_path.write_text(text)
+        status, body = http_post(admin, "/-/reload")
+        self.assertEqual(status, 200, body)
+        gateway.addresses = json.loads(gateway.ready_file.read_text())["listeners"]
+        self.assertNotEqual(gateway.address("scrape"), old)
+        self.assertEqual(set(gateway.addresses), {"scrape", "more", "admin"})
+        eventually(lambda: refuses(old) or None, f"{old} closed")
+        for name in ("more", "scrape"):
+            seen: set[str] = set()
+            for _ in range(MAX_TRIES):
+                conns = [https_connection(gateway.address(name), self.context) for _ in range(8)]
+                threads = [threading.Thread(target=c.connect) for c in conns]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(30)
+                for conn in conns:
+                    self.addCleanup(conn.close)
+                    self.assertEqual(request(conn, self.path).status, 200)
+                    peer = "{}:{}".format(*conn.sock.getsockname()[:2])
+                    seen.add(eventually(lambda p=peer: served_by(self.directory, p), peer))
+                if len(seen) == 2:
+                    break
+            self.assertEqual(len(seen), 2, name)
+
+
+def refuses(address: str) -> bool:
+    """Whether a connection to ``address`` is refused (nothing listens there)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def http_post(address: str, path: str) -> tuple[int, bytes]:

@@ -9,9 +9,33 @@ Supervisor to worker: :class:`HandOver` (a listening socket bound for a reload),
 
 from __future__ import annotations
 
-from twisted.protocols import amp
+from typing import Any
 
-__all__ = ["Abort", "Commit", "HandOver", "Prepare", "Ready", "RotateAudit", "Stop"]
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+__all__ = [
+    "Abort",
+    "Commit",
+    "ControlChannel",
+    "HandOver",
+    "Prepare",
+    "Ready",
+    "RotateAudit",
+    "Stop",
+]
+
+
+class ControlChannel(amp.AMP):
+    """AMP without its log lines on every connection made and lost: the supervisor logs
+    each worker's start and end itself."""
+
+    def makeConnection(self, transport: Any) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
 
 
 class Ready(amp.Command):

@@ -16,7 +16,7 @@ from twisted.logger import ILogObserver, Logger, eventFromJSON
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from promgate.workers.control import Ready
+from promgate.workers.control import ControlChannel, Ready
 
 __all__ = [
     "MAX_BACKOFF",
@@ -182,7 +182,7 @@ class WorkerProcess(ProcessProtocol):
         self._on_end(self.slot, reason)
 
 
-class SupervisorControl(amp.AMP):
+class SupervisorControl(ControlChannel):
     """The supervisor's end of one worker's control channel."""
 
     def __init__(self, slot: Slot, on_ready: Callable[[Slot, int, bool], None]) -> None:

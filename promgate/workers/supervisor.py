@@ -32,6 +32,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.logger import Logger, globalLogPublisher
@@ -70,8 +71,15 @@ _NOT_INHERITED = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
 class _NoConnections(Factory):
     """The factory of a socket the supervisor binds but never accepts on."""
 
+    noisy = False
+
     def buildProtocol(self, addr: Any) -> Protocol | None:
         return None
+
+
+def _closed_meanwhile(failure: Failure) -> None:
+    """A worker told to stop may close its channel before its answer is read."""
+    failure.trap(ConnectionDone, ConnectionLost)
 
 
 class _One(ServerFactory):
@@ -288,7 +296,25 @@ class Supervisor(MultiService):
             how=how,
             when=f" in {delay:g}s ({slot.failures} quick deaths in a row)" if delay else "",
         )
-        self._respawns[slot.index] = self.reactor.callLater(delay, self._spawn, slot)
+        self._respawns[slot.index] = self.reactor.callLater(delay, self._replace, slot)
+
+    def _replace(self, slot: Slot) -> None:
+        """Spawn a worker in place of one that died, saying so when it will not run what
+        the others run: the configuration file is read again as it is now."""
+        current, _, _ = check_config(self.config.source)
+        if current is None:
+            self.log.warn(
+                "worker {worker}: the configuration file no longer loads; the replacement "
+                "will not start until it does",
+                worker=slot.index,
+            )
+        elif current != self.config:
+            self.log.warn(
+                "worker {worker}: the configuration file changed since it was loaded; the "
+                "replacement runs it as it is now (reload to bring every worker in line)",
+                worker=slot.index,
+            )
+        self._spawn(slot)
 
     # -- signals and reloads ----------------------------------------------------------------
 
@@ -441,7 +467,7 @@ class Supervisor(MultiService):
         for slot in self.slots:
             if slot.control is not None and slot.alive:
                 slot.stopping()
-                slot.control.callRemote(Stop).addErrback(self._lost, slot)
+                slot.control.callRemote(Stop).addErrback(_closed_meanwhile)
         self._counted()
         # New connections are refused from now on, not queued for no one.
         for svc in self.sockets.values():

@@ -27,7 +27,6 @@ from twisted.logger import (
     globalLogBeginner,
     jsonFileLogObserver,
 )
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from promgate.config.errors import ConfigError
@@ -41,7 +40,16 @@ from promgate.reload import (
 )
 from promgate.service import GatewayService
 from promgate.worker_slot import WorkerSlot
-from promgate.workers.control import Abort, Commit, HandOver, Prepare, Ready, RotateAudit, Stop
+from promgate.workers.control import (
+    Abort,
+    Commit,
+    ControlChannel,
+    HandOver,
+    Prepare,
+    Ready,
+    RotateAudit,
+    Stop,
+)
 from promgate.workers.reactors import IWorkerReactor
 
 __all__ = ["READINESS_INTERVAL", "WorkerControl", "main"]
@@ -50,7 +58,7 @@ __all__ = ["READINESS_INTERVAL", "WorkerControl", "main"]
 READINESS_INTERVAL = 1.0
 
 
-class WorkerControl(amp.AMP):
+class WorkerControl(ControlChannel):
     """The worker's end of its control channel: reloads in two phases, audit log
     rotation and stop, on behalf of the supervisor; readiness reported to it."""
 
@@ -134,7 +142,7 @@ class WorkerControl(amp.AMP):
         return d
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        super().connectionLost(reason)
         if not self.stopping:
             self.log.warn("the supervisor went away: stopping")
             self.reactor.callLater(0, self.reactor.stop)
