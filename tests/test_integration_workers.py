@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import ssl
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from promgate.testing.integration import (
     scrape_path,
     workdir,
 )
+from promgate.testing.systemd import NotifySocket, listening_socket, socket_activation
 
 #: How ``twistd`` ends after SIGTERM: it re-raises the signal once the reactor has stopped.
 STOPPED = (0, -signal.SIGTERM)
@@ -342,6 +344,58 @@ class MovedListenerTests(WorkersTestCase):
                 if len(seen) == 2:
                     break
             self.assertEqual(len(seen), 2, name)
+
+
+class SystemdTests(WorkersTestCase):
+    def test_socket_activation_and_notify(self) -> None:
+        """A socket passed by systemd is adopted by the supervisor and served by both
+        workers; systemd hears READY=1 once both are ready, RELOADING=1 and READY=1
+        around a SIGHUP reload, and STOPPING=1 on SIGTERM; SIGUSR1 has every worker
+        reopen its audit log."""
+        notify = NotifySocket(Path(tempfile.mkdtemp(prefix="sd-")) / "notify")
+        self.addCleanup(notify.close)
+        passed = listening_socket()
+        address = f"127.0.0.1:{passed.getsockname()[1]}"
+        activation = socket_activation(passed, "scrape")
+        text = config(self.pki, self.directory, self.exporter.address).replace(
+            'scrape, endpoint: "tcp:0:interface=127.0.0.1"',
+            'scrape, endpoint: "systemd:domain=INET:name=scrape"',
+        )
+        gateway = GatewayProcess(
+            self.directory,
+            text,
+            env={**activation.env, "NOTIFY_SOCKET": notify.address},
+            pass_fds=activation.pass_fds,
+            prelude=activation.prelude,
+        )
+        self.addCleanup(gateway.stop)
+        gateway.start()
+        passed.close()
+        ready = notify.wait_for("READY")
+        self.assertIn(f"serving with 2 workers: scrape {address}", ready["STATUS"])
+        self.assertEqual(gateway.address("scrape"), address)
+        seen = self.both_workers(gateway, self.context)
+        self.assertEqual({status for _, status, _ in seen}, {200})
+        # SIGUSR1: every worker reopens its audit log (after logrotate renamed it).
+        for path in self.directory.glob("audit.worker-*.jsonl"):
+            path.rename(path.with_name(path.name + ".1"))
+        assert gateway.process is not None
+        gateway.process.send_signal(signal.SIGUSR1)
+        eventually(
+            lambda: len(list(self.directory.glob("audit.worker-*.jsonl"))) == 2 or None,
+            "both audit logs reopened",
+        )
+        count = len(notify.messages)
+        gateway.process.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING", after=count)
+        after = notify.wait_for("READY", after=count)
+        self.assertIn("serving with 2 workers", after["STATUS"])
+        eventually(lambda: "configuration reloaded in 2 workers" in gateway.log() or None, "reload")
+        for conn, _, _ in seen:
+            conn.close()
+        gateway.terminate()
+        notify.wait_for("STOPPING", after=count)
+        self.assertIn(gateway.wait(), STOPPED)
 
 
 def refuses(address: str) -> bool:
