@@ -187,7 +187,8 @@ class ServingTests(WorkersTestCase):
         self.assertEqual(len(metric_samples(text, "promgate_build_info")), 1)
 
     def test_sigterm_drains_every_worker(self) -> None:
-        """SIGTERM: a scrape in flight on a worker is answered, every worker exits, and
+        """SIGTERM (to the supervisor, and to every worker as systemd sends it to the
+        whole unit): a scrape in flight on a worker is answered, every worker exits, and
         the supervisor exits as twistd does."""
         self.exporter.routes["/metrics"] = "held"
         self.exporter.bodies["/metrics"] = b"up 1\n"
@@ -205,6 +206,8 @@ class ServingTests(WorkersTestCase):
         thread.start()
         eventually(lambda: self.exporter.requests or None, "the scrape upstream")
         gateway.terminate()
+        for pid in pids:  # as systemd's default KillMode=control-group does
+            os.kill(pid, signal.SIGTERM)
         eventually(
             lambda: "draining 1 in-flight request(s)" in gateway.log() or None,
             "the worker with the scrape draining",

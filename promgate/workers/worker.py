@@ -10,6 +10,7 @@ supervisor goes away (the control channel closes), it drains and exits as on SIG
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import (
@@ -128,8 +130,16 @@ class WorkerControl(ControlChannel):
 
     @Stop.responder
     def stop(self) -> dict[str, Any]:
-        self.reactor.callLater(0, self.reactor.stop)
+        self.reactor.callLater(0, self.end)
         return {}
+
+    def end(self) -> None:
+        """Stop the reactor (the gateway drains first), unless it is stopping already:
+        under systemd, SIGTERM reaches every worker as well as the supervisor."""
+        if not self.stopping:
+            self.stopping = True
+            with contextlib.suppress(ReactorNotRunning):
+                self.reactor.stop()
 
     def shut_down(self) -> Deferred[None] | None:
         """Before the reactor stops: drain the gateway (if it started)."""
@@ -145,7 +155,7 @@ class WorkerControl(ControlChannel):
         super().connectionLost(reason)
         if not self.stopping:
             self.log.warn("the supervisor went away: stopping")
-            self.reactor.callLater(0, self.reactor.stop)
+            self.reactor.callLater(0, self.end)
 
     def _close_unused(self) -> None:
         for fd in self.gateway.descriptors.values():
@@ -225,14 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except StartupError as e:
             log.error("worker {worker}: {problem}", worker=slot.index, problem=str(e))
             status[0] = 1
-            control.stopping = True
-            reactor.stop()
+            control.end()
             return
         except Exception:
             log.failure("worker {worker} could not start", worker=slot.index)
             status[0] = 1
-            control.stopping = True
-            reactor.stop()
+            control.end()
             return
         log.info("worker {worker} (pid {pid}) serving", worker=slot.index, pid=os.getpid())
         control.started()
