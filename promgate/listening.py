@@ -83,6 +83,7 @@ class ListenerService(StreamServerEndpointService):
                 raise ValueError("a haproxy: endpoint needs a clock for its header deadline")
             wrapped = ProxiedFactory(factory, clock, name=name)
         super().__init__(endpoint, wrapped)  # type: ignore[no-untyped-call]
+        self.adopted = descriptor is not None
         self.parsed: EndpointDescription = parsed
         self.listener_name = name
         self.description = description
@@ -111,6 +112,12 @@ class ListenerService(StreamServerEndpointService):
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
         self.port = port
+        if self.adopted and isinstance(getattr(port, "_bindPath", None), bytes):
+            # A unix socket handed over by a worker's supervisor, shared with the other
+            # workers: closing this copy must neither shut the socket down (Twisted does
+            # not for an adopted TCP socket, but does for a unix one) nor unlink its path.
+            port._shouldShutdown = False  # type: ignore[attr-defined]
+            port._bindPath = b"\0"  # type: ignore[attr-defined]
         return port
 
     def address(self) -> str:

@@ -249,6 +249,41 @@ class ReplacementTests(WorkersTestCase):
         seen = self.both_workers(gateway, self.context)
         self.assertEqual({status for _, status, _ in seen}, {200})
 
+    def test_worker_ending_by_itself_keeps_unix_socket(self) -> None:
+        """A worker that ends on its own (SIGTERM to it alone: it drains and exits 0) is
+        replaced too, and a unix listener's socket file stays for the other worker."""
+        socket_path = Path(tempfile.mkdtemp(prefix="pg-")) / "scrape.sock"
+        text = config(self.pki, self.directory, self.exporter.address).replace(
+            'scrape, endpoint: "tcp:0:interface=127.0.0.1"',
+            f"scrape, endpoint: {q('unix:' + str(socket_path))}",
+        )
+        gateway = GatewayProcess(self.directory, text)
+        self.addCleanup(gateway.stop)
+        gateway.start()
+        pids = ready_pids(gateway)
+        os.kill(pids[1], signal.SIGTERM)
+        eventually(lambda: not alive(pids[1]) or None, "worker 1 gone")
+        self.assertTrue(socket_path.exists())
+
+        def replaced() -> list[int] | None:
+            now = ready_pids(gateway) if gateway.ready_file.exists() else pids
+            return now if now[1] != pids[1] else None
+
+        eventually(replaced, "a replacement worker", timeout=30)
+        self.assertTrue(socket_path.exists())
+        self.assertIn(f"worker 1 (pid {pids[1]}) died: exit code 0", gateway.log())
+        for _ in range(4):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(client.close)
+            client.settimeout(30)
+            client.connect(str(socket_path))
+            tls = self.context.wrap_socket(client, server_hostname="127.0.0.1")
+            tls.sendall(
+                f"GET {self.path} HTTP/1.1\r\nHost: gate\r\nConnection: close\r\n\r\n".encode()
+            )
+            self.assertTrue(tls.recv(64).startswith(b"HTTP/1.1 200"))
+            tls.close()
+
     def test_ready_only_when_every_worker_is(self) -> None:
         """/-/ready answers 503 while one worker cannot start (its audit log cannot be
         opened), and 200 once it has been replaced by one that starts."""
