@@ -64,6 +64,11 @@ class GatewayService(MultiService):
     rotation) alone, ``fetch_keys`` answers the identity providers' discovery and JWKS
     requests instead of HTTP, and ``notifier`` tells systemd (``$NOTIFY_SOCKET``, if set)
     when it is ready, reloading and stopping.
+
+    As one of its supervisor's worker processes (``worker``, see :mod:`promgate.workers`),
+    it listens on the sockets it was handed (``descriptors``, by listener name) instead of
+    binding, and has no admin listener, signal handlers or systemd notifications of its
+    own: the supervisor does those for every worker.
     """
 
     log = Logger()

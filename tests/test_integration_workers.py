@@ -220,6 +220,23 @@ class ServingTests(WorkersTestCase):
             self.assertFalse(alive(pid), pid)
 
 
+class StartupTests(WorkersTestCase):
+    def test_port_in_use(self) -> None:
+        """A listener that cannot bind stops the supervisor's start-up with one line,
+        before any worker is started."""
+        taken = listening_socket()
+        self.addCleanup(taken.close)
+        port = taken.getsockname()[1]
+        text = config(self.pki, self.directory, self.exporter.address).replace(
+            'scrape, endpoint: "tcp:0:interface=127.0.0.1"',
+            f'scrape, endpoint: "tcp:{port}:interface=127.0.0.1"',
+        )
+        failure = GatewayProcess(self.directory, text).start_expecting_failure()
+        self.assertEqual(failure.returncode, 1, failure)
+        self.assertIn(f"listener scrape: 127.0.0.1:{port}: address already in use", failure.stderr)
+        self.assertNotIn("worker 0 started", failure.log)
+
+
 class ReplacementTests(WorkersTestCase):
     def test_killed_worker_replaced(self) -> None:
         """A worker killed with SIGKILL: the other worker's connections go on serving

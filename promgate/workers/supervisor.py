@@ -68,7 +68,7 @@ KILL_GRACE = 5.0
 _NOT_INHERITED = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
 
 
-class _NoConnections(Factory):
+class SharedWithWorkers(Factory):
     """The factory of a socket the supervisor binds but never accepts on."""
 
     noisy = False
@@ -159,7 +159,7 @@ class Supervisor(MultiService):
 
     def _bind(self, listener: Listener) -> ListenerService:
         svc = ListenerService(
-            listener.name, listener.endpoint, _NoConnections(), self.reactor, clock=self.reactor
+            listener.name, listener.endpoint, SharedWithWorkers(), self.reactor, clock=self.reactor
         )
         svc.privilegedStartService()
         assert svc.port is not None
