@@ -300,7 +300,11 @@ class Supervisor(MultiService):
 
     def _replace(self, slot: Slot) -> None:
         """Spawn a worker in place of one that died, saying so when it will not run what
-        the others run: the configuration file is read again as it is now."""
+        the others run: the configuration file is read again as it is now. Not while a
+        reload is under way: the replacement waits for its sockets to be settled."""
+        if self._reloading:
+            self._respawns[slot.index] = self.reactor.callLater(0.5, self._replace, slot)
+            return
         current, _, _ = check_config(self.config.source)
         if current is None:
             self.log.warn(
