@@ -155,6 +155,12 @@ def commit_reload(service: Reloadable, prepared: PreparedReload) -> ReloadResult
     return ReloadResult(True, summary=summary)
 
 
+def refuse_reload(service: Reloadable, trigger: str, problems: tuple[str, ...]) -> ReloadResult:
+    """A reload refused before this gateway was asked to prepare it (by the supervisor of
+    worker processes), logged and audited as any refusal."""
+    return _refused(service, trigger, problems)
+
+
 def abort_reload(service: Reloadable, prepared: PreparedReload, why: str) -> ReloadResult:
     """Let a prepared snapshot go (its new listeners unbound), nothing applied; the
     refusal, for ``why``, is audited as any other."""
@@ -450,6 +456,7 @@ __all__ = [
     "abort_reload",
     "commit_reload",
     "prepare_reload",
+    "refuse_reload",
     "reload_gateway",
     "restart_needed",
     "retired_connections",

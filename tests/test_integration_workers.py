@@ -355,11 +355,48 @@ class ReloadTests(WorkersTestCase):
         self.assertIn(b"reloaded", body)
         seen = self.both_workers(gateway, self.context)
         self.assertEqual({status for _, status, _ in seen}, {403})
-        applied = [
-            [r for r in recs if r["event"] == "reload" and r["decision"] == "allow"]
-            for recs in records(self.directory).values()
-        ]
-        self.assertEqual([len(a) for a in applied], [1, 1])
+
+        def audited() -> list[list[str]] | None:
+            reloads = [
+                [r["decision"] for r in recs if r["event"] == "reload"]
+                for recs in records(self.directory).values()
+            ]
+            return reloads if all(len(r) == 2 for r in reloads) else None
+
+        self.assertEqual(
+            eventually(audited, "both reloads audited"), [["deny", "allow"], ["deny", "allow"]]
+        )
+
+
+class ReloadBindTests(WorkersTestCase):
+    def test_bind_failure_refuses(self) -> None:
+        """A reload whose new listener cannot be bound is refused by the supervisor,
+        before any worker is asked: 500, both keep serving, and each audits the refusal."""
+        gateway = self.start()
+        taken = listening_socket()
+        self.addCleanup(taken.close)
+        port = taken.getsockname()[1]
+        gateway.config_path.write_text(
+            gateway.config_path.read_text().replace(
+                "listeners:\n",
+                f'listeners:\n  - {{name: more, endpoint: "tcp:{port}:interface=127.0.0.1"}}\n',
+            )
+        )
+        status, body = http_post(gateway.address("admin"), "/-/reload")
+        self.assertEqual(status, 500, body)
+        self.assertIn(f"listener more: 127.0.0.1:{port}: address already in use".encode(), body)
+        seen = self.both_workers(gateway, self.context)
+        self.assertEqual({status for _, status, _ in seen}, {200})
+        refused = ("deny", f"listener more: 127.0.0.1:{port}: address already in use")
+
+        def audited() -> list[list[tuple[str, str]]] | None:
+            reloads = [
+                [(r["decision"], r["detail"]) for r in recs if r["event"] == "reload"]
+                for recs in records(self.directory).values()
+            ]
+            return reloads if all(reloads) else None
+
+        self.assertEqual(eventually(audited, "the refusal audited"), [[refused], [refused]])
 
 
 class MovedListenerTests(WorkersTestCase):

@@ -4,6 +4,7 @@ AF_UNIX socket pair, the listening sockets of a reload passed as descriptors.
 Worker to supervisor: :class:`Ready` (start-up done, and each later change of readiness).
 Supervisor to worker: :class:`HandOver` (a listening socket bound for a reload),
 :class:`Prepare`, :class:`Commit` and :class:`Abort` (the two phases of a reload),
+:class:`Refused` (a reload refused before the workers were asked),
 :class:`RotateAudit` (SIGUSR1) and :class:`Stop` (SIGTERM: drain and exit).
 """
 
@@ -21,6 +22,7 @@ __all__ = [
     "HandOver",
     "Prepare",
     "Ready",
+    "Refused",
     "RotateAudit",
     "Stop",
 ]
@@ -74,6 +76,14 @@ class Abort(amp.Command):
     it); the refusal is audited with ``why``."""
 
     arguments = [(b"generation", amp.Integer()), (b"why", amp.Unicode())]
+    response = []
+
+
+class Refused(amp.Command):
+    """A reload the supervisor refused before asking the workers to prepare it (the file
+    does not load, a new socket cannot be bound): each worker audits the refusal."""
+
+    arguments = [(b"trigger", amp.Unicode()), (b"problems", amp.ListOf(amp.Unicode()))]
     response = []
 
 

@@ -46,7 +46,7 @@ from promgate.listening import ListenerService
 from promgate.reload import ReloadResult, restart_needed
 from promgate.service import ABORT_GRACE, DRAIN_TIMEOUT
 from promgate.systemd import SystemdNotifier
-from promgate.workers.control import HandOver, RotateAudit, Stop
+from promgate.workers.control import HandOver, Refused, RotateAudit, Stop
 from promgate.workers.coordinator import coordinate_reload
 from promgate.workers.metrics import SupervisorMetrics, WorkerMetrics, forget_process
 from promgate.workers.reactors import ISupervisorReactor
@@ -438,12 +438,19 @@ class Supervisor(MultiService):
     def _refused(
         self, trigger: str, problems: tuple[str, ...], *, logged: bool = False
     ) -> ReloadResult:
+        """Refuse a reload; unless the workers refused it themselves (``logged``), they
+        are told, so that each audits the refusal as a single gateway does."""
         self.metrics.config_last_reload_successful.set(0)
         if not logged:
             for problem in problems:
                 self.log.error(
                     "reload ({trigger}) refused: {problem}", trigger=trigger, problem=problem
                 )
+            for slot in self.slots:
+                if slot.control is not None and slot.state in (SlotState.READY, SlotState.UNREADY):
+                    slot.control.callRemote(
+                        Refused, trigger=trigger, problems=list(problems)
+                    ).addErrback(self._lost, slot)
         else:
             self.log.error(
                 "reload ({trigger}) refused: not every worker could apply it", trigger=trigger

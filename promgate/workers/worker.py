@@ -39,6 +39,7 @@ from promgate.reload import (
     abort_reload,
     commit_reload,
     prepare_reload,
+    refuse_reload,
 )
 from promgate.service import GatewayService
 from promgate.worker_slot import WorkerSlot
@@ -49,6 +50,7 @@ from promgate.workers.control import (
     HandOver,
     Prepare,
     Ready,
+    Refused,
     RotateAudit,
     Stop,
 )
@@ -121,6 +123,11 @@ class WorkerControl(ControlChannel):
         prepared = self._prepared.pop(generation, None)
         if prepared is not None:
             abort_reload(self.gateway, prepared, why)
+        return {}
+
+    @Refused.responder
+    def refused(self, trigger: str, problems: list[str]) -> dict[str, Any]:
+        refuse_reload(self.gateway, trigger, tuple(problems))
         return {}
 
     @RotateAudit.responder
