@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 from promgate.admin import Readiness, admin_site
 from promgate.config.loader import check_config
 from promgate.config.model import Config, Listener
-from promgate.errors import StartupError
+from promgate.errors import StartupError, os_error_text
 from promgate.listening import ListenerService
 from promgate.reload import ReloadResult, restart_needed
 from promgate.service import ABORT_GRACE, DRAIN_TIMEOUT
@@ -230,13 +230,27 @@ class Supervisor(MultiService):
         env = {k: v for k, v in self.environ.items() if k not in _NOT_INHERITED}
         assert self.metrics_dir is not None
         env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
-        process = self.reactor.spawnProcess(
-            WorkerProcess(slot, globalLogPublisher, self._ended),
-            self.executable,
-            args,
-            env=env,
-            childFDs=child_fds,
-        )
+        try:
+            process = self.reactor.spawnProcess(
+                WorkerProcess(slot, globalLogPublisher, self._ended),
+                self.executable,
+                args,
+                env=env,
+                childFDs=child_fds,
+            )
+        except OSError as e:
+            ours.close()
+            theirs.close()
+            slot.failures += 1
+            delay = max(1.0, backoff(slot.failures))
+            self.log.error(
+                "worker {worker} could not be started: {problem}; trying again in {delay:g}s",
+                worker=slot.index,
+                problem=os_error_text(e),
+                delay=delay,
+            )
+            self._respawns[slot.index] = self.reactor.callLater(delay, self._replace, slot)
+            return
         theirs.close()
         process.closeStdin()
         control = SupervisorControl(slot, self._reported)
