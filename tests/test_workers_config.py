@@ -1,8 +1,9 @@
 """``workers``: how many worker processes serve the listeners, checked like every section,
-and a change to it refused by a live reload."""
+a change to it refused by a live reload, and what ``twistd promgate`` assembles for it."""
 
 from __future__ import annotations
 
+import sys
 from unittest import mock
 
 from promgate.config.workers import MAX_WORKERS, worker_count
@@ -76,3 +77,37 @@ class WorkersConfigTests(ProblemAssertions):
             self.assertEqual(worker_count("auto"), 3)
         with mock.patch("os.sched_getaffinity", return_value=set(range(100)), create=True):
             self.assertEqual(worker_count("auto"), MAX_WORKERS)
+
+
+class AssemblyTests(ProblemAssertions):
+    """``twistd promgate`` assembles one gateway for ``workers: 1`` and a supervisor of
+    worker processes for more."""
+
+    def service_for(self, workers: str) -> object:
+        from twisted.application.service import IServiceCollection
+
+        from promgate import tap
+
+        self.tree.standard()
+        self.tree.write("main.yaml", MAIN + f"workers: {workers}\n")
+        self.addCleanup(setattr, sys, "excepthook", sys.excepthook)
+        options = tap.Options()
+        options.parseOptions(["--config", str(self.tree.path("main.yaml"))])
+        top = tap.makeService(options)
+        (service,) = list(IServiceCollection(top))
+        return service
+
+    def test_one_worker(self) -> None:
+        """One worker: the single process, as without the key."""
+        from promgate.service import GatewayService
+
+        self.assertIsInstance(self.service_for("1"), GatewayService)
+
+    def test_two_workers(self) -> None:
+        """Two workers: a supervisor with two slots."""
+        from promgate.workers.supervisor import Supervisor
+
+        service = self.service_for("2")
+        self.assertIsInstance(service, Supervisor)
+        assert isinstance(service, Supervisor)
+        self.assertEqual([slot.index for slot in service.slots], [0, 1])
