@@ -10,9 +10,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from promgate.metrics import exposed_registry
 
@@ -102,23 +103,42 @@ class _Metrics(Resource):
         return b""
 
 
+#: What ``/-/reload`` calls: whether the reload was applied, and what to answer; or a
+#: Deferred of that (a reload across worker processes).
+Reload = Callable[[], "tuple[bool, str] | Deferred[tuple[bool, str]]"]
+
+
 class _Reload(Resource):
     """``POST`` or ``PUT /-/reload``: reload the configuration, as ``SIGHUP`` does; 200 when
     applied, 500 with the problems (``FILE:LINE: key: message``, one a line) when not."""
 
     isLeaf = True
 
-    def __init__(self, reload: Callable[[], tuple[bool, str]]) -> None:
+    def __init__(self, reload: Reload) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._reload = reload
 
-    def render_POST(self, request: Request) -> bytes:
-        applied, text = self._reload()
+    def render_POST(self, request: Request) -> bytes | int:
+        outcome = self._reload()
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
+        if isinstance(outcome, Deferred):
+            outcome.addCallback(self._answer_later, request)
+            return NOT_DONE_YET
+        return self._answer(outcome, request)
+
+    @staticmethod
+    def _answer(outcome: tuple[bool, str], request: Request) -> bytes:
+        applied, text = outcome
         if not applied:
             request.setResponseCode(500)
         return text.encode("utf-8")
+
+    def _answer_later(self, outcome: tuple[bool, str], request: Request) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        request.write(self._answer(outcome, request))
+        request.finish()
 
     render_PUT = render_POST
 
@@ -132,7 +152,7 @@ def admin_site(
     registry: CollectorRegistry,
     readiness: Readiness,
     reactor: IReactorTime,
-    reload: Callable[[], tuple[bool, str]] | None = None,
+    reload: Reload | None = None,
 ) -> Site:
     """The admin web site over promgate's own metrics registry (served without the
     client's ``_created`` series); its timeouts and log timestamps run on ``reactor``.

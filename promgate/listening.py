@@ -63,12 +63,17 @@ class ListenerService(StreamServerEndpointService):
         *,
         clock: IReactorTime | None = None,
         passed: ListenFDs | None = None,
+        descriptor: int | None = None,
     ) -> None:
         """``clock`` times the PROXY header of a ``haproxy:`` endpoint; ``passed`` is what
-        systemd passed (by default, what the environment said when Twisted started)."""
+        systemd passed (by default, what the environment said when Twisted started);
+        ``descriptor`` is a listening socket already bound for ``description`` (by a
+        worker's supervisor), listened on instead of binding (and closed once adopted)."""
         parsed = parse_endpoint(description)
         endpoint: IStreamServerEndpoint
-        if parsed.systemd is not None:
+        if descriptor is not None:
+            endpoint = AdoptedStreamServerEndpoint(reactor, descriptor, _family(descriptor))
+        elif parsed.systemd is not None:
             endpoint = InheritedSocketEndpoint(reactor, parsed.systemd, passed)
         else:
             endpoint = serverFromString(reactor, parsed.inner)
@@ -78,6 +83,7 @@ class ListenerService(StreamServerEndpointService):
                 raise ValueError("a haproxy: endpoint needs a clock for its header deadline")
             wrapped = ProxiedFactory(factory, clock, name=name)
         super().__init__(endpoint, wrapped)  # type: ignore[no-untyped-call]
+        self.adopted = descriptor is not None
         self.parsed: EndpointDescription = parsed
         self.listener_name = name
         self.description = description
@@ -106,6 +112,12 @@ class ListenerService(StreamServerEndpointService):
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
         self.port = port
+        if self.adopted and isinstance(getattr(port, "_bindPath", None), bytes):
+            # A unix socket handed over by a worker's supervisor, shared with the other
+            # workers: closing this copy must neither shut the socket down (Twisted does
+            # not for an adopted TCP socket, but does for a unix one) nor unlink its path.
+            port._shouldShutdown = False  # type: ignore[attr-defined]
+            port._bindPath = b"\0"  # type: ignore[attr-defined]
         return port
 
     def address(self) -> str:
@@ -209,6 +221,15 @@ class InheritedSocketEndpoint:
                 f"systemd passed no socket named {self.wanted.name!r} (names passed: {names})"
             )
         return named[self.wanted.name]
+
+
+def _family(fd: int) -> socket.AddressFamily:
+    """The address family of socket ``fd``."""
+    s = socket.socket(fileno=fd)
+    try:
+        return s.family
+    finally:
+        s.detach()
 
 
 def _check_listening(fd: int, domain: str) -> None:

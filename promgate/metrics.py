@@ -126,12 +126,14 @@ class Metrics:
             "promgate_open_connections",
             "Connections currently open, by listener.",
             ["listener"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.open_tunnels = Gauge(
             "promgate_open_tunnels",
             "CONNECT tunnels currently open on forward listeners, by listener.",
             ["listener"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.tunnel_duration = Histogram(
@@ -158,6 +160,7 @@ class Metrics:
             "promgate_tcp_tunnels_open",
             "Connections on tcp listeners currently relayed to an upstream, by listener and route.",
             ["listener", "route"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.tcp_duration = Histogram(
@@ -190,6 +193,7 @@ class Metrics:
         self.auth_bcrypt_queue_length = Gauge(
             "promgate_auth_bcrypt_queue_length",
             "bcrypt password checks waiting for a thread or running.",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.auth_rejections = Counter(
@@ -202,17 +206,20 @@ class Metrics:
         self.config_last_reload_successful = Gauge(
             "promgate_config_last_reload_successful",
             "Whether the last configuration load succeeded.",
+            multiprocess_mode="livemin",
             registry=r,
         )
         self.config_last_reload_success_timestamp = Gauge(
             "promgate_config_last_reload_success_timestamp_seconds",
             "Time of the last successful configuration load.",
+            multiprocess_mode="max",
             registry=r,
         )
         self.discovery_targets = Gauge(
             "promgate_discovery_targets",
             "Targets each provider currently gives each route (after the route's selector).",
             ["route", "provider"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.discovery_refresh_duration = Histogram(
@@ -233,12 +240,14 @@ class Metrics:
             "promgate_discovery_last_success_timestamp_seconds",
             "Time of the last fully successful discovery refresh, by route and provider.",
             ["route", "provider"],
+            multiprocess_mode="max",
             registry=r,
         )
         self.build_info = Gauge(
             "promgate_build_info",
             "promgate build information (always 1).",
             ["version", "pythonversion", "twistedversion"],
+            multiprocess_mode="max",
             registry=r,
         )
         # What every Prometheus client exports about its process: CPU, memory, file
@@ -347,6 +356,7 @@ class IdentityProviderMetrics:
             "promgate_identity_provider_keys",
             "Signing keys held for each identity provider (as last fetched from its JWKS).",
             ["provider"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.refresh_failures = Counter(
@@ -359,6 +369,7 @@ class IdentityProviderMetrics:
             "promgate_identity_provider_last_refresh_success_timestamp_seconds",
             "Time of the last successful fetch of each identity provider's keys.",
             ["provider"],
+            multiprocess_mode="max",
             registry=registry,
         )
         self.token_checks = Counter(
@@ -389,11 +400,13 @@ class AuditHeadMetrics:
         self.last_sequence = Gauge(
             "promgate_audit_last_sequence",
             "Sequence number of the last audit record written.",
+            multiprocess_mode="liveall",
             registry=registry,
         )
         self.head_fingerprint = Gauge(
             "promgate_audit_head_fingerprint",
             "The first 48 bits of the last audit record's MAC, as an integer.",
+            multiprocess_mode="liveall",
             registry=registry,
         )
 
@@ -415,6 +428,7 @@ class TLSMetrics:
             "promgate_tls_certificate_expiry_timestamp_seconds",
             "notAfter of the certificate each listener serves now.",
             ["listener"],
+            multiprocess_mode="livemin",
             registry=registry,
         )
         self.reloads = Counter(

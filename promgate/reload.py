@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import attrs
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
 from promgate.access_diff import access_diff
@@ -64,6 +65,10 @@ class Reloadable(Protocol):
     retired: list[Gateway]
     certificates: CertificateWatch | None
 
+    def listener_service(
+        self, listener: Listener, factory: IProtocolFactory
+    ) -> ListenerService: ...
+
 
 log = Logger()
 
@@ -91,13 +96,37 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         problems.append(f"{new.source}: audit: changing the audit log takes a restart")
     if old.admin != new.admin:
         problems.append(f"{new.source}: admin: changing the admin endpoint takes a restart")
+    if old.workers != new.workers:
+        problems.append(f"{new.source}: workers: changing the number of workers takes a restart")
     return problems
 
 
 def reload_gateway(service: Reloadable, trigger: str) -> ReloadResult:
     """Reload ``service``'s configuration file; apply it, or refuse it and say why."""
+    prepared = prepare_reload(service, trigger)
+    if isinstance(prepared, ReloadResult):
+        return prepared
+    return commit_reload(service, prepared)
+
+
+@attrs.frozen
+class PreparedReload:
+    """The next snapshot, built (new listeners bound, TLS files read) but not applied:
+    :func:`commit_reload` swaps it in, :func:`abort_reload` lets it go. Until either, the
+    running gateway is as it was."""
+
+    trigger: str
+    config: Config
+    #: The access changes, as the audit record's detail ends.
+    access: str
+    next: _Next
+
+
+def prepare_reload(service: Reloadable, trigger: str) -> PreparedReload | ReloadResult:
+    """Load and check the configuration file and build its snapshot without applying it;
+    a refusal (a ReloadResult, audited) when it cannot be applied."""
     try:
-        return _reload(service, trigger)
+        return _prepare(service, trigger)
     except Exception:
         # Not a problem of the file (those are reported as such): logged in full, and the
         # reload refused in one line rather than lost in the reactor's error log.
@@ -105,7 +134,42 @@ def reload_gateway(service: Reloadable, trigger: str) -> ReloadResult:
         return _refused(service, trigger, ("reload failed: see the gateway's log",))
 
 
-def _reload(service: Reloadable, trigger: str) -> ReloadResult:
+def commit_reload(service: Reloadable, prepared: PreparedReload) -> ReloadResult:
+    """Swap a prepared snapshot in (nothing in it can fail half-way), and audit it."""
+    try:
+        summary = _commit(service, prepared.next)
+    except Exception:
+        log.failure("reload ({trigger}) failed", trigger=prepared.trigger)
+        return _refused(service, prepared.trigger, ("reload failed: see the gateway's log",))
+    summary += prepared.access
+    service.metrics.config_last_reload_successful.set(1)
+    service.metrics.config_last_reload_success_timestamp.set(service.reactor.seconds())
+    for warning in prepared.config.warnings:
+        log.warn("configuration: {problem}", problem=warning)
+    log.info(
+        "configuration reloaded ({trigger}): {summary}", trigger=prepared.trigger, summary=summary
+    )
+    service.audit.record(
+        AuditEvent(event="reload", decision="allow", reason=Reason.OK, detail=summary)
+    )
+    return ReloadResult(True, summary=summary)
+
+
+def refuse_reload(service: Reloadable, trigger: str, problems: tuple[str, ...]) -> ReloadResult:
+    """A reload refused before this gateway was asked to prepare it (by the supervisor of
+    worker processes), logged and audited as any refusal."""
+    return _refused(service, trigger, problems)
+
+
+def abort_reload(service: Reloadable, prepared: PreparedReload, why: str) -> ReloadResult:
+    """Let a prepared snapshot go (its new listeners unbound), nothing applied; the
+    refusal, for ``why``, is audited as any other."""
+    for _, svc in prepared.next.fresh.values():
+        svc.stopService()
+    return _refused(service, prepared.trigger, (why,))
+
+
+def _prepare(service: Reloadable, trigger: str) -> PreparedReload | ReloadResult:
     config, errors, _ = check_config(service.config.source)
     if config is None:
         return _refused(service, trigger, tuple(str(e) for e in errors))
@@ -116,23 +180,15 @@ def _reload(service: Reloadable, trigger: str) -> ReloadResult:
         limit=_MAX_ACCESS_CHANGES
     )
     try:
-        summary = _apply(service, config)
+        next_ = _build(service, config)
     except StartupError as e:
         return _refused(service, trigger, (str(e),))
-    summary += (
+    shown = (
         f"; access: {access['granted']} newly allowed, {access['revoked']} newly denied"
         + "".join(f"; {change}" for change in access["changes"])
         + (f"; and {access['more']} more" if access["more"] else "")
     )
-    service.metrics.config_last_reload_successful.set(1)
-    service.metrics.config_last_reload_success_timestamp.set(service.reactor.seconds())
-    for warning in config.warnings:
-        log.warn("configuration: {problem}", problem=warning)
-    log.info("configuration reloaded ({trigger}): {summary}", trigger=trigger, summary=summary)
-    service.audit.record(
-        AuditEvent(event="reload", decision="allow", reason=Reason.OK, detail=summary)
-    )
-    return ReloadResult(True, summary=summary)
+    return PreparedReload(trigger, config, shown, next_)
 
 
 def _refused(service: Reloadable, trigger: str, problems: tuple[str, ...]) -> ReloadResult:
@@ -156,16 +212,28 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return " ".join(parts) or "unchanged"
 
 
-def _apply(service: Reloadable, config: Config) -> str:
-    """Swap ``config`` in; a listener that cannot bind raises StartupError first, with
-    nothing changed."""
+@attrs.frozen
+class _Next:
+    """What :func:`_build` made of a configuration, for :func:`_commit` to swap in."""
+
+    config: Config
+    discovery: Discovery
+    provider_keys: IdentityProviderKeys
+    authenticator: Authenticator
+    pipeline: Pipeline
+    watch: CertificateWatch | None
+    holders: dict[str, ReloadingServerTLS]
+    fresh: dict[str, tuple[Any, ListenerService]]
+    kept: list[Listener]
+    new_tls: dict[str, ReloadingServerTLS | None]
+
+
+def _build(service: Reloadable, config: Config) -> _Next:
+    """The parts of ``config``'s snapshot; a listener that cannot bind raises
+    StartupError, with nothing changed."""
     old = service.config
     reactor = service.reactor
     old_listeners = {li.name: li for li in old.listeners}
-    running = {
-        li.name: (gw, svc)
-        for li, gw, svc in zip(old.listeners, service.gateways, service.listeners, strict=True)
-    }
 
     # The parts a snapshot is built from: discovery and keys only when their part changed.
     discovery = service.discovery
@@ -202,7 +270,7 @@ def _apply(service: Reloadable, config: Config) -> str:
             gateway = pipeline.gateway(listener, config)
             tls = new_tls[listener.name] = _tls(service, listener)
             factory = protocol_factory(listener, gateway, reactor, tls)
-            svc = ListenerService(listener.name, listener.endpoint, factory, reactor, clock=reactor)
+            svc = service.listener_service(listener, factory)
             svc.privilegedStartService()
             fresh[listener.name] = (gateway, svc)
     except StartupError:
@@ -210,7 +278,35 @@ def _apply(service: Reloadable, config: Config) -> str:
             svc.stopService()
         raise
 
-    # 2. Commit: from here on nothing can fail half-way.
+    return _Next(
+        config,
+        discovery,
+        provider_keys,
+        authenticator,
+        pipeline,
+        watch,
+        holders,
+        fresh,
+        kept,
+        new_tls,
+    )
+
+
+def _commit(service: Reloadable, n: _Next) -> str:
+    """Swap a built snapshot in: from here on nothing can fail half-way."""
+    old, config, reactor = service.config, n.config, service.reactor
+    old_listeners = {li.name: li for li in old.listeners}
+    running = {
+        li.name: (gw, svc)
+        for li, gw, svc in zip(old.listeners, service.gateways, service.listeners, strict=True)
+    }
+    discovery, provider_keys, authenticator, pipeline = (
+        n.discovery,
+        n.provider_keys,
+        n.authenticator,
+        n.pipeline,
+    )
+    watch, holders, fresh, kept, new_tls = n.watch, n.holders, n.fresh, n.kept, n.new_tls
     gateways: list[Any] = []
     services: list[ListenerService] = []
     revoked = 0
@@ -354,4 +450,14 @@ def retired_connections(retired: Iterable[Any]) -> list[Any]:
     return [gw if isinstance(gw, TCPGateway) else gw.http for gw in retired]
 
 
-__all__ = ["ReloadResult", "reload_gateway", "restart_needed", "retired_connections"]
+__all__ = [
+    "PreparedReload",
+    "ReloadResult",
+    "abort_reload",
+    "commit_reload",
+    "prepare_reload",
+    "refuse_reload",
+    "reload_gateway",
+    "restart_needed",
+    "retired_connections",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from promgate.admin import Readiness, admin_site
 from promgate.audit import AuditLog, IAuditSink
 from promgate.audit_aggregate import AggregatingSink
 from promgate.authn import Authenticator, BcryptThreads, ThreadRunner
-from promgate.config.model import Config
+from promgate.config.model import Config, Listener
 from promgate.discovery import Discovery
 from promgate.errors import StartupError, os_error_text
 from promgate.http.listener import HTTPListener
@@ -34,6 +35,7 @@ from promgate.reactors import IGatewayReactor
 from promgate.reload import ReloadResult, reload_gateway
 from promgate.systemd import SystemdNotifier
 from promgate.tls_reload import CertificateWatch, TLSFilesError
+from promgate.worker_slot import WorkerSlot
 
 __all__ = ["ABORT_GRACE", "DRAIN_TIMEOUT", "GatewayService", "Pipeline"]
 
@@ -62,6 +64,11 @@ class GatewayService(MultiService):
     rotation) alone, ``fetch_keys`` answers the identity providers' discovery and JWKS
     requests instead of HTTP, and ``notifier`` tells systemd (``$NOTIFY_SOCKET``, if set)
     when it is ready, reloading and stopping.
+
+    As one of its supervisor's worker processes (``worker``, see :mod:`promgate.workers`),
+    it listens on the sockets it was handed (``descriptors``, by listener name) instead of
+    binding, and has no admin listener, signal handlers or systemd notifications of its
+    own: the supervisor does those for every worker.
     """
 
     log = Logger()
@@ -77,19 +84,28 @@ class GatewayService(MultiService):
         install_signal_handlers: bool = True,
         fetch_keys: Fetch | None = None,
         notifier: SystemdNotifier | None = None,
+        worker: WorkerSlot | None = None,
+        descriptors: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.reactor = reactor
         self.ready_file = ready_file
-        self.install_signal_handlers = install_signal_handlers
+        #: Which of its supervisor's workers this gateway is (None: the only process).
+        self.worker = worker
+        #: Listening sockets bound for it, by listener name, listened on instead of
+        #: binding; each is used once (a reload hands over new ones for what moved).
+        self.descriptors: dict[str, int] = dict(descriptors or {})
+        self.install_signal_handlers = install_signal_handlers and worker is None
+        if worker is not None:  # its supervisor speaks to systemd
+            notifier = SystemdNotifier(None)
         self.notifier = notifier if notifier is not None else SystemdNotifier.from_environment()
         self.metrics = Metrics()
         audit_cfg = config.audit
         self.audit: IAuditSink
         if audit_sink is None:
             self.audit = AuditLog(
-                audit_cfg.path,
+                _audit_path(audit_cfg.path, worker),
                 audit_cfg.key_file,  # read when start-up begins
                 reactor,
                 fsync=audit_cfg.fsync,
@@ -183,14 +199,20 @@ class GatewayService(MultiService):
         self.retired: list[Gateway] = []
         #: Watches the TLS listeners' files; made with the listeners.
         self.certificates: CertificateWatch | None = None
-        #: Last to close: it answers /-/ready with 503 while the others drain.
-        self.admin = ListenerService(
-            "admin",
-            config.admin.endpoint,
-            admin_site(self.metrics.registry, self.readiness, reactor, reload=self._admin_reload),
-            reactor,
-            clock=reactor,
-        )
+        #: Last to close: it answers /-/ready with 503 while the others drain. A worker
+        #: has none: its supervisor answers for every worker.
+        self.admin: ListenerService | None = None
+        if worker is None:
+            self.admin = ListenerService(
+                "admin",
+                config.admin.endpoint,
+                admin_site(
+                    self.metrics.registry, self.readiness, reactor, reload=self._admin_reload
+                ),
+                reactor,
+                clock=reactor,
+            )
+        self._bound = False
         self._previous_sighup: Any = None
         self._previous_sigusr1: Any = None
 
@@ -208,14 +230,25 @@ class GatewayService(MultiService):
             if tls is not None:
                 watched.append(tls)
             factory: IProtocolFactory = protocol_factory(listener, gateway, self.reactor, tls)
-            services.append(
-                ListenerService(
-                    listener.name, listener.endpoint, factory, self.reactor, clock=self.reactor
-                )
-            )
+            services.append(self.listener_service(listener, factory))
         self.certificates = CertificateWatch(watched, self.reactor)
         self.certificates.setServiceParent(self)  # type: ignore[no-untyped-call]
         return services
+
+    def listener_service(self, listener: Listener, factory: IProtocolFactory) -> ListenerService:
+        """A listener as a service: on the socket handed over for it, if there is one."""
+        return ListenerService(
+            listener.name,
+            listener.endpoint,
+            factory,
+            self.reactor,
+            clock=self.reactor,
+            descriptor=self.descriptors.pop(listener.name, None),
+        )
+
+    def own_listeners(self) -> list[ListenerService]:
+        """The configured listeners, and the admin listener if this process has one."""
+        return [*self.listeners, *([self.admin] if self.admin is not None else [])]
 
     def privilegedStartService(self) -> None:
         """Read the certificate and key files and bind every listener, before twistd drops
@@ -225,7 +258,7 @@ class GatewayService(MultiService):
             self.listeners = self._listener_services()
         bound: list[ListenerService] = []
         try:
-            for listener in [*self.listeners, self.admin]:
+            for listener in self.own_listeners():
                 listener.privilegedStartService()
                 bound.append(listener)
             super().privilegedStartService()  # type: ignore[no-untyped-call]
@@ -233,10 +266,11 @@ class GatewayService(MultiService):
             for listener in bound:
                 listener.stopService()
             raise
+        self._bound = True
 
     def startService(self) -> None:
         """Open the audit log (``start``), start the rest, then write the ready file."""
-        if self.admin.port is None:  # started without privilegedStartService
+        if not self._bound:  # started without privilegedStartService
             self.privilegedStartService()
         try:
             super().startService()  # type: ignore[no-untyped-call]
@@ -251,7 +285,7 @@ class GatewayService(MultiService):
         for warning in self.config.warnings:
             # Not ``warning=``: legacy log observers take that key for a warnings.warn().
             self.log.warn("configuration: {problem}", problem=warning)
-        for listener in [*self.listeners, self.admin]:
+        for listener in self.own_listeners():
             listener.startService()
             self.log.info(
                 "listener {name} on {address}",
@@ -272,7 +306,7 @@ class GatewayService(MultiService):
         self.notifier.notify_ready(self._serving())
 
     def _unbind(self) -> None:
-        for listener in [*self.listeners, self.admin]:
+        for listener in self.own_listeners():
             listener.stopService()
 
     def stopService(self) -> Deferred[None]:
@@ -291,7 +325,8 @@ class GatewayService(MultiService):
         await DeferredList([listener.stopService() for listener in self.listeners])
         await self._drain(deadline)
         await self._close_connections(deadline)
-        await self.admin.stopService()
+        if self.admin is not None:
+            await self.admin.stopService()
         self.pool.stop()
         if self.bcrypt_threads is not None:
             self.bcrypt_threads.stop()
@@ -393,9 +428,7 @@ class GatewayService(MultiService):
         return True
 
     def addresses(self) -> dict[str, str]:
-        return {
-            listener.listener_name: listener.address() for listener in [*self.listeners, self.admin]
-        }
+        return {listener.listener_name: listener.address() for listener in self.own_listeners()}
 
     def _serving(self) -> str:
         """What ``systemctl status`` shows once the gateway is ready."""
@@ -406,6 +439,14 @@ class GatewayService(MultiService):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "listeners": self.addresses()}) + "\n")
         tmp.replace(path)
+
+
+def _audit_path(path: Path, worker: WorkerSlot | None) -> Path:
+    """The audit log a gateway writes: each worker process keeps a chain of its own
+    (``audit.jsonl`` becomes ``audit.worker-0.jsonl``, and so on)."""
+    if worker is None:
+        return path
+    return path.with_name(f"{path.stem}.worker-{worker.index}{path.suffix}")
 
 
 def _ignore_cancelled(failure: Failure) -> None:

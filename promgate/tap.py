@@ -12,6 +12,7 @@ from twisted.python import usage
 from promgate import __version__
 from promgate.config.errors import ConfigError
 from promgate.config.loader import load_config
+from promgate.config.workers import worker_count
 from promgate.logs import LEVELS, LogChoice
 
 
@@ -73,6 +74,8 @@ def makeService(options: Options) -> IService:
     from promgate.logs import LoggingService, observer_for
     from promgate.reactors import IGatewayReactor
     from promgate.service import GatewayService
+    from promgate.workers.reactors import ISupervisorReactor
+    from promgate.workers.supervisor import Supervisor
 
     sys.excepthook = one_line_startup_errors(sys.excepthook)
 
@@ -82,6 +85,19 @@ def makeService(options: Options) -> IService:
     gateway_reactor = cast(IGatewayReactor, reactor)
     choice: LogChoice | None = options["logging"]
     top = LoggingService(observer_for(choice) if choice is not None else None)
-    gateway = GatewayService(options["loaded"], gateway_reactor, ready_file=ready)
+    config = options["loaded"]
+    count = worker_count(config.workers)
+    gateway: IService
+    if count > 1:
+        # One process binds and supervises; ``count`` worker processes serve.
+        gateway = Supervisor(
+            config,
+            cast(ISupervisorReactor, reactor),
+            count,
+            ready_file=ready,
+            log_level=options["log-level"],
+        )
+    else:
+        gateway = GatewayService(config, gateway_reactor, ready_file=ready)
     gateway.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

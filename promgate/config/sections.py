@@ -2,7 +2,7 @@
 
 ``include`` names further files (or globs) whose sections join the main file's: lists are
 appended, names (identities, identity providers, templates, routes) must be unique across
-all files, and ``tls``, ``admin`` and ``audit`` may be given once. Nothing is checked
+all files, and ``tls``, ``admin``, ``audit`` and ``workers`` may be given once. Nothing is checked
 beyond that shape here; each section has its own module for that.
 """
 
@@ -29,16 +29,17 @@ _TOP_KEYS = {
     "templates",
     "routes",
     "audit",
+    "workers",
 }
 #: The sections given at most once in the whole configuration.
-_SINGLETONS = ("tls", "admin", "audit")
+_SINGLETONS = ("tls", "admin", "audit", "workers")
 
 
 class Sections:
     """The sections as read, each value with where it came from, still unchecked."""
 
     def __init__(self) -> None:
-        #: ``tls``, ``admin`` and ``audit``, where given.
+        #: ``tls``, ``admin``, ``audit`` and ``workers``, where given.
         self.singletons: dict[str, Item] = {}
         self.listeners: list[Item] = []
         self.web_configs: list[Item] = []

@@ -300,7 +300,7 @@ class MemoryGateway:
         #: The listeners as bound on the memory reactor, by name (``admin`` included).
         self.listeners = {
             s.listener_name: self._bound(s.listener_name, s.factory)
-            for s in [*self.service.listeners, self.service.admin]
+            for s in self.service.own_listeners()
         }
         self.settle()
 
@@ -310,7 +310,7 @@ class MemoryGateway:
         result = self.service.reload("MemoryGateway.reload")
         self.config = self.service.config
         listeners = {}
-        for service in [*self.service.listeners, self.service.admin]:
+        for service in self.service.own_listeners():
             name = service.listener_name
             try:
                 listeners[name] = self._bound(name, service.factory)
