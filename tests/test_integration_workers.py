@@ -184,6 +184,11 @@ class ServingTests(WorkersTestCase):
         )
         self.assertNotIn("_created", text)
         self.assertEqual(metric_samples(text, "promgate_ready"), [({}, 1.0)])
+        # Each worker's own CPU time and memory, by slot.
+        for name in ("promgate_worker_cpu_seconds_total", "promgate_worker_resident_memory_bytes"):
+            samples = metric_samples(text, name)
+            self.assertEqual(sorted(labels["worker"] for labels, _ in samples), ["0", "1"], name)
+            self.assertTrue(all(value > 0 for _, value in samples), samples)
         self.assertEqual(len(metric_samples(text, "promgate_build_info")), 1)
 
     def test_sigterm_drains_every_worker(self) -> None:

@@ -21,14 +21,17 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 import promgate
 import twisted
 
-__all__ = ["SupervisorMetrics", "WorkerMetrics", "forget_process"]
+__all__ = ["SupervisorMetrics", "WorkerMetrics", "WorkerProcesses", "forget_process"]
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class SupervisorMetrics:
@@ -101,3 +104,53 @@ def forget_process(directory: str | None, pid: int) -> None:
     """A worker ended: its ``live*`` gauges no longer count (its counters still do)."""
     if directory is not None:
         mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+class WorkerProcesses(Collector):
+    """Each live worker's CPU time and resident memory, by slot, read from ``/proc``
+    (``workers()`` gives the ``(index, pid)`` of each): the multiprocess directory keeps no
+    ``process_*`` series, and a busy or swelling worker is what an operator looks for.
+    A replaced worker starts its CPU counter again, which ``rate()`` takes as a reset."""
+
+    def __init__(self, workers: Callable[[], Iterable[tuple[int, int]]]) -> None:
+        self._workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = CounterMetricFamily(
+            "promgate_worker_cpu_seconds",
+            "CPU time (user and system) of each worker process, by slot.",
+            labels=["worker"],
+        )
+        rss = GaugeMetricFamily(
+            "promgate_worker_resident_memory_bytes",
+            "Resident memory of each worker process, by slot.",
+            labels=["worker"],
+        )
+        for index, pid in self._workers():
+            read = _proc_usage(pid)
+            if read is None:
+                continue  # gone between the listing and the read
+            seconds, resident = read
+            cpu.add_metric([str(index)], seconds)
+            rss.add_metric([str(index)], resident)
+        yield cpu
+        yield rss
+
+
+def _proc_usage(pid: int) -> tuple[float, float] | None:
+    """CPU seconds and resident bytes of ``pid``, or None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            statm = f.read()
+    except OSError:
+        return None
+    # The command name is in parentheses and may hold spaces: fields count from after it.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime
+        pages = int(statm.split()[1])
+    except (IndexError, ValueError):
+        return None
+    return ticks / _TICKS, float(pages * _PAGE)

@@ -48,7 +48,12 @@ from promgate.service import ABORT_GRACE, DRAIN_TIMEOUT
 from promgate.systemd import SystemdNotifier
 from promgate.workers.control import HandOver, Refused, RotateAudit, Stop
 from promgate.workers.coordinator import coordinate_reload
-from promgate.workers.metrics import SupervisorMetrics, WorkerMetrics, forget_process
+from promgate.workers.metrics import (
+    SupervisorMetrics,
+    WorkerMetrics,
+    WorkerProcesses,
+    forget_process,
+)
 from promgate.workers.reactors import ISupervisorReactor
 from promgate.workers.slots import (
     Slot,
@@ -125,6 +130,11 @@ class Supervisor(MultiService):
         self.metrics_dir: str | None = None
         self.metrics.registry.register(
             WorkerMetrics(lambda: self.metrics_dir, self.metrics.names())
+        )
+        self.metrics.registry.register(
+            WorkerProcesses(
+                lambda: [(s.index, s.pid) for s in self.slots if s.alive and s.pid is not None]
+            )
         )
         #: Every listener's socket, bound and never accepted on here, by name.
         self.sockets: dict[str, ListenerService] = {}
