@@ -21,6 +21,7 @@ from promgate.config.model import Config
 from promgate.config.references import check_allow, check_route_listeners
 from promgate.config.routes import check_routes
 from promgate.config.sections import Sections, read_sections
+from promgate.config.shared_limits import check_shared_limits
 from promgate.config.tcp_listeners import TCPDestinations
 
 __all__ = ["check_config", "load_config"]
@@ -63,6 +64,7 @@ def _build(r: Reader, sections: Sections) -> Config | None:
     check_route_listeners(r, sections, listeners, routes)
     check_allow(r, allow_items, routes, identities, sections.identities)
     audit = check_audit(r, sections)
+    shared_limits = check_shared_limits(r, sections)
     if r.errors or audit is None:
         return None
     return Config(
@@ -73,6 +75,7 @@ def _build(r: Reader, sections: Sections) -> Config | None:
         routes=routes,
         admin=admin,
         audit=audit,
+        shared_limits=shared_limits,
         files=tuple(r.files),
         warnings=tuple(str(w) for w in r.warnings),
     )

@@ -2,8 +2,8 @@
 
 ``include`` names further files (or globs) whose sections join the main file's: lists are
 appended, names (identities, identity providers, templates, routes) must be unique across
-all files, and ``tls``, ``admin`` and ``audit`` may be given once. Nothing is checked
-beyond that shape here; each section has its own module for that.
+all files, and ``tls``, ``admin``, ``audit`` and ``shared_limits`` may be given once.
+Nothing is checked beyond that shape here; each section has its own module for that.
 """
 
 from __future__ import annotations
@@ -29,16 +29,17 @@ _TOP_KEYS = {
     "templates",
     "routes",
     "audit",
+    "shared_limits",
 }
 #: The sections given at most once in the whole configuration.
-_SINGLETONS = ("tls", "admin", "audit")
+_SINGLETONS = ("tls", "admin", "audit", "shared_limits")
 
 
 class Sections:
     """The sections as read, each value with where it came from, still unchecked."""
 
     def __init__(self) -> None:
-        #: ``tls``, ``admin`` and ``audit``, where given.
+        #: ``tls``, ``admin``, ``audit`` and ``shared_limits``, where given.
         self.singletons: dict[str, Item] = {}
         self.listeners: list[Item] = []
         self.web_configs: list[Item] = []

@@ -1,0 +1,147 @@
+"""A real ``redis-server`` for tests of the limits shared through Redis: on a free port of
+127.0.0.1, in a directory of its own, persisting nothing; it can be stopped and started
+again on the same port, and paused (SIGSTOP) to play a Redis that stops answering."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["RedisServer", "redis_server_path"]
+
+
+def redis_server_path() -> str | None:
+    """Where ``redis-server`` is, if installed."""
+    return shutil.which("redis-server")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One ``redis-server`` subprocess on 127.0.0.1. ``start`` waits until it answers
+    ``PING``; ``stop`` ends it; ``start`` again uses the same port."""
+
+    def __init__(self, directory: Path | None = None, *, password: str | None = None) -> None:
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="redis-"))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.password = password
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = self.directory / "redis.log"
+
+    @property
+    def endpoint(self) -> str:
+        """The client endpoint string promgate's ``shared_limits.redis.endpoint`` takes."""
+        return f"tcp:127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> RedisServer:
+        server = redis_server_path()
+        if server is None:
+            raise RuntimeError("redis-server is not installed")
+        args = [
+            server,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.directory),
+            "--logfile",
+            str(self.log_path),
+        ]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout
+        while self.command("PING") not in (b"+PONG", b"-NOAUTH Authentication required."):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start:\n{self.log()}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """End it (continued first, if paused)."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGCONT)
+            process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open, nothing is answered."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def command(self, *words: str, timeout: float = 2.0) -> bytes | None:
+        """One command, in a fresh connection (inline protocol): the first line of the
+        reply, or None if nothing answered."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+                if self.password is not None:
+                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    _read_line(s)
+                s.sendall((" ".join(words) + "\r\n").encode())
+                return _read_line(s)
+        except OSError:
+            return None
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        """The keys matching ``pattern`` (a few: for tests)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as s:
+                if self.password is not None:
+                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    _read_line(s)
+                s.sendall(f"KEYS {pattern}\r\n".encode())
+                count = int(_read_line(s)[1:])
+                keys = []
+                for _ in range(count):
+                    _read_line(s)
+                    keys.append(_read_line(s).decode())
+                return keys
+        except OSError:
+            return []
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError as e:
+            return f"<{self.log_path}: {e}>"
+
+
+def _read_line(s: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data.rstrip(b"\r\n")
