@@ -1,6 +1,10 @@
-"""A real ``redis-server`` for tests of the limits shared through Redis: on a free port of
-127.0.0.1, in a directory of its own, persisting nothing; it can be stopped and started
-again on the same port, and paused (SIGSTOP) to play a Redis that stops answering."""
+"""Redis for tests of the limits shared through Redis (``shared_limits``).
+
+``RedisServer`` is a real ``redis-server`` on a free port of 127.0.0.1, in a directory of
+its own, persisting nothing; it can be stopped and started again on the same port, and
+paused (SIGSTOP) to play a Redis that stops answering. ``ScriptedRedis`` stands in for the
+connection in memory: the test answers each call when it likes (or never).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-__all__ = ["RedisServer", "redis_server_path"]
+from twisted.internet.defer import Deferred, succeed
+
+__all__ = ["RedisServer", "ScriptedRedis", "redis_server_path"]
 
 
 def redis_server_path() -> str | None:
@@ -145,3 +152,43 @@ def _read_line(s: socket.socket) -> bytes:
             break
         data += chunk
     return data.rstrip(b"\r\n")
+
+
+class ScriptedRedis:
+    """A connection to Redis (``promgate.shared_limits.RedisLink`` and its commands) whose
+    script calls wait for the test to answer them (``calls``); other commands (``ZREM``,
+    ``PING``) are noted in ``commands`` and answered at once. Put it in place of a
+    gateway's own with ``MemoryGateway.service.shared_limiter.link = ScriptedRedis()``."""
+
+    def __init__(self) -> None:
+        #: Script calls not answered yet: (keys, args, the Deferred to fire).
+        self.calls: list[tuple[list[str], list[Any], Deferred[Any]]] = []
+        self.commands: list[tuple[Any, ...]] = []
+        self.connected = True
+
+    def connection(self) -> ScriptedRedis | None:
+        return self if self.connected else None
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> Deferred[None]:
+        self.connected = False
+        return succeed(None)
+
+    def abort(self) -> None:
+        self.connected = False
+
+    def eval(self, script: bytes, keys: list[str], args: list[Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((keys, args, d))
+        return d
+
+    def execute_command(self, *args: Any) -> Deferred[Any]:
+        self.commands.append(args)
+        return succeed(1)
+
+    def answer(self, reply: Any) -> None:
+        """Answer the oldest call still waiting."""
+        _, _, d = self.calls.pop(0)
+        d.callback(reply)
