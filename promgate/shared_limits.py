@@ -291,10 +291,11 @@ class SharedLimiter(Service):
         return answer.addErrback(self._not_answered, route, limits, identity, target)
 
     def _answered(self, reply: Any, leases: str, member: str) -> Admission | Holder:
-        try:
-            code, wait = int(reply[0]), int(reply[1])
-        except (TypeError, ValueError, IndexError):
-            raise _UnavailableError("script") from None
+        if not isinstance(reply, list) or len(reply) != 2:
+            raise _UnavailableError("script")
+        code, wait = reply
+        if code not in (0, 1, 2) or not isinstance(wait, int) or wait < 0:
+            raise _UnavailableError("script")
         self._answering(True, None)
         if code == 0:
             if not member:
@@ -331,11 +332,7 @@ class SharedLimiter(Service):
     def _late_admission(self, reply: Any, leases: str, member: str) -> None:
         """An admission answered after its request was decided without it: the lease it
         took is given back (the token stays taken)."""
-        try:
-            admitted = int(reply[0]) == 0
-        except (TypeError, ValueError, IndexError):
-            return
-        if admitted:
+        if isinstance(reply, list) and reply and reply[0] == 0:
             self._send("ZREM", leases, member)
 
     # -- leases ------------------------------------------------------------------------------

@@ -125,6 +125,23 @@ class HTTPTests(SharedLimitsInMemory):
         self.assertEqual(self.limiter.held(), 0)
         self.assertEqual(len(self.requests()), 1)
 
+    def test_shutdown_waits_for_the_answer(self) -> None:
+        """A shutdown drains a request waiting for Redis like one being relayed: it is
+        answered, then the gateway stops (and the connection to Redis is closed)."""
+        self.gw.upstream("10.0.0.5:9100", body=METRICS)
+        conn = self.gw.connect(self.agent, listener="local")
+        conn.send(SCRAPE)
+        stopped = self.gw.stop()
+        self.assertNoResult(stopped)
+        self.redis.answer([0, 0])
+        self.gw.settle()
+        response = conn.response()
+        assert response is not None
+        self.assertEqual(response.status, 200)
+        self.successResultOf(stopped)
+        self.assertFalse(self.redis.connected)
+        self.assertEqual(self.requests(), [("ok", "node", None)])
+
     def test_route_without_limits_is_not_asked(self) -> None:
         """A route with no limits is admitted at once, without Redis."""
         self.gw.upstream("10.0.0.6:9100", body=METRICS)

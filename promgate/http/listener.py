@@ -115,7 +115,8 @@ class HTTPListener:
         self.open_connections = metrics.open_connections.labels(listener.name)
         self.connections = metrics.connections.labels(listener.name)
         self.open: OpenSet[ClientConnection] = OpenSet(clock)
-        #: Requests relayed right now: what a shutdown drains (tunnels are cut instead).
+        #: Requests relayed right now, or waiting for the shared limits: what a shutdown
+        #: drains (tunnels are cut instead).
         self.in_flight = InFlight(clock)
         self.phase = Phase.SERVING
 
@@ -316,9 +317,10 @@ class HTTPListener:
 
 class PendingAdmission:
     """A request whose admission the shared limits are deciding (promgate.shared_limits);
-    it holds the connection (``ClientRelay``) until the answer comes."""
+    it holds the connection (``ClientRelay``) until the answer comes, and counts as in
+    flight meanwhile (a shutdown's drain waits for it, at most the limits' timeout)."""
 
-    __slots__ = ("conn", "ctx", "http", "lost", "req", "route", "target")
+    __slots__ = ("conn", "ctx", "http", "lost", "pending", "req", "route", "target")
 
     def __init__(
         self,
@@ -336,11 +338,19 @@ class PendingAdmission:
         self.route = route
         self.target = target
         self.lost = False
+        self.pending = True
+        http.in_flight.begin()
+
+    def _decided(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.http.in_flight.end()
 
     def client_lost(self, reason: str = Reason.CLIENT_ABORTED) -> None:
         """The connection is gone before the answer: audited now (the audit log may be
         closing); what the answer grants is given back when it comes."""
         self.lost = True
+        self._decided()
         self.http.record(
             self.ctx,
             Outcome(
@@ -354,6 +364,7 @@ class PendingAdmission:
         )
 
     def answered(self, admitted: Ticket | Admission) -> Ticket | None:
+        self._decided()
         if self.lost or not self.conn.end_admission():
             if isinstance(admitted, Ticket):
                 admitted.release()
@@ -367,6 +378,7 @@ class PendingAdmission:
         """Not expected (the shared limits always answer): logged, and the connection
         cut (and audited, as lost while its admission was pending)."""
         self.http.log.failure("admission", failure)
+        self._decided()
         if not self.lost:
             self.conn.abort()
 
