@@ -265,6 +265,83 @@ class SharedLimiterTests(TestCase):
         return Deferred.fromCoroutine(run())
 
 
+class ConnectionTests(TestCase):
+    """A password, and TLS: the endpoint string and ``password_file`` as configured."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        if redis_server_path() is None:
+            raise SkipTest("redis-server is not installed")
+
+    def shared(self, redis: RedisServer, **settings: Any) -> tuple[SharedLimiter, Metrics]:
+        config = RedisLimits(endpoint=redis.endpoint, **settings)
+        metrics = Metrics()
+        local = RateLimiter(reactor)  # type: ignore[arg-type]
+        shared = SharedLimiter(
+            config,
+            reactor,  # type: ignore[arg-type]
+            local,
+            SharedLimitsMetrics(metrics.registry),
+            TxRedisLink(config, reactor),
+        )
+        shared.startService()
+        self.addCleanup(shared.stopService)
+        return shared, metrics
+
+    async def admitted_by_redis(self, shared: SharedLimiter) -> None:
+        async def asked() -> bool:
+            answer = await shared.admit("node", Limits(max_concurrent=5), "x", "t")
+            if isinstance(answer, Admission) or answer is shared.local:
+                if answer is shared.local:
+                    shared.local.release("node")
+                return False
+            answer.release("node")
+            return True
+
+        await until(asked, "an admission by Redis")
+
+    def test_password(self) -> Deferred[None]:
+        """The password is sent (AUTH); a wrong one leaves the limits to
+        ``on_unavailable``."""
+
+        async def run() -> None:
+            redis = RedisServer(workdir("redis-auth"), password="s3cret").start()
+            self.addCleanup(redis.stop)
+            good, _ = self.shared(redis, password="s3cret")
+            await self.admitted_by_redis(good)
+            bad, _ = self.shared(redis, password="wrong", on_unavailable="deny")
+            link = bad.link
+            assert isinstance(link, TxRedisLink)
+
+            async def refused() -> bool:
+                return bool(link._factory.stopped)  # txredisapi gave up: AUTH refused
+
+            await until(refused, "the password to be refused")
+            answer = await bad.admit("node", Limits(max_concurrent=5), "x", "t")
+            assert isinstance(answer, Admission)
+            self.assertEqual(answer.reason, Reason.LIMITS_UNAVAILABLE)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_tls(self) -> Deferred[None]:
+        """A ``tls:`` endpoint: Redis's certificate verified against ``trustRoots``."""
+
+        async def run() -> None:
+            from promgate.testing import TestPKI
+
+            directory = workdir("redis-tls")
+            pki = TestPKI(directory / "pki")
+            tls = (pki.gate_cert, pki.gate_key, pki.ca_cert)
+            redis = RedisServer(directory / "redis", tls=tls).start()
+            self.addCleanup(redis.stop)
+            self.assertTrue(redis.endpoint.startswith("tls:localhost:"))
+            shared, _ = self.shared(redis)
+            await self.admitted_by_redis(shared)
+
+        return Deferred.fromCoroutine(run())
+
+
 class RedisFailureTests(TestCase):
     """A Redis of its own, stopped and restarted, or paused, while a limiter uses it."""
 

@@ -12,6 +12,7 @@ import contextlib
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -37,12 +38,25 @@ def _free_port() -> int:
 
 class RedisServer:
     """One ``redis-server`` subprocess on 127.0.0.1. ``start`` waits until it answers
-    ``PING``; ``stop`` ends it; ``start`` again uses the same port."""
+    ``PING``; ``stop`` ends it; ``start`` again uses the same port. With ``tls`` (its
+    certificate, key and the CA that signed it), it speaks TLS only, and ``endpoint`` is a
+    ``tls:`` endpoint trusting that CA."""
 
-    def __init__(self, directory: Path | None = None, *, password: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path | None = None,
+        *,
+        password: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="redis-"))
         self.directory.mkdir(parents=True, exist_ok=True)
         self.password = password
+        self.tls = tls
+        self.trust = self.directory / "trust"
+        if tls is not None:
+            self.trust.mkdir(exist_ok=True)
+            shutil.copy(tls[2], self.trust / "ca.pem")
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.directory / "redis.log"
@@ -50,6 +64,8 @@ class RedisServer:
     @property
     def endpoint(self) -> str:
         """The client endpoint string promgate's ``shared_limits.redis.endpoint`` takes."""
+        if self.tls is not None:
+            return f"tls:localhost:{self.port}:trustRoots={self.trust}"
         return f"tcp:127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 15.0) -> RedisServer:
@@ -73,6 +89,12 @@ class RedisServer:
         ]
         if self.password is not None:
             args += ["--requirepass", self.password]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            args[2] = "0"  # no plain port
+            args += ["--tls-port", str(self.port), "--tls-cert-file", str(cert)]
+            args += ["--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)]
+            args += ["--tls-auth-clients", "no"]
         self.process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -111,7 +133,7 @@ class RedisServer:
         """One command, in a fresh connection (inline protocol): the first line of the
         reply, or None if nothing answered."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+            with self._connect(timeout) as s:
                 if self.password is not None:
                     s.sendall(f"AUTH {self.password}\r\n".encode())
                     _read_line(s)
@@ -123,7 +145,7 @@ class RedisServer:
     def keys(self, pattern: str = "*") -> list[str]:
         """The keys matching ``pattern`` (a few: for tests)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as s:
+            with self._connect(2.0) as s:
                 if self.password is not None:
                     s.sendall(f"AUTH {self.password}\r\n".encode())
                     _read_line(s)
@@ -136,6 +158,13 @@ class RedisServer:
                 return keys
         except OSError:
             return []
+
+    def _connect(self, timeout: float) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        if self.tls is None:
+            return s
+        context = ssl.create_default_context(cafile=str(self.tls[2]))
+        return context.wrap_socket(s, server_hostname="localhost")
 
     def log(self) -> str:
         try:
