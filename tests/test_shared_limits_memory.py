@@ -13,8 +13,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase
 
 from promgate.config.loader import load_config
+from promgate.listeners.tcp import TCPDownstream
 from promgate.shared_limits import SharedLimiter
 from promgate.testing import Bearer, MemoryGateway, TestPKI
+from promgate.testing.hello import python_client_hello
 from promgate.testing.redis import ScriptedRedis
 
 TOKEN = "agent-token-5f1c"
@@ -27,6 +29,7 @@ admin: {{endpoint: "tcp:9099:interface=127.0.0.1"}}
 listeners:
   - {{name: local, protocol: http, endpoint: "tcp:8080:interface=127.0.0.1", tls: false}}
   - {{name: raw, protocol: tcp, endpoint: "tcp:9101", route: raw}}
+  - {{name: pass, protocol: tcp, endpoint: "tcp:9102", mode: passthrough, route: passed}}
 identities:
   agent: {{bearer_sha256: "{token_sha256}", roles: [scraper]}}
   prometheus: {{cert: {{uri: "spiffe://promgate.local/prometheus"}}, roles: [scraper]}}
@@ -42,6 +45,10 @@ routes:
     allow: ["role:scraper"]
     limits: {{max_concurrent: 5}}
     targets: {{static: ["10.0.0.7:9100"]}}
+  passed:
+    allow: ["sni:*"]
+    limits: {{max_concurrent: 5}}
+    targets: {{static: ["10.0.0.8:443"]}}
 audit: {{path: audit.jsonl, key_file: pki/audit.key}}
 shared_limits:
   redis: {{endpoint: "tcp:127.0.0.1:6379", timeout: 50ms, on_unavailable: {mode}}}
@@ -226,3 +233,29 @@ class TCPTests(SharedLimitsInMemory):
         self.gw.settle()
         self.assertEqual(b"".join(received), b"hello")
         self.assertEqual(self.limiter.held(), 1)
+
+    def test_half_closed_while_waiting(self) -> None:
+        """A client that sends its bytes and half-closes while Redis is asked: the bytes
+        reach the upstream, and the relay knows the client's stream has ended (it passes
+        the FIN on; iosim has no half-close to show it)."""
+        received: list[bytes] = []
+
+        class Sink(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        self.gw.upstream("10.0.0.8:443", factory=Factory.forProtocol(Sink))
+        hello = python_client_hello("a.example.org")
+        conn = self.gw.connect(listener="pass")
+        conn.write(hello)
+        self.assertEqual(len(self.redis.calls), 1)
+        conn.write(b"more")
+        # iosim has no half-close: the gateway's side is told as TCP would tell it.
+        server = self.gw._pumps[-1].server
+        assert isinstance(server, TCPDownstream)
+        server.readConnectionLost()
+        self.redis.answer([0, 0])
+        self.gw.settle()
+        self.assertEqual(b"".join(received), hello + b"more")
+        assert server.relay is not None
+        self.assertTrue(server.relay.client_eof)

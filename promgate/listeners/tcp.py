@@ -100,6 +100,8 @@ class TCPDownstream(Protocol):
         self.admitting: tuple[Route, Target] | None = None
         self.decided = False
         self._buf = b""
+        #: The client half-closed while its admission was being decided.
+        self._closed_write = False
         self._timer: IDelayedCall | None = None
         self._verify_error: tuple[str, PeerCertificate | None] | None = None
         self._timed_out = False
@@ -156,6 +158,8 @@ class TCPDownstream(Protocol):
             self.relay.client_closed_write()
         elif not self.decided:
             self._read_client_hello(complete=True)
+        elif self.admitting is not None:
+            self._closed_write = True  # passed on once the relay is there
 
     def writeConnectionLost(self) -> None:
         pass
@@ -239,6 +243,8 @@ class TCPDownstream(Protocol):
             ),
         )
         self.relay.start(initial)
+        if self._closed_write:
+            self.relay.client_closed_write()
 
     def connect(self, relay: Relay) -> Deferred[UpstreamConnection]:
         gw = self.gw
@@ -416,13 +422,13 @@ class TCPGateway:
         identity = recognition.identity if recognition is not None else None
         who = identity.name if identity is not None else ""
         admitted = self.admitter.admit(route.name, route.limits, who, target.address)
-        if isinstance(admitted, Deferred):  # the shared limits answer later
+        if isinstance(admitted, Ticket):
+            conn.open_relay(route, target, admitted, initial)
+        elif isinstance(admitted, Deferred):  # the shared limits answer later
             conn.begin_admission(route, target)
             admitted.addCallback(self._admitted, conn, route, target, initial).addErrback(
                 self._admission_failed, conn
             )
-        elif isinstance(admitted, Ticket):
-            conn.open_relay(route, target, admitted, initial)
         else:
             self.refuse(conn, admitted.reason, route, target)
 
