@@ -28,6 +28,7 @@ tls: {{certificate: pki/gate.pem, key: pki/gate-key.pem, client_ca: pki/ca.pem}}
 admin: {{endpoint: "tcp:9099:interface=127.0.0.1"}}
 listeners:
   - {{name: local, protocol: http, endpoint: "tcp:8080:interface=127.0.0.1", tls: false}}
+  - {{name: egress, protocol: forward, endpoint: "tcp:3128:interface=127.0.0.1", tls: false}}
   - {{name: raw, protocol: tcp, endpoint: "tcp:9101", route: raw}}
   - {{name: pass, protocol: tcp, endpoint: "tcp:9102", mode: passthrough, route: passed}}
 identities:
@@ -45,6 +46,11 @@ routes:
     allow: ["role:scraper"]
     limits: {{max_concurrent: 5}}
     targets: {{static: ["10.0.0.7:9100"]}}
+  secure:
+    scheme: https
+    allow: ["role:scraper"]
+    limits: {{max_concurrent: 5}}
+    targets: {{static: ["10.0.0.9:443"]}}
   passed:
     allow: ["sni:*"]
     limits: {{max_concurrent: 5}}
@@ -179,6 +185,32 @@ class HTTPTests(SharedLimitsInMemory):
         self.redis.answer([0, 0])
         self.assertEqual(self.redis.commands, [("ZREM", "promgate:node:c", args[4])])
         self.assertEqual(self.gw.service.limiter.in_flight("node"), 0)
+
+
+class ForwardTests(SharedLimitsInMemory):
+    def test_connect_waits_for_redis(self) -> None:
+        """A CONNECT is answered once Redis admits it; what the client sent after its
+        head meanwhile goes through the tunnel."""
+        received: list[bytes] = []
+
+        class Sink(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        self.gw.upstream("10.0.0.9:443", factory=Factory.forProtocol(Sink))
+        conn = self.gw.connect(self.agent, listener="egress")
+        conn.send("10.0.0.9:443", method="CONNECT")
+        conn.write(b"early")
+        self.assertEqual(conn.received, b"")
+        self.redis.answer([0, 0])
+        self.gw.settle()
+        self.assertTrue(conn.received.startswith(b"HTTP/1.1 200 Connection established"))
+        self.assertEqual(b"".join(received), b"early")
+        self.assertEqual(self.limiter.held(), 1)
+        conn.close()
+        self.assertEqual(self.limiter.held(), 0)
+        (record,) = self.gw.audit_records("request")
+        self.assertEqual((record.decision, record.route, record.status), ("allow", "secure", 200))
 
 
 class DenyTests(SharedLimitsInMemory):
