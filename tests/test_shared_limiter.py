@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import txredisapi  # type: ignore[import-untyped]
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
@@ -16,6 +18,7 @@ from promgate.config.model import Limits, RedisLimits
 from promgate.core.reasons import Reason
 from promgate.metrics import Metrics, SharedLimitsMetrics
 from promgate.ratelimit import Admission, RateLimiter
+from promgate.redis_scripts import bucket_key
 from promgate.shared_limits import MAX_OVERDUE, SharedLimiter
 from promgate.testing.redis import ScriptedRedis
 
@@ -158,3 +161,26 @@ class LimiterTests(SynchronousTestCase):
         self.redis.answer([0, 0])
         self.successResultOf(d).release("node")  # type: ignore[union-attr]
         self.assertEqual(self.redis.commands, [])
+
+
+class KeyTests(SynchronousTestCase):
+    """Bucket keys name their bucket unambiguously, whatever the names contain."""
+
+    @given(
+        st.tuples(st.text(), st.text()),
+        st.tuples(st.text(), st.text()),
+        st.sampled_from(["identity", "target", "identity_target"]),
+    )
+    def test_distinct_names_distinct_keys(
+        self, one: tuple[str, str], other: tuple[str, str], per: str
+    ) -> None:
+        limits = Limits(rate=1.0, per=per)  # type: ignore[arg-type]
+        a = bucket_key("p:", "node", limits, *one)
+        b = bucket_key("p:", "node", limits, *other)
+        same = {
+            "identity": one[0] == other[0],
+            "target": one[1] == other[1],
+            "identity_target": one == other,
+        }[per]
+        self.assertEqual(a == b, same)
+        self.assertEqual(a.count(":"), {"identity": 4, "target": 4, "identity_target": 5}[per])
