@@ -19,7 +19,7 @@ from promgate.metrics import Metrics, SharedLimitsMetrics
 from promgate.ratelimit import Admission, RateLimiter
 from promgate.redis_scripts import bucket_key, encode, lease_key
 from promgate.shared_limits import SharedLimiter, TxRedisLink
-from promgate.testing.integration import closed_port, workdir
+from promgate.testing.integration import cleanups, closed_port, workdir
 from promgate.testing.redis import RedisServer, redis_server_path
 
 _server: RedisServer | None = None
@@ -34,6 +34,7 @@ def server() -> RedisServer:
         raise SkipTest("redis-server is not installed")
     if _server is None or _server.process is None:
         _server = RedisServer(workdir("redis")).start()
+        cleanups.append(_server.stop)  # at exit: trial has no module-level fixtures
     return _server
 
 

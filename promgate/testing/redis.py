@@ -96,7 +96,11 @@ class RedisServer:
             args += ["--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)]
             args += ["--tls-auth-clients", "no"]
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while self.command("PING") not in (b"+PONG", b"-NOAUTH Authentication required."):
@@ -171,6 +175,27 @@ class RedisServer:
             return self.log_path.read_text(errors="replace")[-4000:]
         except OSError as e:
             return f"<{self.log_path}: {e}>"
+
+
+def _prctl() -> Any:
+    """libc's ``prctl``, looked up once, in this process (Linux only)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: end with the process that started it (a test run that
+    is killed leaves no redis-server behind). Only calls what was looked up before."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _read_line(s: socket.socket) -> bytes:
