@@ -21,7 +21,7 @@ from promgate.listeners.tcp import TCPGateway, TCPGatewayFactory
 from promgate.metrics import Metrics
 from promgate.net.relay_upstream import EndpointConnector
 from promgate.policy import Membership
-from promgate.ratelimit import RateLimiter
+from promgate.ratelimit import RateLimiter, SharedAdmission
 from promgate.reactors import IGatewayReactor
 from promgate.tls_reload import ReloadingServerTLS
 
@@ -41,6 +41,8 @@ class Pipeline:
     pool: UpstreamPool
     authenticator: Authenticator
     membership: Membership
+    #: The limits shared through Redis (``shared_limits``), if configured.
+    shared: SharedAdmission | None = None
 
     def gateway(
         self, listener: Listener, config: Config, reuse: HTTPListener | None = None
@@ -58,6 +60,7 @@ class Pipeline:
                 connector=EndpointConnector(
                     self.reactor, connect_timeout=listener.deadlines.upstream_connect
                 ),
+                shared=self.shared,
             )
         if listener.protocol == "forward":
             return ForwardGateway(
@@ -72,6 +75,7 @@ class Pipeline:
                 authenticator=self.authenticator,
                 membership=self.membership,
                 reuse=reuse,
+                shared=self.shared,
             )
         return ReverseGateway(
             listener,
@@ -84,6 +88,7 @@ class Pipeline:
             authenticator=self.authenticator,
             membership=self.membership,
             reuse=reuse,
+            shared=self.shared,
         )
 
 

@@ -451,3 +451,43 @@ class TLSMetrics:
         self.expiry.labels(name).set(not_after)
         self.reloads.labels(name)
         self.reload_failures.labels(name)
+
+
+# -- limits shared through Redis (shared_limits) ---------------------------------------------
+
+
+class SharedLimitsMetrics:
+    """How the Redis of ``shared_limits`` answers; registered only when it is configured.
+    Labels are closed vocabularies (error kind, ``on_unavailable`` mode)."""
+
+    #: The kinds of error counted.
+    ERROR_KINDS = ("timeout", "connection", "script")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.errors = Counter(
+            "promgate_shared_limits_redis_errors",
+            "Calls to Redis that failed, by kind: no answer within the timeout, no "
+            "connection, or an error reply.",
+            ["kind"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "promgate_shared_limits_redis_latency_seconds",
+            "Time from sending a call to Redis to its reply (late replies included).",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1),
+            registry=registry,
+        )
+        self.unavailable = Counter(
+            "promgate_shared_limits_unavailable",
+            "Admissions decided without Redis (it did not answer in time), by the "
+            "on_unavailable mode that decided them.",
+            ["on_unavailable"],
+            registry=registry,
+        )
+        self.up = Gauge(
+            "promgate_shared_limits_redis_up",
+            "1 while Redis answers in time and the limits are shared, 0 otherwise.",
+            registry=registry,
+        )
+        for kind in self.ERROR_KINDS:
+            self.errors.labels(kind)

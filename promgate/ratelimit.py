@@ -12,14 +12,16 @@ it exactly with :class:`twisted.internet.task.Clock`.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface, implementer
 
 from promgate.config.model import Limits
 
-__all__ = ["Admission", "IRateLimiter", "RateLimiter"]
+__all__ = ["Admission", "Holder", "IRateLimiter", "RateLimiter", "SharedAdmission"]
 
 #: Minimum number of admits between two sweeps for idle buckets.
 SWEEP_INTERVAL = 1024
@@ -52,6 +54,27 @@ class IRateLimiter(Interface):
 
     def in_flight(route: str) -> int:  # noqa: N805
         """Return the number of allowed, unreleased requests on ``route``."""
+
+
+class Holder(Protocol):
+    """What holds an admitted request's place among its route's ``max_concurrent``: this
+    process's limiter, or a lease of the limits shared through Redis."""
+
+    def release(self, route: str) -> None:
+        """The request on ``route`` is over: give its place back."""
+
+
+class SharedAdmission(Protocol):
+    """Limits held as one budget across processes and hosts (promgate.shared_limits).
+
+    Its answer comes later (it asks Redis): a refusal, or the holder of the admitted
+    request's place. The Deferred always fires, within the configured timeout, and never
+    fails: when Redis cannot answer in time, its ``on_unavailable`` decides.
+    """
+
+    def admit(
+        self, route: str, limits: Limits, identity: str, target: str
+    ) -> Deferred[Admission | Holder]: ...
 
 
 class _Bucket:

@@ -2,8 +2,8 @@
 
 ``SIGHUP`` and ``POST``/``PUT /-/reload`` both come here. The new configuration is loaded
 and checked as ``promgate check-config`` does; if it is invalid (or changes what only a
-restart can change: the audit log, the admin endpoint), nothing changes and the reasons are
-returned. Otherwise, in one reactor turn:
+restart can change: the audit log, the admin endpoint, ``shared_limits``), nothing changes
+and the reasons are returned. Otherwise, in one reactor turn:
 
 1. every listener that is new or moved to another endpoint is bound first, so a bind
    failure refuses the reload with nothing changed;
@@ -98,6 +98,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         problems.append(f"{new.source}: admin: changing the admin endpoint takes a restart")
     if old.workers != new.workers:
         problems.append(f"{new.source}: workers: changing the number of workers takes a restart")
+    if old.shared_limits != new.shared_limits:
+        problems.append(f"{new.source}: shared_limits: changing shared limits takes a restart")
     return problems
 
 

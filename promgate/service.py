@@ -29,10 +29,11 @@ from promgate.jwt_authn import JWTVerifier
 from promgate.listener_factory import Gateway, Pipeline, listener_tls, protocol_factory
 from promgate.listeners.tcp import TCPGateway
 from promgate.listening import ListenerService
-from promgate.metrics import Metrics
+from promgate.metrics import Metrics, SharedLimitsMetrics
 from promgate.ratelimit import RateLimiter
 from promgate.reactors import IGatewayReactor
 from promgate.reload import ReloadResult, reload_gateway
+from promgate.shared_limits import SharedLimiter, shared_limiter
 from promgate.systemd import SystemdNotifier
 from promgate.tls_reload import CertificateWatch, TLSFilesError
 from promgate.worker_slot import WorkerSlot
@@ -139,6 +140,17 @@ class GatewayService(MultiService):
             lambda: bool(self.audit.healthy) or not deny, lambda: self.discovery.settled()
         )
         self.limiter = RateLimiter(reactor)
+        # Limits shared through Redis: connected before the listeners start, closed
+        # after they have drained.
+        self.shared_limiter: SharedLimiter | None = None
+        if config.shared_limits is not None:
+            self.shared_limiter = shared_limiter(
+                config.shared_limits.redis,
+                reactor,
+                self.limiter,
+                SharedLimitsMetrics(self.metrics.registry),
+            )
+            self.shared_limiter.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.pool = UpstreamPool(
             reactor,
             on_connect=lambda route: self.metrics.upstream_connections.labels(route).inc(),
@@ -187,6 +199,7 @@ class GatewayService(MultiService):
             pool=self.pool,
             authenticator=self.authenticator,
             membership=self.discovery.membership,
+            shared=self.shared_limiter,
         )
         #: One gateway per configured listener, in the configuration's order.
         self.gateways: list[Gateway] = [

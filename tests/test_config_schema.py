@@ -19,6 +19,7 @@ from promgate.config import (
     identity_providers,
     routes,
     sections,
+    shared_limits,
     targets,
 )
 from promgate.config.model import JWT_ALGORITHMS
@@ -126,6 +127,10 @@ class KeyTests(SynchronousTestCase):
             keys(props["identities"]["additionalProperties"]), set(identities._IDENTITY_KEYS)
         )
         self.assertEqual(keys(props["audit"]), set(audit_section._AUDIT_KEYS))
+        self.assertEqual(keys(props["shared_limits"]), set(shared_limits._KEYS))
+        self.assertEqual(
+            keys(props["shared_limits"]["properties"]["redis"]), set(shared_limits._REDIS_KEYS)
+        )
         self.assertEqual(
             keys(props["identity_providers"]["additionalProperties"]),
             set(identity_providers._KEYS),

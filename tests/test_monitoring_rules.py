@@ -8,9 +8,10 @@ import re
 from pathlib import Path
 
 import yaml
+from prometheus_client import CollectorRegistry
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from promgate.metrics import Metrics
+from promgate.metrics import Metrics, SharedLimitsMetrics
 from promgate.testing.monitoring import PROMTOOL, executable, promtool
 
 MONITORING = Path(__file__).resolve().parent.parent / "etc" / "monitoring"
@@ -73,7 +74,9 @@ class MetricNameTests(SynchronousTestCase):
     def test_promgate_metrics_exist(self) -> None:
         """Every ``promgate_*`` name a rule reads is one promgate exports."""
         exported = set()
-        for family in Metrics().registry.collect():
+        shared = CollectorRegistry()  # exported only with shared_limits
+        SharedLimitsMetrics(shared)
+        for family in [*Metrics().registry.collect(), *shared.collect()]:
             exported.update(sample.name for sample in family.samples)
             exported.add(family.name)
         exported.update({"promgate_ready"})  # served by the admin site, see admin.py

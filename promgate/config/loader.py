@@ -21,6 +21,7 @@ from promgate.config.model import Config
 from promgate.config.references import check_allow, check_route_listeners
 from promgate.config.routes import check_routes
 from promgate.config.sections import Sections, read_sections
+from promgate.config.shared_limits import check_shared_limits
 from promgate.config.tcp_listeners import TCPDestinations
 from promgate.config.workers import check_workers
 
@@ -65,6 +66,7 @@ def _build(r: Reader, sections: Sections) -> Config | None:
     check_allow(r, allow_items, routes, identities, sections.identities)
     audit = check_audit(r, sections)
     workers = check_workers(r, sections)
+    shared_limits = check_shared_limits(r, sections)
     if r.errors or audit is None:
         return None
     return Config(
@@ -76,6 +78,7 @@ def _build(r: Reader, sections: Sections) -> Config | None:
         admin=admin,
         audit=audit,
         workers=workers,
+        shared_limits=shared_limits,
         files=tuple(r.files),
         warnings=tuple(str(w) for w in r.warnings),
     )

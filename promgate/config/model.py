@@ -42,6 +42,9 @@ FSYNC_POLICIES: tuple[FsyncPolicy, ...] = get_args(FsyncPolicy)
 #: What the gateway does when the audit log cannot be written.
 OnAuditFailure = Literal["deny", "allow"]
 ON_AUDIT_FAILURE: tuple[OnAuditFailure, ...] = get_args(OnAuditFailure)
+#: What admission does while the shared limits' Redis cannot answer in time.
+OnLimitsUnavailable = Literal["local", "allow", "deny"]
+ON_LIMITS_UNAVAILABLE: tuple[OnLimitsUnavailable, ...] = get_args(OnLimitsUnavailable)
 #: Where a route's discovered targets come from.
 ProviderKind = Literal["file_sd", "dns_srv", "plugin"]
 PROVIDER_KINDS: tuple[ProviderKind, ...] = get_args(ProviderKind)
@@ -352,6 +355,32 @@ class Audit:
 
 
 @attrs.frozen
+class RedisLimits:
+    """The Redis that holds the limits shared by every worker and gateway using it.
+
+    ``endpoint`` is a Twisted client endpoint string (``tcp:HOST:PORT``, ``tls:...``,
+    ``unix:PATH``); ``password`` is the text of ``password_file``, kept out of ``repr``.
+    ``timeout`` bounds each request's wait for Redis; then ``on_unavailable`` decides.
+    ``lease_ttl`` is how long a concurrency lease outlives its holder's last renewal.
+    """
+
+    endpoint: str
+    password_file: Path | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    key_prefix: str = "promgate:"
+    timeout: float = 0.05
+    on_unavailable: OnLimitsUnavailable = "local"
+    lease_ttl: float = 30.0
+
+
+@attrs.frozen
+class SharedLimits:
+    """``shared_limits``: route limits held as one budget across processes and hosts."""
+
+    redis: RedisLimits
+
+
+@attrs.frozen
 class Config:
     """A whole, validated configuration."""
 
@@ -367,6 +396,8 @@ class Config:
     #: How many worker processes serve the listeners (``auto``: one per core); 1 is one
     #: process, as without the key.
     workers: int | Literal["auto"] = 1
+    #: Limits shared through Redis; None keeps every limit per process.
+    shared_limits: SharedLimits | None = None
 
     def routes_of(self, listener: str) -> Mapping[str, Route]:
         """The routes listener ``listener`` serves; to it, any other route does not exist."""

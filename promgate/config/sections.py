@@ -2,8 +2,9 @@
 
 ``include`` names further files (or globs) whose sections join the main file's: lists are
 appended, names (identities, identity providers, templates, routes) must be unique across
-all files, and ``tls``, ``admin``, ``audit`` and ``workers`` may be given once. Nothing is checked
-beyond that shape here; each section has its own module for that.
+all files, and ``tls``, ``admin``, ``audit``, ``workers`` and ``shared_limits`` may be
+given once. Nothing is checked beyond that shape here; each section has its own module for
+that.
 """
 
 from __future__ import annotations
@@ -30,16 +31,17 @@ _TOP_KEYS = {
     "routes",
     "audit",
     "workers",
+    "shared_limits",
 }
 #: The sections given at most once in the whole configuration.
-_SINGLETONS = ("tls", "admin", "audit", "workers")
+_SINGLETONS = ("tls", "admin", "audit", "workers", "shared_limits")
 
 
 class Sections:
     """The sections as read, each value with where it came from, still unchecked."""
 
     def __init__(self) -> None:
-        #: ``tls``, ``admin``, ``audit`` and ``workers``, where given.
+        #: ``tls``, ``admin``, ``audit``, ``workers`` and ``shared_limits``, where given.
         self.singletons: dict[str, Item] = {}
         self.listeners: list[Item] = []
         self.web_configs: list[Item] = []

@@ -47,6 +47,8 @@ class Reason(StrEnum):
     RATE_LIMITED = "rate_limited"
     CONCURRENCY_LIMITED = "concurrency_limited"
     AUDIT_UNAVAILABLE = "audit_unavailable"
+    #: ``shared_limits`` with ``on_unavailable: deny``, and Redis did not answer in time.
+    LIMITS_UNAVAILABLE = "limits_unavailable"
 
     # -- the upstream ----------------------------------------------------------------------------
     UPSTREAM_REFUSED = "upstream_refused"

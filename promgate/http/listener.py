@@ -16,6 +16,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from promgate.authn import Authenticator
 from promgate.config.model import Listener, Route, Target
@@ -29,7 +30,7 @@ from promgate.http.upstream import UpstreamPool, UpstreamProtocol
 from promgate.http.wire import RequestHead, simple_response
 from promgate.identity import Recognition
 from promgate.metrics import Metrics
-from promgate.ratelimit import RateLimiter
+from promgate.ratelimit import Admission, RateLimiter
 from promgate.tls import PeerCertificate
 
 #: Headers that go with every answer of the gateway's own.
@@ -60,6 +61,10 @@ class ClientConnection(Protocol):
     def end_authentication(self) -> bool: ...
 
     def begin_exchange(self, exchange: Any) -> None: ...
+
+    def begin_admission(self, pending: Any) -> None: ...
+
+    def end_admission(self) -> bool: ...
 
     def attach_upstream(self, upstream: UpstreamProtocol) -> None: ...
 
@@ -113,7 +118,8 @@ class HTTPListener:
         self.open_connections = metrics.open_connections.labels(listener.name)
         self.connections = metrics.connections.labels(listener.name)
         self.open: OpenSet[ClientConnection] = OpenSet(clock)
-        #: Requests relayed right now: what a shutdown drains (tunnels are cut instead).
+        #: Requests relayed right now, or waiting for the shared limits: what a shutdown
+        #: drains (tunnels are cut instead).
         self.in_flight = InFlight(clock)
         self.phase = Phase.SERVING
 
@@ -217,21 +223,43 @@ class HTTPListener:
         ctx: RequestContext,
         route: Route,
         target: Target,
-    ) -> Ticket | None:
+    ) -> Ticket | Deferred[Ticket | None] | None:
         """The route's limits, then the audit log's health; refuses (429, 503) and
-        returns None, or the ticket of the admitted request."""
+        returns None, or the ticket of the admitted request. With shared limits, the
+        answer comes later: a Deferred of the ticket, or of None once refused (or once
+        the connection was lost meanwhile: audited then, and what was granted given
+        back); meanwhile the connection reads no further request."""
         identity = ctx.recognition.identity
         who = identity.name if identity is not None else ""
         admitted = self.admitter.admit(route.name, route.limits, who, target.address)
         if isinstance(admitted, Ticket):
             return admitted
-        status = 503 if admitted.reason == Reason.AUDIT_UNAVAILABLE else 429
+        if isinstance(admitted, Deferred):
+            pending = PendingAdmission(self, conn, req, ctx, route, target)
+            conn.begin_admission(pending)
+            answer: Deferred[Ticket | None] = admitted.addCallback(pending.answered)
+            return answer.addErrback(pending.failed)
+        self.refuse_admission(conn, req, ctx, route, target, admitted)
+        return None
+
+    def refuse_admission(
+        self,
+        conn: ClientConnection,
+        req: RequestHead,
+        ctx: RequestContext,
+        route: Route,
+        target: Target,
+        admitted: Admission,
+    ) -> None:
+        """Answer a refusal of the limits (429 with ``Retry-After``) or of the audit log or
+        an unreachable Redis under ``on_unavailable: deny`` (503)."""
+        unavailable = (Reason.AUDIT_UNAVAILABLE, Reason.LIMITS_UNAVAILABLE)
+        status = 503 if admitted.reason in unavailable else 429
         extra: Headers = ()
         if status == 429:
             extra = ((b"Retry-After", RateLimiter.retry_after_header(admitted).encode()),)
         outcome = Outcome("deny", admitted.reason, status, route.name, target.address)
         self.refuse(conn, req, ctx, outcome, extra)
-        return None
 
     # -- answers made by the gateway itself ------------------------------------------------
 
@@ -290,4 +318,72 @@ class HTTPListener:
         self.recorder.handshake_failed(conn.peer, reason, detail, cert)
 
 
-__all__ = ["HTTPListener", "Headers", "RequestHandler"]
+class PendingAdmission:
+    """A request whose admission the shared limits are deciding (promgate.shared_limits);
+    it holds the connection (``ClientRelay``) until the answer comes, and counts as in
+    flight meanwhile (a shutdown's drain waits for it, at most the limits' timeout)."""
+
+    __slots__ = ("conn", "ctx", "http", "lost", "pending", "req", "route", "target")
+
+    def __init__(
+        self,
+        http: HTTPListener,
+        conn: ClientConnection,
+        req: RequestHead,
+        ctx: RequestContext,
+        route: Route,
+        target: Target,
+    ) -> None:
+        self.http = http
+        self.conn = conn
+        self.req = req
+        self.ctx = ctx
+        self.route = route
+        self.target = target
+        self.lost = False
+        self.pending = True
+        http.in_flight.begin()
+
+    def _decided(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.http.in_flight.end()
+
+    def client_lost(self, reason: str = Reason.CLIENT_ABORTED) -> None:
+        """The connection is gone before the answer: audited now (the audit log may be
+        closing); what the answer grants is given back when it comes."""
+        self.lost = True
+        self._decided()
+        self.http.record(
+            self.ctx,
+            Outcome(
+                "deny",
+                reason,
+                None,
+                self.route.name,
+                self.target.address,
+                detail="connection lost while the route's shared limits were asked",
+            ),
+        )
+
+    def answered(self, admitted: Ticket | Admission) -> Ticket | None:
+        self._decided()
+        if self.lost or not self.conn.end_admission():
+            if isinstance(admitted, Ticket):
+                admitted.release()
+            return None
+        if isinstance(admitted, Ticket):
+            return admitted
+        self.http.refuse_admission(self.conn, self.req, self.ctx, self.route, self.target, admitted)
+        return None
+
+    def failed(self, failure: Failure) -> None:
+        """Not expected (the shared limits always answer): logged, and the connection
+        cut (and audited, as lost while its admission was pending)."""
+        self.http.log.failure("admission", failure)
+        self._decided()
+        if not self.lost:
+            self.conn.abort()
+
+
+__all__ = ["HTTPListener", "Headers", "PendingAdmission", "RequestHandler"]

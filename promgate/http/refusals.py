@@ -48,6 +48,7 @@ BY_REASON: dict[tuple[int, str], bytes] = {
     (429, "auth_throttled"): b"too many failed logins, try later\n",
     (503, "auth_overloaded"): b"authentication busy, try later\n",
     (503, "audit_unavailable"): b"audit log unavailable\n",
+    (503, "limits_unavailable"): b"rate limits unavailable, try later\n",
     (502, "upstream_refused"): b"upstream connection failed\n",
     (502, "upstream_reset"): b"upstream closed the connection\n",
     (502, "upstream_tls_failed"): b"upstream TLS check failed\n",

@@ -73,6 +73,9 @@ class State(Enum):
     IDLE = "idle"
     #: A request's credentials are being checked (bcrypt, in a thread); no request is read.
     AUTHENTICATING = "authenticating"
+    #: A request's admission is being decided by the shared limits (Redis); no request is
+    #: read. Their ``timeout`` bounds it.
+    ADMITTING = "admitting"
     #: A request is being relayed (an Exchange, which has its own deadline).
     RELAYING = "relaying"
     #: The byte stream belongs to a CONNECT tunnel (a relay, with its own deadlines).
@@ -288,6 +291,17 @@ class DownstreamProtocol(Protocol):
     def begin_exchange(self, exchange: ClientRelay) -> None:
         self._exchange = exchange
         self._enter(State.RELAYING)
+
+    def begin_admission(self, pending: ClientRelay) -> None:
+        """A request waits for its admission (``pending``, told if the connection is
+        lost first): read no further request meanwhile."""
+        self._exchange = pending
+        self._enter(State.ADMITTING)
+
+    def end_admission(self) -> bool:
+        """The admission is decided; False if the connection was lost meanwhile."""
+        self._exchange = None
+        return self._state is not State.LOST
 
     def begin_authentication(
         self, req: RequestHead, start: float, check: Deferred[Recognition] | None = None

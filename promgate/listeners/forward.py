@@ -51,7 +51,7 @@ from promgate.metrics import Metrics
 from promgate.net.relay import Relay, Side
 from promgate.net.relay_upstream import EndpointConnector, UpstreamConnection
 from promgate.policy import BAD_REQUEST, Decision, ForwardPolicy, Membership, parse_query
-from promgate.ratelimit import IRateLimiter
+from promgate.ratelimit import IRateLimiter, SharedAdmission
 from promgate.reactors import IConnectReactor
 
 __all__ = ["CONNECT_OK", "ForwardGateway", "Tunnel"]
@@ -89,6 +89,7 @@ class ForwardGateway:
         authenticator: Authenticator | None = None,
         membership: Membership | None = None,
         reuse: HTTPListener | None = None,
+        shared: SharedAdmission | None = None,
     ) -> None:
         self.http = http_listener(
             listener,
@@ -100,6 +101,7 @@ class ForwardGateway:
             pool=pool,
             authenticator=authenticator,
             reuse=reuse,
+            shared=shared,
         )
         self.http.handler = self
         self.reactor = reactor
@@ -221,9 +223,26 @@ class ForwardGateway:
             self.refuse_decision(conn, req, ctx, decision, form.address)
             return
         ticket = http.admit(conn, req, ctx, route, target)
-        if ticket is not None:
+        if isinstance(ticket, Ticket):
+            self.relay(ticket, conn, req, ctx, decision)
+        elif ticket is not None:  # the shared limits answer later
+            ticket.addCallback(self.relay, conn, req, ctx, decision)
+
+    def relay(
+        self,
+        ticket: Ticket | None,
+        conn: DownstreamProtocol,
+        req: RequestHead,
+        ctx: RequestContext,
+        decision: Decision,
+    ) -> None:
+        """Relay an admitted request (nothing, if ``ticket`` is None: it was refused)."""
+        route, target = decision.route, decision.target
+        if ticket is not None and route is not None and target is not None:
             path = decision.path or ""
-            Exchange(http, conn, req, ctx, route, target, path, decision.params, ticket).start()
+            Exchange(
+                self.http, conn, req, ctx, route, target, path, decision.params, ticket
+            ).start()
 
     # -- CONNECT ----------------------------------------------------------------------------
 
@@ -243,6 +262,21 @@ class ForwardGateway:
             self.refuse_decision(conn, req, ctx, decision, address)
             return
         ticket = http.admit(conn, req, ctx, route, target)
+        if isinstance(ticket, Ticket):
+            Tunnel(self, conn, req, ctx, route, target, ticket).start()
+        elif ticket is not None:  # the shared limits answer later
+            ticket.addCallback(self.open_tunnel, conn, req, ctx, route, target)
+
+    def open_tunnel(
+        self,
+        ticket: Ticket | None,
+        conn: DownstreamProtocol,
+        req: RequestHead,
+        ctx: RequestContext,
+        route: Route,
+        target: Target,
+    ) -> None:
+        """Open an admitted CONNECT's tunnel (nothing, if ``ticket`` is None)."""
         if ticket is not None:
             Tunnel(self, conn, req, ctx, route, target, ticket).start()
 

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from promgate.audit import IAuditSink
 from promgate.authn import REFUSED_AT_THE_DOOR, Authenticator, door_headers
 from promgate.config.model import Config, Listener
-from promgate.core.admission import Admitter
+from promgate.core.admission import Admitter, Ticket
 from promgate.core.context import Outcome, RequestContext
 from promgate.core.reasons import Reason
 from promgate.core.recording import Recorder
@@ -28,7 +28,7 @@ from promgate.http.wire import RequestHead
 from promgate.identity import Recognition
 from promgate.metrics import Metrics
 from promgate.policy import Decision, Membership, ScrapePolicy, parse_scrape_query
-from promgate.ratelimit import IRateLimiter
+from promgate.ratelimit import IRateLimiter, SharedAdmission
 from promgate.sd import render_http_sd
 
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?$")
@@ -46,10 +46,11 @@ def http_listener(
     pool: UpstreamPool,
     authenticator: Authenticator | None,
     reuse: HTTPListener | None = None,
+    shared: SharedAdmission | None = None,
 ) -> HTTPListener:
     """The shared steps of one HTTP listener, assembled from the gateway's parts; or, on a
     reload, ``reuse`` (the running listener, its connections kept) reconfigured."""
-    admitter = Admitter(limiter, audit, metrics, config.audit.on_failure == "deny")
+    admitter = Admitter(limiter, audit, metrics, config.audit.on_failure == "deny", shared)
     authenticator = authenticator or Authenticator(config.identities)
     if reuse is not None:
         reuse.reconfigure(listener, admitter, authenticator)
@@ -81,6 +82,7 @@ class ReverseGateway:
         authenticator: Authenticator | None = None,
         membership: Membership | None = None,
         reuse: HTTPListener | None = None,
+        shared: SharedAdmission | None = None,
     ) -> None:
         self.http = http_listener(
             listener,
@@ -92,6 +94,7 @@ class ReverseGateway:
             pool=pool,
             authenticator=authenticator,
             reuse=reuse,
+            shared=shared,
         )
         self.http.handler = self
         self.listener = listener
@@ -170,9 +173,26 @@ class ReverseGateway:
             http.refuse(conn, req, ctx, outcome)
             return
         ticket = http.admit(conn, req, ctx, route, target)
-        if ticket is not None:
+        if isinstance(ticket, Ticket):
+            self.relay(ticket, conn, req, ctx, decision)
+        elif ticket is not None:  # the shared limits answer later
+            ticket.addCallback(self.relay, conn, req, ctx, decision)
+
+    def relay(
+        self,
+        ticket: Ticket | None,
+        conn: DownstreamProtocol,
+        req: RequestHead,
+        ctx: RequestContext,
+        decision: Decision,
+    ) -> None:
+        """Relay an admitted scrape (nothing, if ``ticket`` is None: it was refused)."""
+        route, target = decision.route, decision.target
+        if ticket is not None and route is not None and target is not None:
             path = decision.path or ""
-            Exchange(http, conn, req, ctx, route, target, path, decision.params, ticket).start()
+            Exchange(
+                self.http, conn, req, ctx, route, target, path, decision.params, ticket
+            ).start()
 
     def service_discovery(
         self, conn: DownstreamProtocol, req: RequestHead, ctx: RequestContext

@@ -65,7 +65,7 @@ from promgate.net.sni import (
     read_client_hello,
 )
 from promgate.policy import ConnectionPolicy
-from promgate.ratelimit import IRateLimiter
+from promgate.ratelimit import Admission, IRateLimiter, SharedAdmission
 from promgate.tls import PeerCertificate, verify_reason
 
 __all__ = ["TCPDownstream", "TCPGateway", "TCPGatewayFactory"]
@@ -96,8 +96,12 @@ class TCPDownstream(Protocol):
         self.route: Route | None = None
         self.target: Target | None = None
         self.ticket: Ticket | None = None
+        #: While the shared limits decide its admission: the route and target asked for.
+        self.admitting: tuple[Route, Target] | None = None
         self.decided = False
         self._buf = b""
+        #: The client half-closed while its admission was being decided.
+        self._closed_write = False
         self._timer: IDelayedCall | None = None
         self._verify_error: tuple[str, PeerCertificate | None] | None = None
         self._timed_out = False
@@ -144,6 +148,8 @@ class TCPDownstream(Protocol):
         elif not self.decided:
             self._buf += data
             self._read_client_hello(complete=False)
+        elif self.admitting is not None:
+            self._buf += data  # for the upstream, once admitted (reading is paused)
 
     def readConnectionLost(self) -> None:
         assert self.side is not None
@@ -152,6 +158,8 @@ class TCPDownstream(Protocol):
             self.relay.client_closed_write()
         elif not self.decided:
             self._read_client_hello(complete=True)
+        elif self.admitting is not None:
+            self._closed_write = True  # passed on once the relay is there
 
     def writeConnectionLost(self) -> None:
         pass
@@ -165,6 +173,13 @@ class TCPDownstream(Protocol):
             self.relay.client_lost(reason)
             return
         self.gw.open.discard(self)
+        if self.admitting is not None:
+            # Audited now; what the admission grants is given back when it comes.
+            (route, target), self.admitting = self.admitting, None
+            why = Reason.GATEWAY_SHUTDOWN if self._shutdown else Reason.CLIENT_ABORTED
+            detail = "connection lost while the route's shared limits were asked"
+            self.gw.record(self, route, target, "deny", why, None, detail)
+            return
         if self.decided:
             return
         self.decided = True
@@ -195,6 +210,22 @@ class TCPDownstream(Protocol):
 
     # -- the relay's owner ---------------------------------------------------------------------
 
+    def begin_admission(self, route: Route, target: Target) -> None:
+        """The shared limits decide: read nothing meanwhile (what still arrives is kept)."""
+        assert self.side is not None
+        self.admitting = (route, target)
+        self.side.gate.pause("admission")
+
+    def end_admission(self) -> bytes | None:
+        """Decided: what arrived meanwhile; None if the connection was lost first."""
+        if self.admitting is None:
+            return None
+        assert self.side is not None
+        self.admitting = None
+        self.side.gate.resume("admission")
+        early, self._buf = self._buf, b""
+        return early
+
     def open_relay(self, route: Route, target: Target, ticket: Ticket, initial: bytes) -> None:
         """Admitted: relay this connection to ``target``."""
         gw = self.gw
@@ -212,6 +243,8 @@ class TCPDownstream(Protocol):
             ),
         )
         self.relay.start(initial)
+        if self._closed_write:
+            self.relay.client_closed_write()
 
     def connect(self, relay: Relay) -> Deferred[UpstreamConnection]:
         gw = self.gw
@@ -300,6 +333,7 @@ class TCPGateway:
         audit: IAuditSink,
         metrics: Metrics,
         connector: IUpstreamConnector,
+        shared: SharedAdmission | None = None,
     ) -> None:
         if listener.tcp is None:
             raise ValueError(f"listener {listener.name!r} has no tcp settings")
@@ -311,7 +345,8 @@ class TCPGateway:
         self.clock = clock
         self._limiter = limiter
         self._audit = audit
-        self.admitter = Admitter(limiter, audit, metrics, config.audit.on_failure == "deny")
+        self._shared = shared
+        self.admitter = Admitter(limiter, audit, metrics, config.audit.on_failure == "deny", shared)
         self.recorder = Recorder(listener.name, audit, metrics)
         self.metrics = metrics
         self.connector = connector
@@ -334,7 +369,11 @@ class TCPGateway:
         self.passthrough = self.settings.mode == "passthrough"
         self.deadlines = listener.deadlines
         self.admitter = Admitter(
-            self._limiter, self._audit, self.metrics, config.audit.on_failure == "deny"
+            self._limiter,
+            self._audit,
+            self.metrics,
+            config.audit.on_failure == "deny",
+            self._shared,
         )
         self.policy = ConnectionPolicy(self.settings, config.routes_of(listener.name))
         self.resolver = IdentityResolver(config.identities)
@@ -383,10 +422,38 @@ class TCPGateway:
         identity = recognition.identity if recognition is not None else None
         who = identity.name if identity is not None else ""
         admitted = self.admitter.admit(route.name, route.limits, who, target.address)
-        if not isinstance(admitted, Ticket):
+        if isinstance(admitted, Ticket):
+            conn.open_relay(route, target, admitted, initial)
+        elif isinstance(admitted, Deferred):  # the shared limits answer later
+            conn.begin_admission(route, target)
+            admitted.addCallback(self._admitted, conn, route, target, initial).addErrback(
+                self._admission_failed, conn
+            )
+        else:
             self.refuse(conn, admitted.reason, route, target)
-            return
-        conn.open_relay(route, target, admitted, initial)
+
+    def _admitted(
+        self,
+        admitted: Ticket | Admission,
+        conn: TCPDownstream,
+        route: Route,
+        target: Target,
+        initial: bytes,
+    ) -> None:
+        early = conn.end_admission()
+        if early is None:  # lost meanwhile, and audited then
+            if isinstance(admitted, Ticket):
+                admitted.release()
+        elif isinstance(admitted, Ticket):
+            conn.open_relay(route, target, admitted, initial + early)
+        else:
+            self.refuse(conn, admitted.reason, route, target)
+
+    def _admission_failed(self, failure: Failure, conn: TCPDownstream) -> None:
+        """Not expected (the shared limits always answer): logged, the connection cut
+        (and audited as lost while its admission was pending)."""
+        self.log.failure("admission", failure)
+        conn.abort()
 
     def refuse(
         self,

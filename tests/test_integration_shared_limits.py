@@ -1,0 +1,118 @@
+"""Two real ``twistd promgate`` gateways on one real Redis (``shared_limits``): requests
+over the route's burst are refused across the pair, as their audit logs and metrics show;
+a client that leaves while Redis is not answering is audited once, and its lease given
+back when Redis answers again."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from promgate.testing import FakeExporter, GatewayProcess, TestPKI, https_get
+from promgate.testing.integration import eventually, metric_samples, q, scrape_path, workdir
+from promgate.testing.redis import RedisServer, redis_server_path
+
+
+def config(pki: TestPKI, audit_log: Path, upstream: str, redis: str, timeout: str) -> str:
+    return f"""
+tls: {{certificate: {q(pki.gate_cert)}, key: {q(pki.gate_key)}, client_ca: {q(pki.ca_cert)}}}
+admin: {{endpoint: "tcp:0:interface=127.0.0.1"}}
+listeners:
+  - {{name: scrape, endpoint: "tcp:0:interface=127.0.0.1"}}
+identities:
+  prometheus: {{cert: {{uri: "spiffe://promgate.local/prometheus"}}, roles: [scraper]}}
+routes:
+  node:
+    allow: ["role:scraper"]
+    paths: [/metrics]
+    limits: {{rate: 1/h, burst: 3, per: identity, max_concurrent: 10}}
+    targets: {{static: ["{upstream}"]}}
+audit: {{path: {q(audit_log)}, key_file: {q(pki.audit_key)}}}
+shared_limits:
+  redis: {{endpoint: "{redis}", timeout: {timeout}, on_unavailable: deny}}
+"""
+
+
+class TwoGatewaysTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        if redis_server_path() is None:
+            if os.environ.get("CI"):
+                self.fail("redis-server is not installed; CI installs it")
+            raise SkipTest("redis-server is not installed")
+        directory = workdir("shared-limits")
+        self.redis = RedisServer(directory / "redis").start()
+        self.addCleanup(self.redis.stop)
+        self.pki = TestPKI(directory / "pki")
+        exporter = FakeExporter({"/metrics": b"up 1\n"})
+        self.addCleanup(exporter.stop)
+        self.path = scrape_path("node", exporter.address)
+        self.gateways: list[tuple[GatewayProcess, Path]] = []
+        for name, timeout in (("a", "50ms"), ("b", "2s")):
+            audit_log = directory / f"audit-{name}.jsonl"
+            text = config(self.pki, audit_log, exporter.address, self.redis.endpoint, timeout)
+            gateway = GatewayProcess(directory / name, text)
+            self.addCleanup(gateway.stop)
+            gateway.start()
+            self.gateways.append((gateway, audit_log))
+        for gateway, _ in self.gateways:
+            eventually(
+                lambda g=gateway: self.metric(g, "promgate_shared_limits_redis_up") or None,
+                "Redis to answer the gateway",
+            )
+
+    def metric(self, gateway: GatewayProcess, name: str, **labels: str) -> float:
+        text = https_get(gateway.address("admin"), "/metrics", None).body.decode()
+        return sum(v for ls, v in metric_samples(text, name) if labels.items() <= ls.items())
+
+    def test_one_budget_for_the_pair(self) -> None:
+        """A burst of 3 per identity is 3 for both gateways together: the fourth request,
+        wherever it lands, is refused with 429, and the records and counters agree."""
+        prometheus = self.pki.client_context("prometheus")
+        (a, audit_a), (b, audit_b) = self.gateways
+        statuses = [g.get("scrape", self.path, prometheus).status for g in (a, b, a, b, a)]
+        self.assertEqual(statuses, [200, 200, 200, 429, 429])
+
+        def requests(gateway: GatewayProcess, log: Path) -> list[tuple[str, str]]:
+            return [
+                (r["decision"], r["reason"])
+                for r in gateway.audit_records(log)
+                if r["event"] == "request"
+            ]
+
+        allowed, limited_ = ("allow", "ok"), ("deny", "rate_limited")
+        self.assertEqual(requests(a, audit_a), [allowed, allowed, limited_])
+        self.assertEqual(requests(b, audit_b), [allowed, limited_])
+        limited = "promgate_rate_limited_total"
+        self.assertEqual(self.metric(a, limited, route="node", reason="rate_limited"), 1)
+        self.assertEqual(self.metric(b, limited, route="node", reason="rate_limited"), 1)
+        self.assertEqual(self.metric(a, "promgate_shared_limits_unavailable_total"), 0)
+        # What Redis holds: the route's one bucket, and no lease left.
+        self.assertEqual(self.redis.keys("promgate:*"), ["promgate:node:b:i:prometheus"])
+
+    def test_client_gone_while_redis_paused(self) -> None:
+        """Redis paused, a client asks gateway b (timeout 2s) and leaves: audited once as
+        aborted, then, once Redis answers, the lease b was granted is given back."""
+        _, (b, audit_b) = self.gateways
+        context = self.pki.client_context("prometheus")
+        host, _, port = b.address("scrape").rpartition(":")
+        self.redis.pause()
+        try:
+            with (
+                socket.create_connection((host, int(port)), timeout=5) as raw,
+                context.wrap_socket(raw, server_hostname="localhost") as tls,
+            ):
+                tls.sendall(f"GET {self.path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            record = b.wait_for_audit_record(audit_b, lambda r: r["event"] == "request")
+        finally:
+            self.redis.resume()
+        self.assertEqual((record["decision"], record["reason"]), ("deny", "client_aborted"))
+        self.assertIn("shared limits", record["detail"])
+        eventually(
+            lambda: self.redis.command("EXISTS", "promgate:node:c") == b":0" or None,
+            "the lease to be given back",
+        )
+        requests = [r for r in b.audit_records(audit_b) if r["event"] == "request"]
+        self.assertEqual(len(requests), 1)
