@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from promgate.admin import Readiness, admin_site
 from promgate.audit import AuditLog, IAuditSink
 from promgate.audit_aggregate import AggregatingSink
+from promgate.audit_chains import chain_path, worker_note
 from promgate.authn import Authenticator, BcryptThreads, ThreadRunner
 from promgate.config.model import Config
 from promgate.discovery import Discovery
@@ -34,6 +35,7 @@ from promgate.reactors import IGatewayReactor
 from promgate.reload import ReloadResult, reload_gateway
 from promgate.systemd import SystemdNotifier
 from promgate.tls_reload import CertificateWatch, TLSFilesError
+from promgate.worker_slot import WorkerSlot
 
 __all__ = ["ABORT_GRACE", "DRAIN_TIMEOUT", "GatewayService", "Pipeline"]
 
@@ -61,7 +63,9 @@ class GatewayService(MultiService):
     ``install_signal_handlers=False`` leaves the process's SIGHUP and SIGUSR1 (audit log
     rotation) alone, ``fetch_keys`` answers the identity providers' discovery and JWKS
     requests instead of HTTP, and ``notifier`` tells systemd (``$NOTIFY_SOCKET``, if set)
-    when it is ready, reloading and stopping.
+    when it is ready, reloading and stopping. ``worker`` is this process's slot among the
+    gateway's worker processes: it writes that slot's audit chain
+    (:mod:`promgate.audit_chains`).
     """
 
     log = Logger()
@@ -77,6 +81,7 @@ class GatewayService(MultiService):
         install_signal_handlers: bool = True,
         fetch_keys: Fetch | None = None,
         notifier: SystemdNotifier | None = None,
+        worker: WorkerSlot | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
@@ -89,7 +94,7 @@ class GatewayService(MultiService):
         self.audit: IAuditSink
         if audit_sink is None:
             self.audit = AuditLog(
-                audit_cfg.path,
+                chain_path(audit_cfg.path, worker),  # each worker its own chain
                 audit_cfg.key_file,  # read when start-up begins
                 reactor,
                 fsync=audit_cfg.fsync,
@@ -99,6 +104,7 @@ class GatewayService(MultiService):
                 on_reopen=self.metrics.audit_reopens.inc,
                 on_head=self.metrics.audit_head.update,
                 batch=True,
+                note=worker_note(worker),
             )
         else:
             self.audit = audit_sink
@@ -304,7 +310,8 @@ class GatewayService(MultiService):
         self.reactor.callFromThread(self.rotate_audit_log)
 
     def rotate_audit_log(self) -> None:
-        """Reopen the audit log's path after logrotate renamed the file (SIGUSR1)."""
+        """Reopen the audit log's path after logrotate renamed the file (SIGUSR1); a worker
+        reopens its own chain's file."""
         if isinstance(self.audit, AuditLog):
             self.audit.rotate()
 

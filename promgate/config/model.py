@@ -364,6 +364,7 @@ class Config:
     files: tuple[Path, ...] = ()
     warnings: tuple[str, ...] = ()
     identity_providers: Mapping[str, IdentityProvider] = attrs.field(factory=dict)
+    workers: int | Literal["auto"] = 1
 
     def routes_of(self, listener: str) -> Mapping[str, Route]:
         """The routes listener ``listener`` serves; to it, any other route does not exist."""
