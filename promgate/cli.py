@@ -96,8 +96,12 @@ def _audit_verify(args: argparse.Namespace) -> int:
     files = [Path(f) for f in args.files]
     discovered = False
     chains = []
-    if args.chain is not None and (files or not args.config):
-        print("promgate audit verify: --chain takes --config and no FILEs", file=sys.stderr)
+    if args.chain is not None and (files or not args.config or args.chain < 0):
+        print(
+            "promgate audit verify: --chain takes a worker number K >= 0, "
+            "with --config and no FILEs",
+            file=sys.stderr,
+        )
         return 2
     if args.config:
         from promgate.config.errors import ConfigError

@@ -275,5 +275,7 @@ class WorkerChainsTests(SynchronousTestCase):
         code, out, err = run_cli("audit", "verify", "--config", config, "--expect", "1:1")
         self.assertEqual(code, 2, out)
         self.assertIn("witnessed heads belong to one chain: pick it with --chain K", err)
-        code, out, err = run_cli("audit", "verify", "--chain", "1", str(self.path))
-        self.assertEqual(code, 2, out)
+        for wrong in (["--chain", "1", str(self.path)], ["--config", config, "--chain", "-1"]):
+            code, out, err = run_cli("audit", "verify", *wrong)
+            self.assertEqual(code, 2, out)
+            self.assertIn("--chain takes a worker number K >= 0", err)
