@@ -131,7 +131,8 @@ class AuditLog(Service):
     ``on_reopen()`` each time the file is reopened because its path no longer named it (or
     was rotated);
     ``on_head(seq, mac)`` after every write, with the seq and MAC of the last record written
-    (the chain's head, for the witness metrics). ``write`` replaces
+    (the chain's head, for the witness metrics). ``note`` begins the detail of every
+    ``start`` record (which worker writes this chain). ``write`` replaces
     ``os.write`` (tests use it to fill the disk). ``key`` is the key itself, or the key file
     (:func:`load_key`), read when start-up begins (``privilegedStartService``, before
     ``twistd --uid`` drops privileges), never in the constructor.
@@ -156,6 +157,7 @@ class AuditLog(Service):
         write: Callable[[int, bytes], int] | None = None,
         on_head: Callable[[int, str], None] | None = None,
         batch: bool = False,
+        note: str | None = None,
     ) -> None:
         if not key:
             raise ValueError("audit key must not be empty")
@@ -177,6 +179,7 @@ class AuditLog(Service):
         self._on_reopen = on_reopen
         self._write = write
         self._on_head = on_head
+        self._note = note  # what every start record says first (which worker writes)
         # Set by rotate() until the new file's first record is written: the previous
         # file's name when it was let go, and its last seq and MAC.
         self._rotation: tuple[str | None, int, str] | None = None
@@ -235,6 +238,7 @@ class AuditLog(Service):
             raise
         self._opened(file)
         Service.startService(self)
+        notes = [self._note, *notes] if self._note else notes
         self.record(AuditEvent("start", detail="; ".join(notes) or None))
         self.flush()
         if self._fsync == "interval":

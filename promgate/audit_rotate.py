@@ -23,6 +23,7 @@ from typing import Any
 
 import attrs
 
+from promgate.audit_chains import is_chain_name
 from promgate.audit_format import parse_record
 
 __all__ = [
@@ -108,6 +109,8 @@ def rotated_series(path: Path) -> tuple[list[Path], list[str], list[str]]:
 
     Siblings are the files in ``path``'s directory named ``NAME.*`` or ``NAME-*`` (logrotate's
     numbered and dated names), ordered by the seq of their first record; ``path`` comes last.
+    Worker processes' chain files of ``path`` and their rotated files are not its siblings
+    (:mod:`promgate.audit_chains`).
     Compressed and empty siblings are left out, with a note; a sibling whose first line is not
     an audit record is a problem (the caller should refuse to guess).
     """
@@ -121,6 +124,8 @@ def rotated_series(path: Path) -> tuple[list[Path], list[str], list[str]]:
     for name in names:
         candidate = path.parent / name
         if name == path.name or not name.startswith((path.name + ".", path.name + "-")):
+            continue
+        if is_chain_name(path, name):
             continue
         if not candidate.is_file():
             continue

@@ -10,7 +10,8 @@ A file that begins with a ``rotate`` record (:mod:`promgate.audit_rotate`) follo
 that record names; when the series does not chain there, the failure says which file is
 missing. With ``rotated_start``, the first file may begin with such a record whose
 predecessors were removed: the chain is then checked from the MAC that record names.
-Reading takes no lock: it works while a gateway writes the file.
+Reading takes no lock: it works while a gateway writes the file. With worker processes,
+:func:`verify_chains` checks each worker's chain (:mod:`promgate.audit_chains`) on its own.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import hmac
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import attrs
 
+from promgate.audit_chains import Chain
 from promgate.audit_format import CANONICAL, GENESIS_MAC, explained_lines, mac, parse_record
 from promgate.audit_lock import close_reader
-from promgate.audit_rotate import parse_rotation
+from promgate.audit_rotate import parse_rotation, rotated_series
 
-__all__ = ["VerifyGap", "VerifyResult", "verify_files"]
+__all__ = ["VerifyGap", "VerifyResult", "result_ending", "verify_chains", "verify_files"]
 
 
 @attrs.frozen
@@ -227,3 +230,78 @@ def verify_files(
         first_seq=first,
         begins_after=begins_after,
     )
+
+
+def result_ending(result: VerifyResult) -> str:
+    """How a verified chain ends, as ``verify`` prints it after the record count."""
+    ending = (
+        "ends with a clean stop" if result.ended_cleanly else "no stop record yet (still running?)"
+    )
+    gaps = len(result.gaps)
+    if gaps:
+        ending += f"; {gaps} gap{'' if gaps == 1 else 's'} explained by a start record (above)"
+    if result.begins_after is not None:
+        ending += (
+            f"; begins at seq {result.first_seq}, after a rotation from "
+            f"{result.begins_after} (not given)"
+        )
+    return ending
+
+
+def verify_chains(
+    key: bytes,
+    chains: Sequence[Chain],
+    out: TextIO,
+    err: TextIO,
+    *,
+    rotated_start: bool = False,
+) -> int:
+    """Check each chain with its rotated files; print one line per chain and a summary.
+
+    Exit status: 1 if a required chain is missing or any chain fails, else 2 if a chain's
+    files could not be told apart (give them explicitly), else 0.
+    """
+    failed: list[str] = []
+    unusable = 0
+    total = 0
+    for chain in chains:
+        name = f"{chain.label} ({chain.path})"
+        files, notes, problems = rotated_series(chain.path)
+        if not chain.path.exists():
+            if chain.required:
+                print(f"FAIL: {name}: missing: no such file", file=err)
+                failed.append(chain.label)
+            continue
+        for note in notes:
+            print(f"NOTE: {note}", file=out)
+        if problems:
+            for problem in problems:
+                print(f"promgate audit verify: {name}: {problem}", file=err)
+            unusable += 1
+            continue
+        if len(files) > 1:
+            print(f"FILES: {chain.label}: {', '.join(str(f) for f in files)}", file=out)
+        result = verify_files(key, files, rotated_start=rotated_start)
+        for gap in result.gaps:
+            print(f"GAP: {gap.describe()}", file=out)
+        if not result.ok:
+            print(f"FAIL: {name}: {result.message}", file=err)
+            failed.append(chain.label)
+            continue
+        total += result.count
+        print(f"OK: {name}: {result.count} record(s) verified; {result_ending(result)}", file=out)
+    if failed:
+        print(
+            f"FAIL: {len(failed)} of {len(chains)} chain(s) missing or broken: {', '.join(failed)}",
+            file=err,
+        )
+        return 1
+    if unusable:
+        print(
+            "promgate audit verify: give the files of each such chain explicitly "
+            "(--chain K, or FILEs)",
+            file=err,
+        )
+        return 2
+    print(f"OK: {len(chains)} chain(s) verified, {total} record(s) in all", file=out)
+    return 0

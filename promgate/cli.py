@@ -79,7 +79,9 @@ def _resolve(config: Any) -> int:
 
 def _audit_verify(args: argparse.Namespace) -> int:
     from promgate.audit import load_key, verify_files
+    from promgate.audit_chains import configured_chains, worker_file
     from promgate.audit_rotate import rotated_series
+    from promgate.audit_verify import result_ending, verify_chains
     from promgate.audit_witness import (
         Expectation,
         Seen,
@@ -89,10 +91,19 @@ def _audit_verify(args: argparse.Namespace) -> int:
         query_witness,
         seen_record,
     )
+    from promgate.config.model import worker_count
     from promgate.config.units import parse_duration
 
     files = [Path(f) for f in args.files]
     discovered = False
+    chains = []
+    if args.chain is not None and (files or not args.config or args.chain < 0):
+        print(
+            "promgate audit verify: --chain takes a worker number K >= 0, "
+            "with --config and no FILEs",
+            file=sys.stderr,
+        )
+        return 2
     if args.config:
         from promgate.config.errors import ConfigError
         from promgate.config.loader import load_config
@@ -103,8 +114,23 @@ def _audit_verify(args: argparse.Namespace) -> int:
             print(e, file=sys.stderr)
             return 2
         key_file = config.audit.key_file
-        if not files:
-            files, notes, problems = rotated_series(config.audit.path)
+        if not files and args.chain is None:
+            chains = configured_chains(config.audit.path, worker_count(config.workers))
+        if len(chains) > 1:
+            if args.expect or args.witness:
+                print(
+                    "promgate audit verify: witnessed heads belong to one chain: "
+                    "pick it with --chain K",
+                    file=sys.stderr,
+                )
+                return 2
+        elif not files:
+            path = (
+                config.audit.path
+                if args.chain is None
+                else worker_file(config.audit.path, args.chain)
+            )
+            files, notes, problems = rotated_series(path)
             for note in notes:
                 print(f"NOTE: {note}")
             if problems:
@@ -118,7 +144,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     else:
         print("promgate audit verify: give --key-file KEY or --config FILE", file=sys.stderr)
         return 2
-    if not files:
+    if not files and len(chains) < 2:
         print("promgate audit verify: no audit files given", file=sys.stderr)
         return 2
     expected: list[Expectation] = []
@@ -138,6 +164,8 @@ def _audit_verify(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"{key_file}: cannot use key: {e}", file=sys.stderr)
         return 2
+    if len(chains) > 1:
+        return verify_chains(key, chains, sys.stdout, sys.stderr, rotated_start=args.rotated_start)
     if discovered:
         print(f"FILES: {', '.join(str(f) for f in files)}")
     seen: dict[int, Seen] = {}
@@ -157,17 +185,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    ending = (
-        "ends with a clean stop" if result.ended_cleanly else "no stop record yet (still running?)"
-    )
-    gaps = len(result.gaps)
-    if gaps:
-        ending += f"; {gaps} gap{'' if gaps == 1 else 's'} explained by a start record (above)"
-    if result.begins_after is not None:
-        ending += (
-            f"; begins at seq {result.first_seq}, after a rotation from "
-            f"{result.begins_after} (not given)"
-        )
+    ending = result_ending(result)
     if expected:
         pairs = len({(e.seq, e.fingerprint) for e in expected if e.seq})
         ending += f"; {pairs} witnessed record(s) match"
@@ -244,7 +262,14 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--config",
         help="take the key from this configuration; without FILEs, check its audit.path "
-        "and the rotated files beside it (NAME.*, NAME-*), ordered by their first seq",
+        "and the rotated files beside it (NAME.*, NAME-*), ordered by their first seq; "
+        "with workers, every worker's chain",
+    )
+    verify.add_argument(
+        "--chain",
+        type=int,
+        metavar="K",
+        help="with --config: check only worker K's chain (STEM.wK.SUFFIX and its rotated files)",
     )
     verify.add_argument(
         "--rotated-start",

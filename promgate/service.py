@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from promgate.admin import Readiness, admin_site
 from promgate.audit import AuditLog, IAuditSink
 from promgate.audit_aggregate import AggregatingSink
+from promgate.audit_chains import chain_path, worker_note
 from promgate.authn import Authenticator, BcryptThreads, ThreadRunner
 from promgate.config.model import Config, Listener
 from promgate.discovery import Discovery
@@ -67,9 +68,10 @@ class GatewayService(MultiService):
     when it is ready, reloading and stopping.
 
     As one of its supervisor's worker processes (``worker``, see :mod:`promgate.workers`),
-    it listens on the sockets it was handed (``descriptors``, by listener name) instead of
-    binding, and has no admin listener, signal handlers or systemd notifications of its
-    own: the supervisor does those for every worker.
+    it writes that slot's audit chain (:mod:`promgate.audit_chains`), listens on the
+    sockets it was handed (``descriptors``, by listener name) instead of binding, and has
+    no admin listener, signal handlers or systemd notifications of its own: the supervisor
+    does those for every worker.
     """
 
     log = Logger()
@@ -106,7 +108,7 @@ class GatewayService(MultiService):
         self.audit: IAuditSink
         if audit_sink is None:
             self.audit = AuditLog(
-                _audit_path(audit_cfg.path, worker),
+                chain_path(audit_cfg.path, worker),  # each worker its own chain
                 audit_cfg.key_file,  # read when start-up begins
                 reactor,
                 fsync=audit_cfg.fsync,
@@ -116,6 +118,7 @@ class GatewayService(MultiService):
                 on_reopen=self.metrics.audit_reopens.inc,
                 on_head=self.metrics.audit_head.update,
                 batch=True,
+                note=worker_note(worker),
             )
         else:
             self.audit = audit_sink
@@ -352,7 +355,8 @@ class GatewayService(MultiService):
         self.reactor.callFromThread(self.rotate_audit_log)
 
     def rotate_audit_log(self) -> None:
-        """Reopen the audit log's path after logrotate renamed the file (SIGUSR1)."""
+        """Reopen the audit log's path after logrotate renamed the file (SIGUSR1); a worker
+        reopens its own chain's file."""
         if isinstance(self.audit, AuditLog):
             self.audit.rotate()
 
@@ -452,14 +456,6 @@ class GatewayService(MultiService):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "listeners": self.addresses()}) + "\n")
         tmp.replace(path)
-
-
-def _audit_path(path: Path, worker: WorkerSlot | None) -> Path:
-    """The audit log a gateway writes: each worker process keeps a chain of its own
-    (``audit.jsonl`` becomes ``audit.worker-0.jsonl``, and so on)."""
-    if worker is None:
-        return path
-    return path.with_name(f"{path.stem}.worker-{worker.index}{path.suffix}")
 
 
 def _ignore_cancelled(failure: Failure) -> None:

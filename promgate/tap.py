@@ -12,7 +12,7 @@ from twisted.python import usage
 from promgate import __version__
 from promgate.config.errors import ConfigError
 from promgate.config.loader import load_config
-from promgate.config.workers import worker_count
+from promgate.config.model import worker_count
 from promgate.logs import LEVELS, LogChoice
 
 

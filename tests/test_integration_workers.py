@@ -28,6 +28,7 @@ from promgate.testing.integration import (
     http_get,
     metric_samples,
     q,
+    run_cli,
     scrape_path,
     workdir,
 )
@@ -157,9 +158,7 @@ class ServingTests(WorkersTestCase):
         self.assertNotIn(gateway.process.pid if gateway.process else 0, pids)
         seen = self.both_workers(gateway, self.context)
         self.assertEqual({status for _, status, _ in seen}, {200})
-        self.assertEqual(
-            sorted({w for _, _, w in seen}), ["audit.worker-0.jsonl", "audit.worker-1.jsonl"]
-        )
+        self.assertEqual(sorted({w for _, _, w in seen}), ["audit.w0.jsonl", "audit.w1.jsonl"])
 
         def counted() -> float | None:
             total = sum(
@@ -223,6 +222,13 @@ class ServingTests(WorkersTestCase):
         self.assertIn(gateway.wait(), STOPPED)
         for pid in pids:
             self.assertFalse(alive(pid), pid)
+        # Each worker's chain ends in its stop record, and audit verify checks both.
+        code, out, err = run_cli("audit", "verify", "--config", str(gateway.config_path))
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("OK: 2 chain(s) verified", out)
+        for name, recs in records(self.directory).items():
+            self.assertEqual(recs[-1]["event"], "stop", name)
+            self.assertRegex(recs[0]["detail"] or "", r"^worker [01] of 2", name)
 
 
 class StartupTests(WorkersTestCase):
@@ -251,7 +257,7 @@ class ReplacementTests(WorkersTestCase):
         pids = ready_pids(gateway)
         victim = pids[0]
         os.kill(victim, signal.SIGKILL)
-        survivors = [conn for conn, _, w in seen if w == "audit.worker-1.jsonl"]
+        survivors = [conn for conn, _, w in seen if w == "audit.w1.jsonl"]
         self.assertTrue(survivors)
         for conn in survivors:
             self.assertEqual(request(conn, self.path).status, 200)
@@ -309,7 +315,7 @@ class ReplacementTests(WorkersTestCase):
     def test_ready_only_when_every_worker_is(self) -> None:
         """/-/ready answers 503 while one worker cannot start (its audit log cannot be
         opened), and 200 once it has been replaced by one that starts."""
-        blocked = self.directory / "audit.worker-1.jsonl"
+        blocked = self.directory / "audit.w1.jsonl"
         blocked.mkdir()
         admin = f"127.0.0.1:{closed_port()}"
         gateway = GatewayProcess(
@@ -474,12 +480,12 @@ class SystemdTests(WorkersTestCase):
         seen = self.both_workers(gateway, self.context)
         self.assertEqual({status for _, status, _ in seen}, {200})
         # SIGUSR1: every worker reopens its audit log (after logrotate renamed it).
-        for path in self.directory.glob("audit.worker-*.jsonl"):
+        for path in self.directory.glob("audit.w*.jsonl"):
             path.rename(path.with_name(path.name + ".1"))
         assert gateway.process is not None
         gateway.process.send_signal(signal.SIGUSR1)
         eventually(
-            lambda: len(list(self.directory.glob("audit.worker-*.jsonl"))) == 2 or None,
+            lambda: len(list(self.directory.glob("audit.w*.jsonl"))) == 2 or None,
             "both audit logs reopened",
         )
         count = len(notify.messages)

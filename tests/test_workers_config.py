@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from unittest import mock
 
-from promgate.config.workers import MAX_WORKERS, worker_count
+from promgate.config.model import MAX_WORKERS, worker_count
 from promgate.reload import restart_needed
 from promgate.testing.configs import MAIN, ProblemAssertions
 

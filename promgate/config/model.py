@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -429,3 +430,19 @@ def route_listeners(
         else:
             out[name] = http
     return out
+
+
+#: The most worker processes one gateway runs.
+MAX_WORKERS = 64
+
+
+def worker_count(workers: int | Literal["auto"]) -> int:
+    """How many worker processes ``workers`` means on this host: ``auto`` is one per CPU
+    this process may run on, at most :data:`MAX_WORKERS`."""
+    if workers != "auto":
+        return workers
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores))

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from promgate.config.fields import Reader
+from promgate.config.model import MAX_WORKERS
 from promgate.config.sections import Sections
 
-__all__ = ["MAX_WORKERS", "check_workers", "worker_count"]
-
-#: The most worker processes one gateway runs.
-MAX_WORKERS = 64
+__all__ = ["check_workers"]
 
 
 def check_workers(r: Reader, sections: Sections) -> int | Literal["auto"]:
@@ -27,14 +24,3 @@ def check_workers(r: Reader, sections: Sections) -> int | Literal["auto"]:
         r.error(item.src, item.key, f"must be an integer from 1 to {MAX_WORKERS}, or auto")
         return 1
     return value
-
-
-def worker_count(workers: int | Literal["auto"]) -> int:
-    """How many worker processes ``workers`` means on this host."""
-    if workers != "auto":
-        return workers
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cores))
