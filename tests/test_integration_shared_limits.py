@@ -1,7 +1,8 @@
-"""Two real ``twistd promgate`` gateways on one real Redis (``shared_limits``): requests
-over the route's burst are refused across the pair, as their audit logs and metrics show;
-a client that leaves while Redis is not answering is audited once, and its lease given
-back when Redis answers again."""
+"""Two real ``twistd promgate`` gateways on one real Redis (``shared_limits``), and one
+gateway of two worker processes: requests over the route's burst are refused across the
+pair (and across the workers), as their audit logs and metrics show; a client that leaves
+while Redis is not answering is audited once, and its lease given back when Redis answers
+again."""
 
 from __future__ import annotations
 
@@ -116,3 +117,58 @@ class TwoGatewaysTests(SynchronousTestCase):
         )
         requests = [r for r in b.audit_records(audit_b) if r["event"] == "request"]
         self.assertEqual(len(requests), 1)
+
+
+class WorkersOneBudgetTests(SynchronousTestCase):
+    """One gateway of two worker processes on one Redis: the route's burst is the
+    gateway's, not each worker's."""
+
+    #: At most this many requests are made to see both workers serve.
+    MAX_TRIES = 200
+
+    def test_one_budget_for_the_workers(self) -> None:
+        if redis_server_path() is None:
+            if os.environ.get("CI"):
+                self.fail("redis-server is not installed; CI installs it")
+            raise SkipTest("redis-server is not installed")
+        directory = workdir("shared-limits-workers")
+        redis = RedisServer(directory / "redis").start()
+        self.addCleanup(redis.stop)
+        pki = TestPKI(directory / "pki")
+        exporter = FakeExporter({"/metrics": b"up 1\n"})
+        self.addCleanup(exporter.stop)
+        audit_log = directory / "audit.jsonl"
+        text = "workers: 2\n" + config(pki, audit_log, exporter.address, redis.endpoint, "2s")
+        gateway = GatewayProcess(directory / "gw", text)
+        self.addCleanup(gateway.stop)
+        gateway.start()
+        prometheus = pki.client_context("prometheus")
+        path = scrape_path("node", exporter.address)
+
+        def requests_by_worker() -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for chain in sorted(directory.glob("audit.w*.jsonl")):
+                out[chain.name] = [
+                    r["reason"] for r in gateway.audit_records(chain) if r["event"] == "request"
+                ]
+            return out
+
+        # Both workers serving and at least 4 requests: per-worker limits would then
+        # allow at least 4 (each worker's first 3), one shared budget exactly 3.
+        statuses: list[int] = []
+        while (
+            sum(1 for reasons in requests_by_worker().values() if reasons) < 2 or len(statuses) < 4
+        ):
+            self.assertLess(len(statuses), self.MAX_TRIES, "one worker served every request")
+            statuses.append(gateway.get("scrape", path, prometheus).status)
+            eventually(
+                lambda: sum(map(len, requests_by_worker().values())) == len(statuses) or None,
+                "the request's record",
+            )
+        self.assertEqual(statuses[:3], [200, 200, 200])
+        self.assertEqual(set(statuses[3:]), {429})
+        by_worker = requests_by_worker()
+        self.assertEqual(
+            sorted(r for reasons in by_worker.values() for r in reasons),
+            sorted(["ok"] * statuses.count(200) + ["rate_limited"] * statuses.count(429)),
+        )

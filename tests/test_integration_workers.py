@@ -170,6 +170,16 @@ class ServingTests(WorkersTestCase):
             return total if total == len(seen) else None
 
         self.assertEqual(eventually(counted, "every request counted"), len(seen))
+        # ... and their audit chains hold one request record for each.
+        self.assertEqual(
+            sum(
+                1
+                for recs in records(self.directory).values()
+                for r in recs
+                if r["event"] == "request"
+            ),
+            len(seen),
+        )
         text = self.metrics(gateway)
         self.assertEqual(
             metric_samples(text, "promgate_workers"),
