@@ -498,13 +498,3 @@ def spki_sha256(cert: x509.Certificate) -> str:
 def not_after(path: Path) -> datetime.datetime:
     """Expiry of the first certificate in ``path``."""
     return _load_certs(path)[0].not_valid_after_utc
-
-
-def crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
-    """Whether ``ca`` issued and signed ``crl``."""
-    if crl.issuer != ca.subject:
-        return False
-    try:
-        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False

@@ -36,9 +36,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from promgate.certificates import crl_signed_by
 from promgate.config.model import TLSFiles
 from promgate.metrics import TLSMetrics
-from promgate.tls import ServerTLS, crl_signed_by, load_crls, options_from
+from promgate.tls import ServerTLS, load_crls, options_from
 
 __all__ = [
     "MAX_FILE_SIZE",

@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from promgate.certificates import crl_signed_by
 from promgate.config.fields import Reader
 from promgate.config.model import TLSFiles
 from promgate.config.yaml_source import Item
-from promgate.tls import crl_signed_by
 
 __all__ = [
     "audit_key_file",
