@@ -275,7 +275,9 @@ def _build(service: Reloadable, config: Config) -> _Next:
             svc = service.listener_service(listener, factory)
             svc.privilegedStartService()
             fresh[listener.name] = (gateway, svc)
-    except StartupError:
+    except Exception:
+        # Whatever stopped the build (a listener that cannot bind, or something no check
+        # foresaw), the listeners it bound already are let go: nothing changed.
         for _, svc in fresh.values():
             svc.stopService()
         raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase
@@ -149,6 +150,46 @@ class ListenerDiffTests(ReloadTestCase):
         self.assertNotIn("raw", self.gw.listeners)
         port = next(s for s in self.gw.reactor.tcpServers if s[0] == 9200)
         self.assertIsNotNone(port)
+
+    def test_unexpected_failure_unbinds_what_it_bound(self) -> None:
+        """A reload that fails for a reason no check foresaw, after binding one of its new
+        listeners, refuses and lets that listener go again: nothing changed, nothing bound."""
+        service = self.gw.service
+        made: list[Any] = []
+        stopped: list[str] = []
+        listener_service = service.listener_service
+
+        def recording(listener: Any, factory: Any) -> Any:
+            svc = listener_service(listener, factory)
+            stop = svc.stopService
+
+            def stop_recorded() -> Any:
+                stopped.append(svc.listener_name)
+                return stop()
+
+            svc.stopService = stop_recorded
+            made.append(svc)
+            if listener.name == "second":
+                raise RuntimeError("unforeseen")
+            return svc
+
+        self.patch(service, "listener_service", recording)
+        self.write(
+            CONFIG.replace(
+                "  - {name: egress,",
+                '  - {name: first, protocol: http, endpoint: "tcp:8081:interface=127.0.0.1",'
+                " tls: false}\n  - {name: second, protocol: http, endpoint: "
+                '"tcp:8082:interface=127.0.0.1", tls: false}\n  - {name: egress,',
+            ).replace("listeners: [local, egress]", "listeners: [local, first, second, egress]")
+        )
+        result = self.gw.reload()
+        self.assertFalse(result.applied)
+        self.assertEqual([svc.listener_name for svc in made], ["first", "second"])
+        self.assertEqual(stopped, ["first"])
+        self.assertNotIn("first", self.gw.listeners)
+        # The unforeseen failure is logged in full, once.
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.gw.get(SCRAPE, identity=Bearer(TOKEN), listener="local").status, 200)
 
 
 class SnapshotTests(ReloadTestCase):
