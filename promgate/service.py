@@ -16,11 +16,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from promgate.admin import Readiness, admin_site
-from promgate.audit import AuditLog, IAuditSink
+from promgate.audit import AuditEvent, AuditLog, IAuditSink
 from promgate.audit_aggregate import AggregatingSink
 from promgate.audit_chains import chain_path, worker_note
 from promgate.authn import Authenticator, BcryptThreads, ThreadRunner
 from promgate.config.model import Config, Listener
+from promgate.core.reasons import Reason
 from promgate.discovery import Discovery
 from promgate.errors import StartupError, os_error_text
 from promgate.http.listener import HTTPListener
@@ -37,6 +38,7 @@ from promgate.reload import ReloadResult, reload_gateway
 from promgate.shared_limits import SharedLimiter, shared_limiter
 from promgate.systemd import SystemdNotifier
 from promgate.tls_reload import CertificateWatch, TLSFilesError
+from promgate.tls_reload import ReloadResult as TLSReloadResult
 from promgate.worker_slot import WorkerSlot
 
 __all__ = ["ABORT_GRACE", "DRAIN_TIMEOUT", "GatewayService", "Pipeline"]
@@ -247,9 +249,21 @@ class GatewayService(MultiService):
                 watched.append(tls)
             factory: IProtocolFactory = protocol_factory(listener, gateway, self.reactor, tls)
             services.append(self.listener_service(listener, factory))
-        self.certificates = CertificateWatch(watched, self.reactor)
+        self.certificates = CertificateWatch(watched, self.reactor, on_reload=self._tls_reloaded)
         self.certificates.setServiceParent(self)  # type: ignore[no-untyped-call]
         return services
+
+    def _tls_reloaded(self, result: TLSReloadResult) -> None:
+        """A listener's TLS files, changed on disk, were loaded (or could not be): a change
+        of what the gateway presents, or trusts, is in the audit trail."""
+        self.audit.record(
+            AuditEvent(
+                event="tls_reload",
+                decision="allow" if result.ok else "deny",
+                reason=Reason.OK if result.ok else Reason.CONFIG_INVALID,
+                detail=result.message,
+            )
+        )
 
     def listener_service(self, listener: Listener, factory: IProtocolFactory) -> ListenerService:
         """A listener as a service: on the socket handed over for it, if there is one."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -286,16 +286,17 @@ class ReloadingServerTLS:
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:  # noqa: N803
         return self._served.tls.serverConnectionForTLS(tlsProtocol)
 
-    def poll(self) -> None:
-        """Look at the files; load them once a change has stayed put for one poll."""
+    def poll(self) -> ReloadResult | None:
+        """Look at the files; load them once a change has stayed put for one poll, and
+        say how that went (None: nothing to load yet)."""
         stats = tuple(_stat(path) for _, path in _paths(self.files))
         if stats != self._seen:
             self._seen = stats  # still being written, perhaps: look again next time
-            return
+            return None
         if stats == self._tried:
-            return
+            return None
         self._tried = stats
-        self.reload()
+        return self.reload()
 
     def reload(self) -> ReloadResult:
         """Read the files now and serve them if they changed and make a whole set; else
@@ -350,16 +351,22 @@ class CertificateWatch(Service):
         servers: Sequence[ReloadingServerTLS],
         clock: IReactorTime,
         interval: float = POLL_INTERVAL,
+        *,
+        on_reload: Callable[[ReloadResult], None] | None = None,
     ) -> None:
         self.servers = tuple(servers)
         self.interval = interval
+        #: Told of every set the watch loaded, or could not load (for the audit log).
+        self.on_reload = on_reload
         self._loop = LoopingCall(self.poll)
         self._loop.clock = clock
 
     def poll(self) -> None:
         for server in self.servers:
             try:
-                server.poll()
+                result = server.poll()
+                if result is not None and (result.changed or not result.ok) and self.on_reload:
+                    self.on_reload(result)
             except Exception:
                 # One listener's trouble must not stop the others' watch.
                 self.log.failure(

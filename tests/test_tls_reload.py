@@ -135,6 +135,10 @@ class RotationTests(SynchronousTestCase):
         before.close()
         self.assertEqual(s.sample("promgate_tls_reloads_total"), 1.0)
         self.assertEqual(s.sample("promgate_tls_reload_failures_total"), 0.0)
+        # The change of what the gateway presents is in the audit trail, once.
+        (record,) = s.gw.audit_records("tls_reload")
+        self.assertEqual((record.decision, record.reason), ("allow", "ok"))
+        self.assertEqual(record.detail, f"listener scrape: serving certificate {new}")
 
     def test_change_loaded_once_still(self) -> None:
         """A change is loaded once the files have stayed put for one poll, so a
@@ -217,6 +221,10 @@ class BrokenSetTests(SynchronousTestCase):
         self.assertEqual(len(errors), 1, errors)
         self.assertIn(why, errors[0]["why"])
         self.assertEqual(errors[0]["sha256"], self.old)
+        # Audited once too, as a change refused.
+        (record,) = s.gw.audit_records("tls_reload")
+        self.assertEqual((record.decision, record.reason), ("deny", "config_invalid"))
+        self.assertIn(why, record.detail or "")
 
     def test_truncated_certificate(self) -> None:
         data = self.s.pki.gate_cert.read_bytes()
