@@ -411,14 +411,27 @@ class Supervisor(MultiService):
         before = {li.name: li for li in self.config.listeners}
         fresh: dict[str, ListenerService] = {}
         try:
-            for listener in config.listeners:
-                old = before.get(listener.name)
-                if old is None or old.endpoint != listener.endpoint:
-                    fresh[listener.name] = self._bind(listener)
-        except StartupError as e:
-            for svc in fresh.values():
-                svc.stopService()
-            return self._refused(trigger, (str(e),))
+            try:
+                for listener in config.listeners:
+                    old = before.get(listener.name)
+                    if old is None or old.endpoint != listener.endpoint:
+                        fresh[listener.name] = self._bind(listener)
+            except StartupError as e:
+                return self._refused(trigger, (str(e),))
+            result = await self._apply_across_workers(trigger, config, fresh)
+        finally:
+            # Sockets bound for a reload that was not applied (refused, or failed in a way
+            # no check foresaw) are let go: nothing changed.
+            if self.config is not config:
+                for svc in fresh.values():
+                    svc.stopService()
+        return result
+
+    async def _apply_across_workers(
+        self, trigger: str, config: Config, fresh: dict[str, ListenerService]
+    ) -> ReloadResult:
+        """Hand the new sockets to every worker, then prepare and commit across them all
+        (or abort in all); on success ``config`` is the supervisor's own."""
         workers = [
             (slot.index, slot.control)
             for slot in self.slots
@@ -435,8 +448,6 @@ class Supervisor(MultiService):
         self.generation += 1
         outcome = await coordinate_reload(workers, self.generation, trigger)
         if not outcome.applied:
-            for svc in fresh.values():
-                svc.stopService()
             return self._refused(trigger, outcome.problems, logged=True)
         kept = {li.name for li in config.listeners} - set(fresh)
         for name, svc in list(self.sockets.items()):
