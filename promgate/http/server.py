@@ -37,6 +37,7 @@ from promgate.http.wire import (
 from promgate.identity import Recognition
 from promgate.net.connector import no_delay
 from promgate.net.handshake import classify_handshake_failure, tls_info
+from promgate.net.tls_buffers import release_write_buffer
 from promgate.tls import PeerCertificate, verify_reason
 
 
@@ -336,6 +337,13 @@ class DownstreamProtocol(Protocol):
             self._close()
         else:
             self._enter(State.IDLE)
+            # Once the answer's last bytes are flushed (Twisted writes small ones at the end
+            # of this reactor turn), the TLS write buffer it grew is given back.
+            self.listener.clock.callLater(0, self._release_buffers)
+
+    def _release_buffers(self) -> None:
+        if self._state is State.IDLE and self.transport is not None:
+            release_write_buffer(self.transport)
 
     def close_truncated(self) -> None:
         """End a response that was cut short, once what was written has been sent.
