@@ -1,5 +1,5 @@
-"""Giving back an idle TLS connection's outgoing buffer: the connection goes on working both
-ways afterwards, bytes not yet sent are never dropped, and anything that is not a TLS
+"""Giving back an idle TLS connection's buffers: the connection goes on working both ways
+afterwards, bytes not yet sent or not yet read are never dropped, and anything that is not a TLS
 transport over memory BIOs is left alone."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from promgate.config.model import TLSFiles
 from promgate.http import server as server_module
-from promgate.net.tls_buffers import release_write_buffer
+from promgate.net.tls_buffers import release_idle_buffers
 from promgate.testing import MemoryGateway, TestPKI
 from promgate.tls import server_tls
 
@@ -61,7 +61,7 @@ class _ClientTLS:
 
 
 class ReleaseTests(SynchronousTestCase):
-    """release_write_buffer on a real TLS connection in memory."""
+    """release_idle_buffers on a real TLS connection in memory."""
 
     def setUp(self) -> None:
         pki = TestPKI(Path(self.mktemp()) / "pki")
@@ -93,29 +93,55 @@ class ReleaseTests(SynchronousTestCase):
     def test_released_connection_goes_on(self) -> None:
         """After the release, both directions carry data as before, large writes too."""
         handle = self.server_wire.getHandle()
-        old = handle._from_ssl
-        self.assertTrue(release_write_buffer(self.server_wire))
-        self.assertIsNot(handle._from_ssl, old)
+        old = (handle._into_ssl, handle._from_ssl)
+        self.assertTrue(release_idle_buffers(self.server_wire))
+        self.assertIsNot(handle._into_ssl, old[0])
+        self.assertIsNot(handle._from_ssl, old[1])
         self.server_wire.write(BIG)
         self.client_wire.write(b" again")
         self.pump.flush()
         self.assertEqual(self.client.data, BIG + BIG)
         self.assertEqual(self.server.data, b"GET again")
-        self.assertTrue(release_write_buffer(self.server_wire))
+        self.assertTrue(release_idle_buffers(self.server_wire))
         self.server_wire.loseConnection()
         self.pump.flush()
         self.assertIsNotNone(self.client.lost)
 
-    def test_pending_bytes_kept(self) -> None:
-        """Ciphertext still in the buffer: nothing is replaced, and it is delivered."""
+    def test_pending_output_kept(self) -> None:
+        """Ciphertext not yet sent: its buffer is kept, and it is delivered."""
         handle = self.server_wire.getHandle()
         handle.send(b"pending")  # OpenSSL writes the record; Twisted has not read it out
         old = handle._from_ssl
-        self.assertFalse(release_write_buffer(self.server_wire))
+        self.assertTrue(release_idle_buffers(self.server_wire))  # the empty incoming one
         self.assertIs(handle._from_ssl, old)
         self.server_wire.write(b"!")  # Twisted reads out everything after a write
         self.pump.flush()
         self.assertEqual(self.client.data, BIG + b"pending!")
+
+    def test_pending_input_kept(self) -> None:
+        """Ciphertext received but not yet read by OpenSSL: its buffer is kept, and it is
+        read."""
+        sender = self.client_wire.getHandle()
+        sender.send(b" first")
+        handle = self.server_wire.getHandle()
+        handle.bio_write(sender.bio_read(65536))  # in the BIO, not yet through OpenSSL
+        old = handle._into_ssl
+        self.assertTrue(release_idle_buffers(self.server_wire))  # the empty outgoing one
+        self.assertIs(handle._into_ssl, old)
+        self.client_wire.write(b" second")
+        self.pump.flush()
+        self.assertEqual(self.server.data, b"GET first second")
+
+    def test_nothing_empty(self) -> None:
+        """Both buffers hold bytes: nothing is replaced."""
+        handle = self.server_wire.getHandle()
+        handle.send(b"out")
+        sender = self.client_wire.getHandle()
+        sender.send(b"in")
+        handle.bio_write(sender.bio_read(65536))
+        old = (handle._into_ssl, handle._from_ssl)
+        self.assertFalse(release_idle_buffers(self.server_wire))
+        self.assertEqual((handle._into_ssl, handle._from_ssl), old)
 
     def test_not_tls(self) -> None:
         """A plain transport, or anything without a TLS handle, is left alone."""
@@ -124,9 +150,9 @@ class ReleaseTests(SynchronousTestCase):
             def getHandle(self) -> object:
                 return object()
 
-        self.assertFalse(release_write_buffer(Plain()))
-        self.assertFalse(release_write_buffer(StringTransport()))
-        self.assertFalse(release_write_buffer(object()))
+        self.assertFalse(release_idle_buffers(Plain()))
+        self.assertFalse(release_idle_buffers(StringTransport()))
+        self.assertFalse(release_idle_buffers(object()))
 
 
 class KeepAliveTests(SynchronousTestCase):
@@ -156,10 +182,10 @@ audit: {{path: {audit}, key_file: {pki.audit_key}}}
         released: list[bool] = []
 
         def recording(transport: object) -> bool:
-            released.append(release_write_buffer(transport))
+            released.append(release_idle_buffers(transport))
             return released[-1]
 
-        self.patch(server_module, "release_write_buffer", recording)
+        self.patch(server_module, "release_idle_buffers", recording)
         body = b"up 1\n" * 8_000
         gw.upstream("10.0.0.5:9100", body=body)
         conn = gw.connect(pki.client("prometheus"), listener="scrape")

@@ -37,7 +37,7 @@ from promgate.http.wire import (
 from promgate.identity import Recognition
 from promgate.net.connector import no_delay
 from promgate.net.handshake import classify_handshake_failure, tls_info
-from promgate.net.tls_buffers import release_write_buffer
+from promgate.net.tls_buffers import release_idle_buffers
 from promgate.tls import PeerCertificate, verify_reason
 
 
@@ -343,7 +343,7 @@ class DownstreamProtocol(Protocol):
 
     def _release_buffers(self) -> None:
         if self._state is State.IDLE and self.transport is not None:
-            release_write_buffer(self.transport)
+            release_idle_buffers(self.transport)
 
     def close_truncated(self) -> None:
         """End a response that was cut short, once what was written has been sent.
