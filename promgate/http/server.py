@@ -337,9 +337,10 @@ class DownstreamProtocol(Protocol):
             self._close()
         else:
             self._enter(State.IDLE)
-            # Once the answer's last bytes are flushed (Twisted writes small ones at the end
-            # of this reactor turn), the TLS write buffer it grew is given back.
-            self.listener.clock.callLater(0, self._release_buffers)
+            if self.tls_info is not NO_TLS:
+                # Once the answer's last bytes are flushed (Twisted writes small ones at the
+                # end of this reactor turn), the TLS buffers it grew are given back.
+                self.listener.clock.callLater(0, self._release_buffers)
 
     def _release_buffers(self) -> None:
         if self._state is State.IDLE and self.transport is not None:
