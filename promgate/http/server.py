@@ -37,6 +37,7 @@ from promgate.http.wire import (
 from promgate.identity import Recognition
 from promgate.net.connector import no_delay
 from promgate.net.handshake import classify_handshake_failure, tls_info
+from promgate.net.tls_buffers import release_idle_buffers
 from promgate.tls import PeerCertificate, verify_reason
 
 
@@ -353,6 +354,14 @@ class DownstreamProtocol(Protocol):
             self._close()
         else:
             self._enter(State.IDLE)
+            if self.tls_info is not NO_TLS:
+                # Once the answer's last bytes are flushed (Twisted writes small ones at the
+                # end of this reactor turn), the TLS buffers it grew are given back.
+                self.listener.clock.callLater(0, self._release_buffers)
+
+    def _release_buffers(self) -> None:
+        if self._state is State.IDLE and self.transport is not None:
+            release_idle_buffers(self.transport)
 
     def close_truncated(self) -> None:
         """End a response that was cut short, once what was written has been sent.
