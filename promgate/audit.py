@@ -22,7 +22,6 @@ import contextlib
 import errno
 import os
 from collections.abc import Callable
-from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from promgate.audit_format import (
     GENESIS_MAC,
     TRUNCATION_MARK,
     RecordEncoder,
+    record_time,
 )
 from promgate.audit_lock import LockedFile, describe, lock_audit_file
 from promgate.audit_rotate import ROTATE, current_name, rotate_detail
@@ -580,13 +580,6 @@ class MemoryAuditSink:
         if self.healthy:
             self.events.append(event)
         return self.healthy
-
-
-def record_time(seconds: float) -> str:
-    """A record's ``time``: UTC, to the microsecond, as
-    ``strftime("%Y-%m-%dT%H:%M:%S.%fZ")`` writes it."""
-    when = datetime.fromtimestamp(seconds, timezone.utc)
-    return when.isoformat(timespec="microseconds")[:-6] + "Z"  # without "+00:00"
 
 
 def load_key(path: Path) -> bytes:

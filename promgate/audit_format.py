@@ -15,6 +15,7 @@ import json
 import math
 import operator
 import re
+from datetime import datetime, timezone
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
@@ -136,3 +137,34 @@ def explained_lines(detail: object, seq: int) -> tuple[int, str] | None:
     if TERMINATED_NOTE in detail:
         return 1, TERMINATED_NOTE
     return None
+
+
+class _RecordTime:
+    """A record's ``time``: UTC, to the microsecond, as ``strftime("%Y-%m-%dT%H:%M:%S.%fZ")``
+    writes it. The date and time to the second are formatted once per second (records
+    come many a second); the microseconds are rounded as ``datetime.fromtimestamp`` does
+    (half to even, carried into the second)."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = math.nan
+        self._prefix = ""
+
+    def __call__(self, seconds: float) -> str:
+        fraction, whole = math.modf(seconds)
+        micro = round(fraction * 1e6)
+        if micro >= 1_000_000:
+            micro -= 1_000_000
+            whole += 1.0
+        elif micro < 0:
+            micro += 1_000_000
+            whole -= 1.0
+        if whole != self._second:
+            when = datetime.fromtimestamp(whole, timezone.utc)
+            self._prefix = when.strftime("%Y-%m-%dT%H:%M:%S.")
+            self._second = whole
+        return f"{self._prefix}{micro:06d}Z"
+
+
+record_time = _RecordTime()
