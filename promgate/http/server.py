@@ -61,6 +61,11 @@ class ClientTunnel(TypingProtocol):
     def shut_down(self) -> None: ...
 
 
+#: The longest a connection's deadline timer waits before it looks at the deadline again
+#: (see ``DownstreamProtocol._enter``): an idle connection wakes once per TICK.
+TICK = 10.0
+
+
 class State(Enum):
     """Where a client connection is in its life; each state names the deadline that
     applies in it (``State.deadline``)."""
@@ -129,7 +134,9 @@ class DownstreamProtocol(Protocol):
         self._buf = b""
         self._exchange: ClientRelay | None = None
         self._upstream: UpstreamProtocol | None = None
+        #: The deadline timer (see _enter), and when the current state's deadline falls.
         self._timer: IDelayedCall | None = None
+        self._due: float | None = None
         self._state = State.HANDSHAKE
         self._output_paused = False
         self._verify_error: tuple[str, PeerCertificate | None] | None = None
@@ -454,7 +461,7 @@ class DownstreamProtocol(Protocol):
             except HTTPError as e:
                 self._reject(e)
                 return
-            self._cancel_timer()
+            self._due = None  # the head is in: no deadline until the next state names one
             self.listener.handle(self, req)
 
     def _reject(self, error: HTTPError) -> None:
@@ -486,18 +493,30 @@ class DownstreamProtocol(Protocol):
         self._enter(State.CLOSING)
 
     def _enter(self, state: State) -> None:
-        """Move to ``state`` under its deadline (re-armed if it has one, else none)."""
+        """Move to ``state`` under its deadline, if it names one.
+
+        The deadline is kept as a time (``_due``); one timer, armed at most ``TICK``
+        ahead, looks at it when it fires and arms itself again for what is left. So the
+        states a request goes through (head, relaying, idle) cost no timer operation
+        each: only a timer that would fire after the new deadline is moved sooner.
+        """
         self._state = state
         seconds = state.deadline(self.listener.deadlines)
-        timer = self._timer
         if seconds is None:
-            self._cancel_timer()
-        elif timer is not None and timer.active():
+            self._due = None
+            if state is State.LOST:
+                self._cancel_timer()
+            return
+        clock = self.listener.clock
+        due = self._due = clock.seconds() + seconds
+        timer = self._timer
+        if timer is None:
+            self._timer = clock.callLater(min(seconds, TICK), self._expired)
+        elif timer.getTime() > due:
             timer.reset(seconds)
-        else:
-            self._timer = self.listener.clock.callLater(seconds, self._expired)
 
     def _cancel_timer(self) -> None:
+        self._due = None
         timer = self._timer
         self._timer = None
         if timer is not None and timer.active():
@@ -505,6 +524,15 @@ class DownstreamProtocol(Protocol):
 
     def _expired(self) -> None:
         self._timer = None
+        due = self._due
+        if due is None:
+            return  # the state has none; the next one that does arms the timer again
+        clock = self.listener.clock
+        left = due - clock.seconds()
+        if left > 0:
+            self._timer = clock.callLater(min(left, TICK), self._expired)
+            return
+        self._due = None
         state = self._state
         if state is State.HANDSHAKE:
             self._handshake_timed_out = True
