@@ -33,6 +33,32 @@ _MAX_TIMEOUT = 600.0
 _TIMEOUT_MARGIN = 0.25
 
 
+def admit_and_relay(
+    listener: HTTPListener,
+    conn: ClientConnection,
+    req: RequestHead,
+    ctx: RequestContext,
+    route: Route,
+    target: Target,
+    upstream_path: str,
+    params: tuple[tuple[str, str], ...],
+) -> None:
+    """Admit a request policy allowed, and relay it once admitted: at once, or when the
+    shared limits answer. A refusal has been answered by ``listener.admit`` itself."""
+    ticket = listener.admit(conn, req, ctx, route, target)
+
+    def relay(admitted: Ticket | None) -> None:
+        if admitted is not None:
+            Exchange(
+                listener, conn, req, ctx, route, target, upstream_path, params, admitted
+            ).start()
+
+    if isinstance(ticket, Ticket):
+        relay(ticket)
+    elif ticket is not None:
+        ticket.addCallback(relay)
+
+
 class Exchange:
     """One request relayed from a pooled upstream connection to a downstream client."""
 

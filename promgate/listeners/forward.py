@@ -37,7 +37,7 @@ from promgate.config.model import Config, Identity, Listener, Route, Target
 from promgate.core.admission import Ticket
 from promgate.core.context import Outcome, RequestContext
 from promgate.core.reasons import Reason
-from promgate.http.exchange import Exchange
+from promgate.http.exchange import admit_and_relay
 from promgate.http.listener import HTTPListener
 from promgate.http.refusals import decision_status, refusal_body
 from promgate.http.server import DownstreamProtocol
@@ -222,27 +222,7 @@ class ForwardGateway:
         if not decision.allowed or route is None or target is None:
             self.refuse_decision(conn, req, ctx, decision, form.address)
             return
-        ticket = http.admit(conn, req, ctx, route, target)
-        if isinstance(ticket, Ticket):
-            self.relay(ticket, conn, req, ctx, decision)
-        elif ticket is not None:  # the shared limits answer later
-            ticket.addCallback(self.relay, conn, req, ctx, decision)
-
-    def relay(
-        self,
-        ticket: Ticket | None,
-        conn: DownstreamProtocol,
-        req: RequestHead,
-        ctx: RequestContext,
-        decision: Decision,
-    ) -> None:
-        """Relay an admitted request (nothing, if ``ticket`` is None: it was refused)."""
-        route, target = decision.route, decision.target
-        if ticket is not None and route is not None and target is not None:
-            path = decision.path or ""
-            Exchange(
-                self.http, conn, req, ctx, route, target, path, decision.params, ticket
-            ).start()
+        admit_and_relay(http, conn, req, ctx, route, target, decision.path or "", decision.params)
 
     # -- CONNECT ----------------------------------------------------------------------------
 

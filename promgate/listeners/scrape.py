@@ -15,11 +15,11 @@ from twisted.internet.interfaces import IReactorTime
 from promgate.audit import IAuditSink
 from promgate.authn import REFUSED_AT_THE_DOOR, Authenticator, door_headers
 from promgate.config.model import Config, Listener
-from promgate.core.admission import Admitter, Ticket
+from promgate.core.admission import Admitter
 from promgate.core.context import Outcome, RequestContext
 from promgate.core.reasons import Reason
 from promgate.core.recording import Recorder
-from promgate.http.exchange import Exchange
+from promgate.http.exchange import admit_and_relay
 from promgate.http.listener import HTTPListener
 from promgate.http.refusals import decision_status
 from promgate.http.server import DownstreamProtocol
@@ -172,27 +172,7 @@ class ReverseGateway:
             )
             http.refuse(conn, req, ctx, outcome)
             return
-        ticket = http.admit(conn, req, ctx, route, target)
-        if isinstance(ticket, Ticket):
-            self.relay(ticket, conn, req, ctx, decision)
-        elif ticket is not None:  # the shared limits answer later
-            ticket.addCallback(self.relay, conn, req, ctx, decision)
-
-    def relay(
-        self,
-        ticket: Ticket | None,
-        conn: DownstreamProtocol,
-        req: RequestHead,
-        ctx: RequestContext,
-        decision: Decision,
-    ) -> None:
-        """Relay an admitted scrape (nothing, if ``ticket`` is None: it was refused)."""
-        route, target = decision.route, decision.target
-        if ticket is not None and route is not None and target is not None:
-            path = decision.path or ""
-            Exchange(
-                self.http, conn, req, ctx, route, target, path, decision.params, ticket
-            ).start()
+        admit_and_relay(http, conn, req, ctx, route, target, decision.path or "", decision.params)
 
     def service_discovery(
         self, conn: DownstreamProtocol, req: RequestHead, ctx: RequestContext
