@@ -18,6 +18,7 @@ whose holder died (a worker, a host, the network to it) expires by itself.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -72,6 +73,79 @@ class RedisLink(Protocol):
         """Cut the connection (it is made again): its replies are overdue for too long."""
 
 
+def _command(parts: tuple[Any, ...]) -> bytes:
+    """``parts`` as one Redis command in RESP (bytes as they are, str as UTF-8, ints in
+    decimal)."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        if isinstance(part, str):
+            part = part.encode()
+        elif isinstance(part, int):
+            part = b"%d" % part
+        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(out)
+
+
+def _reply(reply: Any) -> Any:
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+class _Wire:
+    """The commands of one connected txredisapi protocol, written straight to its
+    transport: txredisapi still connects, authenticates, reconnects and parses the
+    replies (its reply queue pairs them with the commands in order), but the few
+    commands asked here skip its general encoding and Deferred chains. A script is sent
+    whole (``EVAL``) until Redis has it, by its SHA-1 after (``EVALSHA``); a ``NOSCRIPT``
+    (the script cache was flushed) sends it whole again."""
+
+    __slots__ = ("proto",)
+
+    def __init__(self, proto: Any) -> None:
+        self.proto = proto
+
+    def _write(self, parts: tuple[Any, ...]) -> Deferred[Any]:
+        proto = self.proto
+        if not proto.connected:
+            raise ConnectionError("not connected")
+        proto.transport.write(_command(parts))
+        d: Deferred[Any] = proto.replyQueue.get()
+        return d.addCallback(_reply)
+
+    def eval(self, script: bytes, keys: list[str], args: list[Any]) -> Deferred[Any]:
+        sha = _sha(script)
+        known: set[str] = self.proto.script_hashes
+        if sha in known:
+            d = self._write(("EVALSHA", sha, len(keys), *keys, *args))
+            return d.addErrback(self._noscript, script, keys, args)
+        d = self._write(("EVAL", script, len(keys), *keys, *args))
+        return d.addCallback(self._loaded, sha)
+
+    def _loaded(self, reply: Any, sha: str) -> Any:
+        self.proto.script_hashes.add(sha)
+        return reply
+
+    def _noscript(self, failure: Failure, script: bytes, keys: list[str], args: list[Any]) -> Any:
+        if str(failure.value).startswith("NOSCRIPT"):
+            self.proto.script_hashes.discard(_sha(script))
+            return self.eval(script, keys, args)
+        return failure
+
+    def execute_command(self, *args: Any) -> Deferred[Any]:
+        return self._write(args)
+
+
+_SHAS: dict[bytes, str] = {}
+
+
+def _sha(script: bytes) -> str:
+    sha = _SHAS.get(script)
+    if sha is None:
+        sha = _SHAS[script] = hashlib.sha1(script).hexdigest()
+    return sha
+
+
 class TxRedisLink:
     """One txredisapi connection to the configured endpoint (any Twisted client endpoint
     string, ``tls:`` included), authenticated with the password if one is given; its
@@ -81,6 +155,7 @@ class TxRedisLink:
         self._settings = settings
         self._reactor = reactor
         self._factory: Any = None
+        self._wire: _Wire | None = None
 
     def start(self) -> None:
         import txredisapi  # type: ignore[import-untyped]
@@ -99,9 +174,13 @@ class TxRedisLink:
         factory = self._factory
         if factory is None:
             return None
+        wire = self._wire
+        if wire is not None and wire.proto.connected:
+            return wire
         for conn in factory.pool:
             if conn.connected:
-                return conn  # type: ignore[no-any-return]
+                self._wire = _Wire(conn)
+                return self._wire
         return None
 
     def stop(self) -> Deferred[None]:
@@ -112,8 +191,8 @@ class TxRedisLink:
         return d
 
     def abort(self) -> None:
-        conn = self.connection()
-        transport = getattr(conn, "transport", None)
+        wire = self.connection()
+        transport = getattr(getattr(wire, "proto", None), "transport", None)
         if transport is not None:
             transport.abortConnection()
 
