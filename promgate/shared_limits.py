@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.application.service import Service
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -57,6 +58,9 @@ class RedisCommands(Protocol):
     def eval(self, script: bytes, keys: list[str], args: list[Any]) -> Deferred[Any]: ...
 
     def execute_command(self, *args: Any) -> Deferred[Any]: ...
+
+    def forget(self, *args: Any) -> None:
+        """Send a command without waiting for (or getting) its reply."""
 
 
 class RedisLink(Protocol):
@@ -96,22 +100,64 @@ class _Wire:
     """The commands of one connected txredisapi protocol, written straight to its
     transport: txredisapi still connects, authenticates, reconnects and parses the
     replies (its reply queue pairs them with the commands in order), but the few
-    commands asked here skip its general encoding and Deferred chains. A script is sent
-    whole (``EVAL``) until Redis has it, by its SHA-1 after (``EVALSHA``); a ``NOSCRIPT``
-    (the script cache was flushed) sends it whole again."""
+    commands asked here skip its general encoding and Deferred chains. The commands of
+    one reactor turn go out together at its end, in one ``send`` when the socket takes
+    them all (else through the transport, in order). A script is sent whole (``EVAL``)
+    until Redis has it, by its SHA-1 after (``EVALSHA``); a ``NOSCRIPT`` (the script
+    cache was flushed) sends it whole again."""
 
-    __slots__ = ("proto",)
+    __slots__ = ("clock", "out", "proto")
 
-    def __init__(self, proto: Any) -> None:
+    def __init__(self, proto: Any, clock: IReactorTime) -> None:
         self.proto = proto
+        self.clock = clock
+        self.out: list[bytes] = []
+        # A release has no reply to carry Redis's ACK: without this, the next command
+        # would wait for the delayed ACK (Nagle), some 40 ms.
+        set_no_delay = getattr(proto.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
 
-    def _write(self, parts: tuple[Any, ...]) -> Deferred[Any]:
+    def _queue(self, data: bytes) -> None:
         proto = self.proto
         if not proto.connected:
             raise ConnectionError("not connected")
-        proto.transport.write(_command(parts))
-        d: Deferred[Any] = proto.replyQueue.get()
+        if not self.out:
+            self.clock.callLater(0, self._flush)
+        self.out.append(data)
+
+    def _flush(self) -> None:
+        data = b"".join(self.out)
+        self.out.clear()
+        proto = self.proto
+        transport = proto.transport
+        if not proto.connected or transport is None:
+            return  # the replies awaited have failed with the connection
+        if (
+            isinstance(transport, tcp.Connection)
+            and not transport._tempDataBuffer
+            and transport.offset == len(transport.dataBuffer)
+            and not transport.disconnecting
+        ):
+            try:
+                sent = transport.socket.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # the transport finds the failure itself
+            data = data[sent:]
+        if data:
+            transport.write(data)
+
+    def _write(self, parts: tuple[Any, ...]) -> Deferred[Any]:
+        self._queue(_command(parts))
+        d: Deferred[Any] = self.proto.replyQueue.get()
         return d.addCallback(_reply)
+
+    def forget(self, *args: Any) -> None:
+        """Send a command whose reply nobody needs: Redis is told not to send it
+        (``CLIENT REPLY SKIP``), so no reply is read or parsed."""
+        self._queue(_SKIP + _command(args))
 
     def eval(self, script: bytes, keys: list[str], args: list[Any]) -> Deferred[Any]:
         sha = _sha(script)
@@ -136,6 +182,7 @@ class _Wire:
         return self._write(args)
 
 
+_SKIP = _command(("CLIENT", "REPLY", "SKIP"))
 _SHAS: dict[bytes, str] = {}
 
 
@@ -179,7 +226,7 @@ class TxRedisLink:
             return wire
         for conn in factory.pool:
             if conn.connected:
-                self._wire = _Wire(conn)
+                self._wire = _Wire(conn, self._reactor)
                 return self._wire
         return None
 
@@ -430,16 +477,15 @@ class SharedLimiter(Service):
         return sum(len(members) for members in self._leases.values())
 
     def _send(self, *command: Any) -> None:
-        """A command nobody waits for; an error is counted."""
+        """A command nobody waits for, sent without asking for its reply (a release that
+        does not reach Redis expires); a connection that is not there is counted."""
         conn = self.link.connection()
         if conn is None:
             return
         try:
-            d = conn.execute_command(*command)
+            conn.forget(*command)
         except Exception:
             self.metrics.errors.labels("connection").inc()
-            return
-        d.addErrback(lambda _: self.metrics.errors.labels("connection").inc())
 
     def _renew(self) -> None:
         """Every third of the lease ttl: renew the leases held, in one call (or, holding
