@@ -20,6 +20,7 @@ no name can spell another's key):
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from urllib.parse import quote
 
 from promgate.config.model import Limits
@@ -97,6 +98,7 @@ return 0
 """
 
 
+@lru_cache(maxsize=4096)
 def encode(name: str) -> str:
     """``name`` with every character but letters, digits, ``_``, ``.`` and ``-``
     percent-encoded (UTF-8): it cannot contain the key separator ``:``."""

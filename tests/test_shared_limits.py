@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -159,6 +159,16 @@ class SharedLimiterTests(TestCase):
         lines = data.split(b"\r\n")
         return int(lines[2]), int(lines[4])
 
+    def hget(self, key: str, field: str) -> bytes:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", self.redis.port), timeout=2) as s:
+            s.sendall(f"HGET {key} {field}\r\n".encode())
+            data = b""
+            while data.count(b"\r\n") < 2:
+                data += s.recv(100)
+        return data.split(b"\r\n")[1]
+
     def test_shared_concurrency_cap(self) -> Deferred[None]:
         """A cap of 2 is 2 across both; released places are free for either."""
 
@@ -183,6 +193,83 @@ class SharedLimiterTests(TestCase):
                 return answer if not isinstance(answer, Admission) else None
 
             await until(admitted, "the released place")
+
+        return Deferred.fromCoroutine(run())
+
+    def test_one_turn_several_admissions(self) -> Deferred[None]:
+        """Admissions asked in one reactor turn go out together, and each is decided on
+        its own, in order: a burst of 3 admits three of five, the two refused take
+        nothing from the bucket and get the exact delay in Redis's milliseconds."""
+
+        async def run() -> None:
+            a, _, _ = self.limiter()
+            await self.connected(a)
+            limits = Limits(rate=0.3, burst=3, per="identity")
+            asked = [a.admit("node", limits, "prometheus", "t:1") for _ in range(5)]
+            answers = await gatherResults(asked)
+            self.assertFalse(any(isinstance(x, Admission) for x in answers[:3]))
+            for refused in answers[3:]:
+                assert isinstance(refused, Admission)
+                self.assertEqual(refused.reason, "rate_limited")
+                millis = refused.retry_after * 1000
+                self.assertEqual(round(millis), millis)
+                self.assertTrue(3330 <= millis <= 3334, millis)
+            key = bucket_key(self.prefix, "node", limits, "prometheus", "t:1")
+            # Three taken from three (plus what refilled meanwhile): nothing below zero.
+            level = float(self.hget(key, "t"))
+            self.assertTrue(0.0 <= level < 0.1, level)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_one_turn_several_releases(self) -> Deferred[None]:
+        """Releases of one turn go out together, without replies; the commands after
+        them still get their own replies, and the places are free again."""
+
+        async def run() -> None:
+            a, metrics, _ = self.limiter()
+            await self.connected(a)
+            limits = Limits(max_concurrent=3)
+            held = await gatherResults([a.admit("node", limits, "x", "t:1") for _ in range(3)])
+            refused = await a.admit("node", limits, "x", "t:1")
+            assert isinstance(refused, Admission)
+            self.assertEqual(refused.reason, "concurrency_limited")
+            for lease in held:
+                assert not isinstance(lease, Admission)
+                lease.release("node")
+            self.assertEqual(a.held(), 0)
+            again = await gatherResults([a.admit("node", limits, "x", "t:1") for _ in range(3)])
+            self.assertFalse(any(isinstance(x, Admission) for x in again))
+            self.assertEqual(self.redis.command("ZCARD", lease_key(self.prefix, "node")), b":3")
+            errors = metrics.registry.get_sample_value(
+                "promgate_shared_limits_redis_errors_total", {"kind": "connection"}
+            )
+            self.assertIn(errors, (None, 0.0))
+
+        return Deferred.fromCoroutine(run())
+
+    def test_script_cache_flushed(self) -> Deferred[None]:
+        """After ``SCRIPT FLUSH`` the admission script is sent whole again."""
+
+        async def run() -> None:
+            a, metrics, _ = self.limiter()
+            await self.connected(a)
+            limits = Limits(rate=1000, burst=10, per="identity")
+            for _ in range(2):
+                self.assertNotIsInstance(await a.admit("node", limits, "x", "t:1"), Admission)
+            self.assertEqual(self.redis.command("SCRIPT", "FLUSH"), b"+OK")
+            self.assertNotIsInstance(await a.admit("node", limits, "x", "t:1"), Admission)
+            self.assertNotIsInstance(await a.admit("node", limits, "x", "t:1"), Admission)
+            # Redis decided each (this process's limiter was not asked).
+            unavailable = metrics.registry.get_sample_value(
+                "promgate_shared_limits_unavailable_total", {"on_unavailable": "local"}
+            )
+            self.assertIn(unavailable, (None, 0.0))
+            self.assertEqual(
+                self.redis.command(
+                    "HEXISTS", bucket_key(self.prefix, "node", limits, "x", "t:1"), "t"
+                ),
+                b":1",
+            )
 
         return Deferred.fromCoroutine(run())
 

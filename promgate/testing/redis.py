@@ -211,7 +211,8 @@ def _read_line(s: socket.socket) -> bytes:
 class ScriptedRedis:
     """A connection to Redis (``promgate.shared_limits.RedisLink`` and its commands) whose
     script calls wait for the test to answer them (``calls``); other commands (``ZREM``,
-    ``PING``) are noted in ``commands`` and answered at once. Put it in place of a
+    ``PING``) are noted in ``commands`` and answered at once (or, sent with ``forget``,
+    not at all). Put it in place of a
     gateway's own with ``MemoryGateway.service.shared_limiter.link = ScriptedRedis()``."""
 
     def __init__(self) -> None:
@@ -241,6 +242,9 @@ class ScriptedRedis:
     def execute_command(self, *args: Any) -> Deferred[Any]:
         self.commands.append(args)
         return succeed(1)
+
+    def forget(self, *args: Any) -> None:
+        self.commands.append(args)
 
     def answer(self, reply: Any) -> None:
         """Answer the oldest call still waiting."""
