@@ -96,6 +96,21 @@ def _reply(reply: Any) -> Any:
     return reply
 
 
+def _nothing_pending(transport: tcp.Connection) -> bool:
+    """Whether Twisted holds nothing yet to send on ``transport``, so that bytes sent
+    straight to its socket keep their order. It looks at the transport's own buffers,
+    which Twisted keeps private: a Twisted that keeps them otherwise is answered "no",
+    and every write then goes through the transport."""
+    try:
+        return (
+            not transport._tempDataBuffer
+            and transport.offset == len(transport.dataBuffer)
+            and not transport.disconnecting
+        )
+    except AttributeError:
+        return False
+
+
 class _Wire:
     """The commands of one connected txredisapi protocol, written straight to its
     transport: txredisapi still connects, authenticates, reconnects and parses the
@@ -133,12 +148,7 @@ class _Wire:
         transport = proto.transport
         if not proto.connected or transport is None:
             return  # the replies awaited have failed with the connection
-        if (
-            isinstance(transport, tcp.Connection)
-            and not transport._tempDataBuffer
-            and transport.offset == len(transport.dataBuffer)
-            and not transport.disconnecting
-        ):
+        if isinstance(transport, tcp.Connection) and _nothing_pending(transport):
             try:
                 sent = transport.socket.send(data)
             except BlockingIOError:
