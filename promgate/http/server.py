@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -20,12 +19,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from promgate.addresses import peer_address
-from promgate.config.model import Deadlines
 from promgate.core.context import NO_TLS, ConnectionInfo, Outcome
 from promgate.core.reasons import Reason
 from promgate.drain import Phase
 from promgate.http.listener import HTTPListener
 from promgate.http.refusals import refusal_body
+from promgate.http.states import READING, TICK, State
 from promgate.http.upstream import UpstreamProtocol
 from promgate.http.wire import (
     MAX_HEAD,
@@ -59,51 +58,6 @@ class ClientTunnel(TypingProtocol):
     def client_lost(self, reason: Failure) -> None: ...
 
     def shut_down(self) -> None: ...
-
-
-#: The longest a connection's deadline timer waits before it looks at the deadline again
-#: (see ``DownstreamProtocol._enter``): an idle connection wakes once per TICK.
-TICK = 10.0
-
-
-class State(Enum):
-    """Where a client connection is in its life; each state names the deadline that
-    applies in it (``State.deadline``)."""
-
-    #: The TLS handshake is under way. Deadline: ``deadlines.tls_handshake``.
-    HANDSHAKE = "handshake"
-    #: Reading a request head, once a byte of it came (or right after the handshake).
-    #: Deadline: ``deadlines.request_head``.
-    HEAD = "head"
-    #: Between requests on a keep-alive connection. Deadline: ``deadlines.keepalive_idle``.
-    IDLE = "idle"
-    #: A request's credentials are being checked (bcrypt, in a thread); no request is read.
-    AUTHENTICATING = "authenticating"
-    #: A request's admission is being decided by the shared limits (Redis); no request is
-    #: read. Their ``timeout`` bounds it.
-    ADMITTING = "admitting"
-    #: A request is being relayed (an Exchange, which has its own deadline).
-    RELAYING = "relaying"
-    #: The byte stream belongs to a CONNECT tunnel (a relay, with its own deadlines).
-    TUNNEL = "tunnel"
-    #: Closing once what was written is sent, or cut. Deadline: ``deadlines.keepalive_idle``
-    #: for the client's part of the close.
-    CLOSING = "closing"
-    #: Gone.
-    LOST = "lost"
-
-    def deadline(self, deadlines: Deadlines) -> float | None:
-        if self is State.HANDSHAKE:
-            return deadlines.tls_handshake
-        if self is State.HEAD:
-            return deadlines.request_head
-        if self is State.IDLE or self is State.CLOSING:
-            return deadlines.keepalive_idle
-        return None
-
-
-#: Between requests: a head may be read.
-_READING = (State.HEAD, State.IDLE)
 
 
 #: The caller of a request abandoned before its credentials were checked.
@@ -197,7 +151,7 @@ class DownstreamProtocol(Protocol):
             tunnel.client_data(data)  # dropped once the tunnel is over
             return
         state = self._state
-        if state not in _READING:
+        if state not in READING:
             # Pipelined (or post-close) bytes wait; stop reading only if they pile up, so
             # the usual one-request-at-a-time client costs no pause/resume syscalls.
             self._buf += data
@@ -225,7 +179,7 @@ class DownstreamProtocol(Protocol):
             tunnel.client_closed_write()  # passed on as a FIN
             return
         self._read_closed = True
-        if self._state in _READING:
+        if self._state in READING:
             self._process()  # nothing complete is left: ends with _end_half_closed
 
     def writeConnectionLost(self) -> None:
@@ -403,7 +357,7 @@ class DownstreamProtocol(Protocol):
 
     def _idle(self) -> bool:
         """Between requests: every answer written, nothing of a next request read."""
-        return self._state in _READING and not self._buf.strip()
+        return self._state in READING and not self._buf.strip()
 
     def abort(self) -> None:
         """Cut the connection; connectionLost follows. A handshake stays one (its failure
@@ -426,7 +380,7 @@ class DownstreamProtocol(Protocol):
             self._process_buffer()
         finally:
             self._processing = False
-        if self._read_closed and self._state in _READING:
+        if self._read_closed and self._state in READING:
             self._end_half_closed()
 
     def _end_half_closed(self) -> None:
@@ -441,7 +395,7 @@ class DownstreamProtocol(Protocol):
         self._close()
 
     def _process_buffer(self) -> None:
-        while self._state in _READING:
+        while self._state in READING:
             buf = self._buf
             if buf[:2] == b"\r\n":
                 buf = self._buf = buf.lstrip(b"\r\n")
