@@ -203,18 +203,6 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.config_last_reload_successful = Gauge(
-            "promgate_config_last_reload_successful",
-            "Whether the last configuration load succeeded.",
-            multiprocess_mode="livemin",
-            registry=r,
-        )
-        self.config_last_reload_success_timestamp = Gauge(
-            "promgate_config_last_reload_success_timestamp_seconds",
-            "Time of the last successful configuration load.",
-            multiprocess_mode="max",
-            registry=r,
-        )
         self.discovery_targets = Gauge(
             "promgate_discovery_targets",
             "Targets each provider currently gives each route (after the route's selector).",
@@ -243,26 +231,11 @@ class Metrics:
             multiprocess_mode="max",
             registry=r,
         )
-        self.build_info = Gauge(
-            "promgate_build_info",
-            "promgate build information (always 1).",
-            ["version", "pythonversion", "twistedversion"],
-            multiprocess_mode="max",
-            registry=r,
-        )
-        # What every Prometheus client exports about its process: CPU, memory, file
-        # descriptors, start time (process_*), and the interpreter and its collector
-        # (python_*).
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
+        self.process = ProcessMetrics(r)
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
         self.identity_providers = IdentityProviderMetrics(r)
         self.audit_head = AuditHeadMetrics(r)
         self.tls = TLSMetrics(r)
-        self.build_info.labels(
-            promgate.__version__, platform.python_version(), twisted.__version__
-        ).set(1)
 
     def route(self, listener: str, route: str) -> RouteMetrics:
         """The per-request metric children of one listener and route, made once."""
@@ -278,6 +251,50 @@ class Metrics:
             self.audit_records.inc()
         else:
             self.audit_write_errors.inc()
+
+
+class ProcessMetrics:
+    """What a process that answers ``/metrics`` says of itself, the same in a single
+    gateway and in the supervisor of worker processes: the outcome of the last
+    configuration load, the build, and what every Prometheus client exports about its
+    process (``process_*``: CPU, memory, file descriptors, start time; ``python_*``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.config_last_reload_successful = Gauge(
+            "promgate_config_last_reload_successful",
+            "Whether the last configuration load succeeded (in every worker, with worker "
+            "processes).",
+            multiprocess_mode="livemin",
+            registry=registry,
+        )
+        self.config_last_reload_success_timestamp = Gauge(
+            "promgate_config_last_reload_success_timestamp_seconds",
+            "Time of the last successful configuration load.",
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        build_info = Gauge(
+            "promgate_build_info",
+            "promgate build information (always 1).",
+            ["version", "pythonversion", "twistedversion"],
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        build_info.labels(promgate.__version__, platform.python_version(), twisted.__version__).set(
+            1
+        )
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+
+    def loaded(self, now: float) -> None:
+        """A configuration was loaded (at start-up, or by a reload) at ``now``."""
+        self.config_last_reload_successful.set(1)
+        self.config_last_reload_success_timestamp.set(now)
+
+    def refused(self) -> None:
+        """A reload was refused: the running configuration stays."""
+        self.config_last_reload_successful.set(0)
 
 
 class RouteMetrics:

@@ -144,8 +144,7 @@ def commit_reload(service: Reloadable, prepared: PreparedReload) -> ReloadResult
         log.failure("reload ({trigger}) failed", trigger=prepared.trigger)
         return _refused(service, prepared.trigger, ("reload failed: see the gateway's log",))
     summary += prepared.access
-    service.metrics.config_last_reload_successful.set(1)
-    service.metrics.config_last_reload_success_timestamp.set(service.reactor.seconds())
+    service.metrics.process.loaded(service.reactor.seconds())
     for warning in prepared.config.warnings:
         log.warn("configuration: {problem}", problem=warning)
     log.info(
@@ -194,7 +193,7 @@ def _prepare(service: Reloadable, trigger: str) -> PreparedReload | ReloadResult
 
 
 def _refused(service: Reloadable, trigger: str, problems: tuple[str, ...]) -> ReloadResult:
-    service.metrics.config_last_reload_successful.set(0)
+    service.metrics.process.refused()
     for problem in problems:
         log.error("reload ({trigger}) refused: {problem}", trigger=trigger, problem=problem)
     shown = "; ".join(problems[:_MAX_PROBLEMS])

@@ -328,8 +328,7 @@ class GatewayService(MultiService):
         self.pool.start()
         if self.bcrypt_threads is not None:
             self.bcrypt_threads.start()
-        self.metrics.config_last_reload_successful.set(1)
-        self.metrics.config_last_reload_success_timestamp.set(self.reactor.seconds())
+        self.metrics.process.loaded(self.reactor.seconds())
         self.readiness.ready = True
         if self.ready_file is not None:
             self._write_ready_file(self.ready_file)

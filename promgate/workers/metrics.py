@@ -10,23 +10,18 @@ worker's of the same name (the outcome of a reload is the supervisor's to say).
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    GCCollector,
-    PlatformCollector,
-    ProcessCollector,
 )
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-import promgate
-import twisted
+from promgate.metrics import ProcessMetrics
 
 __all__ = ["SupervisorMetrics", "WorkerMetrics", "WorkerProcesses", "forget_process"]
 
@@ -53,30 +48,9 @@ class SupervisorMetrics:
             "Worker processes that ended unasked and were replaced.",
             registry=r,
         )
-        self.config_last_reload_successful = Gauge(
-            "promgate_config_last_reload_successful",
-            "Whether the last configuration load succeeded (in every worker).",
-            registry=r,
-        )
-        self.config_last_reload_success_timestamp = Gauge(
-            "promgate_config_last_reload_success_timestamp_seconds",
-            "Time of the last successful configuration load.",
-            registry=r,
-        )
-        self.build_info = Gauge(
-            "promgate_build_info",
-            "promgate build information (always 1).",
-            ["version", "pythonversion", "twistedversion"],
-            registry=r,
-        )
-        self.build_info.labels(
-            promgate.__version__, platform.python_version(), twisted.__version__
-        ).set(1)
         # The supervisor's own process; each worker's process_* series are its own and
-        # are not kept in the shared directory.
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
+        # are not kept in the shared directory (see WorkerProcesses).
+        self.process = ProcessMetrics(r)
 
     def names(self) -> frozenset[str]:
         """The names of the families the supervisor exports itself."""

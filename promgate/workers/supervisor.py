@@ -191,8 +191,7 @@ class Supervisor(MultiService):
         super().startService()  # type: ignore[no-untyped-call]
         self.metrics_dir = tempfile.mkdtemp(prefix="promgate-metrics-")
         self.admin.startService()
-        self.metrics.config_last_reload_successful.set(1)
-        self.metrics.config_last_reload_success_timestamp.set(self.reactor.seconds())
+        self.metrics.process.loaded(self.reactor.seconds())
         for warning in self.config.warnings:
             self.log.warn("configuration: {problem}", problem=warning)
         if self.install_signal_handlers:
@@ -458,8 +457,7 @@ class Supervisor(MultiService):
             for li in config.listeners
         }
         self.config = config
-        self.metrics.config_last_reload_successful.set(1)
-        self.metrics.config_last_reload_success_timestamp.set(self.reactor.seconds())
+        self.metrics.process.loaded(self.reactor.seconds())
         self.log.info(
             "configuration reloaded in {count} workers ({trigger}): {summary}",
             count=len(workers),
@@ -475,7 +473,7 @@ class Supervisor(MultiService):
     ) -> ReloadResult:
         """Refuse a reload; unless the workers refused it themselves (``logged``), they
         are told, so that each audits the refusal as a single gateway does."""
-        self.metrics.config_last_reload_successful.set(0)
+        self.metrics.process.refused()
         if not logged:
             for problem in problems:
                 self.log.error(
