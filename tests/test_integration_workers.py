@@ -36,8 +36,6 @@ from promgate.testing.systemd import NotifySocket, listening_socket, socket_acti
 
 #: How ``twistd`` ends after SIGTERM: it re-raises the signal once the reactor has stopped.
 STOPPED = (0, -signal.SIGTERM)
-#: At most this many connections are tried to see both workers serve.
-MAX_TRIES = 400
 
 
 def config(
@@ -113,11 +111,15 @@ class WorkersTestCase(SynchronousTestCase):
         return gateway.start()
 
     def held_connections(
-        self, gateway: GatewayProcess, context: ssl.SSLContext, count: int = 8
+        self,
+        gateway: GatewayProcess,
+        context: ssl.SSLContext,
+        count: int = 8,
+        listener: str = "scrape",
     ) -> list[tuple[Any, int, str]]:
-        """``count`` keep-alive connections opened at once, one scrape made on each:
-        (connection, status, audit file of the worker that serves it)."""
-        conns = [https_connection(gateway.address("scrape"), context) for _ in range(count)]
+        """``count`` keep-alive connections opened at once to ``listener``, one scrape
+        made on each: (connection, status, audit file of the worker that serves it)."""
+        conns = [https_connection(gateway.address(listener), context) for _ in range(count)]
         threads = [threading.Thread(target=c.connect) for c in conns]
         for t in threads:
             t.start()
@@ -133,13 +135,23 @@ class WorkersTestCase(SynchronousTestCase):
         return out
 
     def both_workers(
-        self, gateway: GatewayProcess, context: ssl.SSLContext
+        self, gateway: GatewayProcess, context: ssl.SSLContext, listener: str = "scrape"
     ) -> list[tuple[Any, int, str]]:
-        """Connections until each worker serves at least one (bounded by MAX_TRIES)."""
-        seen: list[tuple[Any, int, str]] = []
-        while len({w for _, _, w in seen}) < 2:
-            self.assertLess(len(seen), MAX_TRIES, "one worker served every connection")
-            seen += self.held_connections(gateway, context)
+        """Connections until each worker has served at least one. The kernel hands a
+        shared accept queue's connections to whichever worker wakes first, which may be
+        the same one every time; so when one batch went to one worker, that worker is
+        stopped for the next, which the other must then accept."""
+        seen = self.held_connections(gateway, context, listener=listener)
+        served = {w for _, _, w in seen}
+        if len(served) == 1:
+            (chain,) = served
+            busy = ready_pids(gateway)[int(chain.split(".")[1].removeprefix("w"))]
+            os.kill(busy, signal.SIGSTOP)
+            try:
+                seen += self.held_connections(gateway, context, count=2, listener=listener)
+            finally:
+                os.kill(busy, signal.SIGCONT)
+        self.assertEqual(len({w for _, _, w in seen}), 2, "one worker served every connection")
         return seen
 
     def metrics(self, gateway: GatewayProcess) -> str:
@@ -441,22 +453,8 @@ class MovedListenerTests(WorkersTestCase):
         self.assertEqual(set(gateway.addresses), {"scrape", "more", "admin"})
         eventually(lambda: refuses(old) or None, f"{old} closed")
         for name in ("more", "scrape"):
-            seen: set[str] = set()
-            for _ in range(MAX_TRIES):
-                conns = [https_connection(gateway.address(name), self.context) for _ in range(8)]
-                threads = [threading.Thread(target=c.connect) for c in conns]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join(30)
-                for conn in conns:
-                    self.addCleanup(conn.close)
-                    self.assertEqual(request(conn, self.path).status, 200)
-                    peer = "{}:{}".format(*conn.sock.getsockname()[:2])
-                    seen.add(eventually(lambda p=peer: served_by(self.directory, p), peer))
-                if len(seen) == 2:
-                    break
-            self.assertEqual(len(seen), 2, name)
+            seen = self.both_workers(gateway, self.context, name)
+            self.assertEqual({status for _, status, _ in seen}, {200}, name)
 
 
 class SystemdTests(WorkersTestCase):
