@@ -18,13 +18,11 @@ whose holder died (a worker, a host, the network to it) expires by itself.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -34,14 +32,12 @@ from promgate.config.model import Limits, RedisLimits
 from promgate.core.reasons import Reason
 from promgate.metrics import SharedLimitsMetrics
 from promgate.ratelimit import Admission, Holder, RateLimiter
+from promgate.redis_link import RedisLink, TxRedisLink
 from promgate.redis_scripts import ADMIT, RENEW, bucket_key, lease_key
 
 __all__ = [
     "LIMITS_UNAVAILABLE",
-    "RedisCommands",
-    "RedisLink",
     "SharedLimiter",
-    "TxRedisLink",
     "shared_limiter",
 ]
 
@@ -50,208 +46,8 @@ LIMITS_UNAVAILABLE = Admission(allowed=False, reason=Reason.LIMITS_UNAVAILABLE, 
 #: How many calls may be overdue (timed out, no reply yet) before further requests stop
 #: being sent to a Redis that does not answer, and are decided at once instead.
 MAX_OVERDUE = 64
-
-
-class RedisCommands(Protocol):
-    """What is asked of one connection to Redis (a txredisapi ``RedisProtocol``)."""
-
-    def eval(self, script: bytes, keys: list[str], args: list[Any]) -> Deferred[Any]: ...
-
-    def execute_command(self, *args: Any) -> Deferred[Any]: ...
-
-    def forget(self, *args: Any) -> None:
-        """Send a command without waiting for (or getting) its reply."""
-
-
-class RedisLink(Protocol):
-    """A connection to Redis kept up by someone else (reconnecting as needed)."""
-
-    def connection(self) -> RedisCommands | None:
-        """The connection ready for commands now, if any."""
-
-    def start(self) -> None: ...
-
-    def stop(self) -> Deferred[None]: ...
-
-    def abort(self) -> None:
-        """Cut the connection (it is made again): its replies are overdue for too long."""
-
-
-def _command(parts: tuple[Any, ...]) -> bytes:
-    """``parts`` as one Redis command in RESP (bytes as they are, str as UTF-8, ints in
-    decimal)."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        if isinstance(part, str):
-            part = part.encode()
-        elif isinstance(part, int):
-            part = b"%d" % part
-        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
-    return b"".join(out)
-
-
-def _reply(reply: Any) -> Any:
-    if isinstance(reply, Exception):
-        raise reply
-    return reply
-
-
-def _nothing_pending(transport: tcp.Connection) -> bool:
-    """Whether Twisted holds nothing yet to send on ``transport``, so that bytes sent
-    straight to its socket keep their order. It looks at the transport's own buffers,
-    which Twisted keeps private: a Twisted that keeps them otherwise is answered "no",
-    and every write then goes through the transport."""
-    try:
-        return (
-            not transport._tempDataBuffer
-            and transport.offset == len(transport.dataBuffer)
-            and not transport.disconnecting
-        )
-    except AttributeError:
-        return False
-
-
-class _Wire:
-    """The commands of one connected txredisapi protocol, written straight to its
-    transport: txredisapi still connects, authenticates, reconnects and parses the
-    replies (its reply queue pairs them with the commands in order), but the few
-    commands asked here skip its general encoding and Deferred chains. The commands of
-    one reactor turn go out together at its end, in one ``send`` when the socket takes
-    them all (else through the transport, in order). A script is sent whole (``EVAL``)
-    until Redis has it, by its SHA-1 after (``EVALSHA``); a ``NOSCRIPT`` (the script
-    cache was flushed) sends it whole again."""
-
-    __slots__ = ("clock", "out", "proto")
-
-    def __init__(self, proto: Any, clock: IReactorTime) -> None:
-        self.proto = proto
-        self.clock = clock
-        self.out: list[bytes] = []
-        # A release has no reply to carry Redis's ACK: without this, the next command
-        # would wait for the delayed ACK (Nagle), some 40 ms.
-        set_no_delay = getattr(proto.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            set_no_delay(True)
-
-    def _queue(self, data: bytes) -> None:
-        proto = self.proto
-        if not proto.connected:
-            raise ConnectionError("not connected")
-        if not self.out:
-            self.clock.callLater(0, self._flush)
-        self.out.append(data)
-
-    def _flush(self) -> None:
-        data = b"".join(self.out)
-        self.out.clear()
-        proto = self.proto
-        transport = proto.transport
-        if not proto.connected or transport is None:
-            return  # the replies awaited have failed with the connection
-        if isinstance(transport, tcp.Connection) and _nothing_pending(transport):
-            try:
-                sent = transport.socket.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = 0  # the transport finds the failure itself
-            data = data[sent:]
-        if data:
-            transport.write(data)
-
-    def _write(self, parts: tuple[Any, ...]) -> Deferred[Any]:
-        self._queue(_command(parts))
-        d: Deferred[Any] = self.proto.replyQueue.get()
-        return d.addCallback(_reply)
-
-    def forget(self, *args: Any) -> None:
-        """Send a command whose reply nobody needs: Redis is told not to send it
-        (``CLIENT REPLY SKIP``), so no reply is read or parsed."""
-        self._queue(_SKIP + _command(args))
-
-    def eval(self, script: bytes, keys: list[str], args: list[Any]) -> Deferred[Any]:
-        sha = _sha(script)
-        known: set[str] = self.proto.script_hashes
-        if sha in known:
-            d = self._write(("EVALSHA", sha, len(keys), *keys, *args))
-            return d.addErrback(self._noscript, script, keys, args)
-        d = self._write(("EVAL", script, len(keys), *keys, *args))
-        return d.addCallback(self._loaded, sha)
-
-    def _loaded(self, reply: Any, sha: str) -> Any:
-        self.proto.script_hashes.add(sha)
-        return reply
-
-    def _noscript(self, failure: Failure, script: bytes, keys: list[str], args: list[Any]) -> Any:
-        if str(failure.value).startswith("NOSCRIPT"):
-            self.proto.script_hashes.discard(_sha(script))
-            return self.eval(script, keys, args)
-        return failure
-
-    def execute_command(self, *args: Any) -> Deferred[Any]:
-        return self._write(args)
-
-
-_SKIP = _command(("CLIENT", "REPLY", "SKIP"))
-_SHAS: dict[bytes, str] = {}
-
-
-def _sha(script: bytes) -> str:
-    sha = _SHAS.get(script)
-    if sha is None:
-        sha = _SHAS[script] = hashlib.sha1(script).hexdigest()
-    return sha
-
-
-class TxRedisLink:
-    """One txredisapi connection to the configured endpoint (any Twisted client endpoint
-    string, ``tls:`` included), authenticated with the password if one is given; its
-    ClientService reconnects with backoff."""
-
-    def __init__(self, settings: RedisLimits, reactor: Any) -> None:
-        self._settings = settings
-        self._reactor = reactor
-        self._factory: Any = None
-        self._wire: _Wire | None = None
-
-    def start(self) -> None:
-        import txredisapi  # type: ignore[import-untyped]
-        from twisted.internet.endpoints import clientFromString
-
-        factory = txredisapi.RedisFactory(
-            self._settings.endpoint, None, 1, isLazy=True, password=self._settings.password
-        )
-        # Fires with the handler once connected, or fails if the password is refused
-        # (logged by txredisapi): nobody waits for it here.
-        factory.deferred.addErrback(lambda _: None)
-        factory.startConnecting(clientFromString(self._reactor, self._settings.endpoint))
-        self._factory = factory
-
-    def connection(self) -> RedisCommands | None:
-        factory = self._factory
-        if factory is None:
-            return None
-        wire = self._wire
-        if wire is not None and wire.proto.connected:
-            return wire
-        for conn in factory.pool:
-            if conn.connected:
-                self._wire = _Wire(conn, self._reactor)
-                return self._wire
-        return None
-
-    def stop(self) -> Deferred[None]:
-        factory, self._factory = self._factory, None
-        if factory is None:
-            return succeed(None)
-        d: Deferred[None] = factory.disconnect()
-        return d
-
-    def abort(self) -> None:
-        wire = self.connection()
-        transport = getattr(getattr(wire, "proto", None), "transport", None)
-        if transport is not None:
-            transport.abortConnection()
+#: The start of Redis's error for a write sent to a replica.
+_NOT_MASTER = "READONLY"
 
 
 class _UnavailableError(Exception):
@@ -330,9 +126,13 @@ class _Call:
             self.late(reply)
 
     def _failed(self, failure: Failure) -> None:
-        import txredisapi
+        import txredisapi  # type: ignore[import-untyped]
 
         kind = "script" if failure.check(txredisapi.ResponseError) else "connection"
+        if kind == "script" and str(failure.value).startswith(_NOT_MASTER):
+            # A master that became a replica (a failover) answers every write so: the
+            # connection is made again, to whichever server is the master now.
+            self.limiter.link.abort()
         if self._settle():
             self.result.errback(_UnavailableError(kind))
         else:
@@ -548,7 +348,7 @@ class SharedLimiter(Service):
             return
         was, self._up = self._up, up
         self.metrics.up.set(1 if up else 0)
-        endpoint = self.settings.endpoint
+        endpoint = self.settings.where
         if up:
             self.log.info(
                 "shared limits: Redis at {endpoint} answers; limits are shared", endpoint=endpoint

@@ -132,6 +132,10 @@ class KeyTests(SynchronousTestCase):
             keys(props["shared_limits"]["properties"]["redis"]), set(shared_limits._REDIS_KEYS)
         )
         self.assertEqual(
+            keys(props["shared_limits"]["properties"]["redis"]["properties"]["sentinel"]),
+            set(shared_limits._SENTINEL_KEYS),
+        )
+        self.assertEqual(
             keys(props["identity_providers"]["additionalProperties"]),
             set(identity_providers._KEYS),
         )

@@ -63,9 +63,98 @@ class SharedLimitsConfigTests(ProblemAssertions):
         self.assertEqual(redis.password_file.resolve(), secret.resolve())
         self.assertEqual(
             attrs.astuple(attrs.evolve(redis, password_file=secret)),
-            ("tls:redis.example.org:6380", secret, "s3cret", "gw:", 0.02, "deny", 10.0),
+            ("tls:redis.example.org:6380", secret, "s3cret", "gw:", 0.02, "deny", 10.0, None),
         )
         self.assertNotIn("s3cret", repr(redis))
+        self.assertEqual(redis.where, "tls:redis.example.org:6380")
+
+    def test_sentinel(self) -> None:
+        """Redis named by its sentinels: their addresses, the master's name, and the
+        sentinels' own password; ``password_file`` beside it is the master's."""
+        self.tree.standard()
+        for name in ("redis.pass", "sentinel.pass"):
+            self.tree.write(name, f"{name}-secret\n").chmod(0o600)
+        self.tree.write(
+            "conf.d/shared.yaml",
+            """\
+            shared_limits:
+              redis:
+                sentinel:
+                  endpoints: ["10.0.0.1:26379", "sentinel-b.example.org:26379", "[fd00::3]:26379"]
+                  master: promgate
+                  password_file: ../sentinel.pass
+                password_file: ../redis.pass
+            """,
+        )
+        config, errors, _ = self.tree.check()
+        self.assertEqual(errors, [])
+        assert config is not None and config.shared_limits is not None
+        redis = config.shared_limits.redis
+        assert redis.sentinel is not None
+        self.assertIsNone(redis.endpoint)
+        self.assertEqual(
+            redis.sentinel.endpoints,
+            (("10.0.0.1", 26379), ("sentinel-b.example.org", 26379), ("fd00::3", 26379)),
+        )
+        self.assertEqual(redis.sentinel.master, "promgate")
+        self.assertEqual(
+            (redis.password, redis.sentinel.password), ("redis.pass-secret", "sentinel.pass-secret")
+        )
+        self.assertNotIn("secret", repr(redis))
+        self.assertEqual(
+            redis.where,
+            "master 'promgate' of sentinels "
+            "10.0.0.1:26379,sentinel-b.example.org:26379,fd00::3:26379",
+        )
+        # One address alone is a list of one.
+        self.tree.write(
+            "conf.d/shared.yaml",
+            'shared_limits: {redis: {sentinel: {endpoints: "127.0.0.1:26379", master: m}}}\n',
+        )
+        config, errors, _ = self.tree.check()
+        self.assertEqual(errors, [])
+        assert config is not None and config.shared_limits is not None
+        assert config.shared_limits.redis.sentinel is not None
+        self.assertEqual(config.shared_limits.redis.sentinel.endpoints, (("127.0.0.1", 26379),))
+
+    def test_sentinel_mistakes(self) -> None:
+        name = "conf.d/shared.yaml"
+        errors = self.errors_with(
+            name,
+            """\
+            shared_limits:
+              redis:
+                sentinel:
+                  endpoints: ["127.0.0.1", "h:26379", "h:26379", 7]
+                  password_file: missing.pass
+                  bogus: 1
+            """,
+        )
+        line = self.tree.line
+        key = "shared_limits.redis.sentinel"
+        self.assertProblem(
+            errors, name, line(name, "sentinel"), key, "missing required key 'master'"
+        )
+        self.assertProblem(
+            errors, name, line(name, "endpoints"), f"{key}.endpoints[0]", "give HOST:PORT"
+        )
+        self.assertProblem(errors, name, line(name, "endpoints"), f"{key}.endpoints[2]", "twice")
+        self.assertProblem(
+            errors, name, line(name, "endpoints"), f"{key}.endpoints[3]", "non-empty string"
+        )
+        self.assertProblem(
+            errors, name, line(name, "password_file"), f"{key}.password_file", "does not exist"
+        )
+        self.assertProblem(errors, name, line(name, "bogus"), f"{key}.bogus", "unknown key")
+        for text in (
+            "shared_limits: {redis: "
+            '{endpoint: "tcp:h:1", sentinel: {endpoints: [h:1], master: m}}}\n',
+            "shared_limits: {redis: {key_prefix: x}}\n",
+        ):
+            errors = self.errors_with(name, text)
+            self.assertProblem(
+                errors, name, 1, "shared_limits.redis", "give either 'endpoint' or 'sentinel'"
+            )
 
     def test_mistakes(self) -> None:
         name = "conf.d/shared.yaml"

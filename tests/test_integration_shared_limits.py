@@ -166,3 +166,40 @@ class WorkersOneBudgetTests(SynchronousTestCase):
         eventually(lambda: len(reasons(0)) + len(reasons(1)) == 4 or None, "every record")
         self.assertEqual(reasons(0), ["ok", "ok"])
         self.assertEqual(reasons(1), ["ok", "rate_limited"])
+
+
+class SentinelGatewayTests(SynchronousTestCase):
+    def test_master_named_by_sentinel(self) -> None:
+        """A gateway configured with a sentinel, not an endpoint: it keeps the route's
+        budget at the master the sentinel names."""
+        if redis_server_path() is None:
+            if os.environ.get("CI"):
+                self.fail("redis-server is not installed; CI installs it")
+            raise SkipTest("redis-server is not installed")
+        directory = workdir("shared-limits-sentinel")
+        master = RedisServer(directory / "master").start()
+        self.addCleanup(master.stop)
+        sentinel = RedisServer(directory / "sentinel", sentinel=("limits", master)).start()
+        self.addCleanup(sentinel.stop)
+        pki = TestPKI(directory / "pki")
+        exporter = FakeExporter({"/metrics": b"up 1\n"})
+        self.addCleanup(exporter.stop)
+        text = config(pki, directory / "audit.jsonl", exporter.address, "unused", "2s").replace(
+            'endpoint: "unused"',
+            f'sentinel: {{endpoints: ["127.0.0.1:{sentinel.port}"], master: limits}}',
+        )
+        gateway = GatewayProcess(directory / "gw", text)
+        self.addCleanup(gateway.stop)
+        gateway.start()
+
+        def redis_up() -> bool | None:
+            text = https_get(gateway.address("admin"), "/metrics", None).body.decode()
+            return metric_samples(text, "promgate_shared_limits_redis_up") == [({}, 1.0)] or None
+
+        eventually(redis_up, "the master to answer the gateway")
+        prometheus = pki.client_context("prometheus")
+        path = scrape_path("node", exporter.address)
+        statuses = [gateway.get("scrape", path, prometheus).status for _ in range(4)]
+        self.assertEqual(statuses, [200, 200, 200, 429])
+        self.assertEqual(master.keys("promgate:*"), ["promgate:node:b:i:prometheus"])
+        self.assertIn(f"master 'limits' of sentinels 127.0.0.1:{sentinel.port}", gateway.log())

@@ -98,6 +98,27 @@ class LimiterTests(SynchronousTestCase):
             self.sample("promgate_shared_limits_unavailable_total", on_unavailable="deny"), 2
         )
 
+    def test_write_to_a_replica(self) -> None:
+        """``READONLY``, a former master's answer after a failover: a ``script`` error,
+        and the connection is cut so that it is made again, to the master; another
+        error leaves the connection be."""
+        limiter = self.make(on_unavailable="deny")
+        d = limiter.admit("node", CAPPED, "a", "t")
+        _, _, call = self.redis.calls.pop()
+        call.errback(txredisapi.ResponseError("ERR something"))
+        self.successResultOf(d)
+        self.assertTrue(self.redis.connected)
+        d = limiter.admit("node", CAPPED, "a", "t")
+        _, _, call = self.redis.calls.pop()
+        call.errback(
+            txredisapi.ResponseError("READONLY You can't write against a read only replica.")
+        )
+        refused = self.successResultOf(d)
+        assert isinstance(refused, Admission)
+        self.assertEqual(refused.reason, Reason.LIMITS_UNAVAILABLE)
+        self.assertFalse(self.redis.connected)
+        self.assertEqual(self.sample("promgate_shared_limits_redis_errors_total", kind="script"), 2)
+
     def test_transitions_logged_once_each(self) -> None:
         for _ in range(3):
             d = self.limiter.admit("node", CAPPED, "a", "t")

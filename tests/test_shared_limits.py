@@ -10,17 +10,17 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
 from promgate.config.model import Limits, RedisLimits
 from promgate.core.reasons import Reason
 from promgate.metrics import Metrics, SharedLimitsMetrics
 from promgate.ratelimit import Admission, RateLimiter
+from promgate.redis_link import TxRedisLink
 from promgate.redis_scripts import bucket_key, encode, lease_key
-from promgate.shared_limits import SharedLimiter, TxRedisLink
+from promgate.shared_limits import SharedLimiter
 from promgate.testing.integration import cleanups, closed_port, workdir
-from promgate.testing.redis import RedisServer, redis_server_path
+from promgate.testing.redis import RedisServer, redis_server_path, until
 
 _server: RedisServer | None = None
 
@@ -36,21 +36,6 @@ def server() -> RedisServer:
         _server = RedisServer(workdir("redis")).start()
         cleanups.append(_server.stop)  # at exit: trial has no module-level fixtures
     return _server
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
-
-
-async def until(probe: Any, what: str, limit: int = 300) -> Any:
-    """Ask ``probe`` (a coroutine function) every 0.05s, at most ``limit`` times, until
-    it answers something true."""
-    for _ in range(limit):
-        answer = await probe()
-        if answer:
-            return answer
-        await sleep(0.05)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 class SharedLimiterTests(TestCase):

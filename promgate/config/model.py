@@ -356,22 +356,44 @@ class Audit:
 
 
 @attrs.frozen
+class RedisSentinel:
+    """Redis Sentinel, asked for the address of the current master of ``master`` before
+    every connection: ``endpoints`` are the sentinels (host, port); ``password`` is the
+    sentinels' own (the text of ``password_file``), kept out of ``repr``."""
+
+    endpoints: tuple[tuple[str, int], ...]
+    master: str
+    password_file: Path | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen
 class RedisLimits:
     """The Redis that holds the limits shared by every worker and gateway using it.
 
-    ``endpoint`` is a Twisted client endpoint string (``tcp:HOST:PORT``, ``tls:...``,
-    ``unix:PATH``); ``password`` is the text of ``password_file``, kept out of ``repr``.
+    Either ``endpoint``, a Twisted client endpoint string (``tcp:HOST:PORT``, ``tls:...``,
+    ``unix:PATH``), or ``sentinel``, the sentinels that name the current master.
+    ``password`` is the text of ``password_file``, kept out of ``repr``.
     ``timeout`` bounds each request's wait for Redis; then ``on_unavailable`` decides.
     ``lease_ttl`` is how long a concurrency lease outlives its holder's last renewal.
     """
 
-    endpoint: str
+    endpoint: str | None
     password_file: Path | None = None
     password: str | None = attrs.field(default=None, repr=False)
     key_prefix: str = "promgate:"
     timeout: float = 0.05
     on_unavailable: OnLimitsUnavailable = "local"
     lease_ttl: float = 30.0
+    sentinel: RedisSentinel | None = None
+
+    @property
+    def where(self) -> str:
+        """The Redis in words, for logs."""
+        if self.sentinel is None:
+            return f"{self.endpoint}"
+        sentinels = ",".join(f"{host}:{port}" for host, port in self.sentinel.endpoints)
+        return f"master {self.sentinel.master!r} of sentinels {sentinels}"
 
 
 @attrs.frozen

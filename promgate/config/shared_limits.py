@@ -1,18 +1,20 @@
 """The ``shared_limits`` section: the Redis that holds every route's limits as one budget
 across the gateway's worker processes and across gateways.
 
-Optional; without it each process keeps its own limits. The endpoint is a Twisted client
-endpoint string, parsed here as the gateway will parse it (nothing is connected); the
-password, if any, is read from ``password_file`` like every other secret.
+Optional; without it each process keeps its own limits. Redis is named by either a
+Twisted client endpoint string, parsed here as the gateway will parse it (nothing is
+connected), or the Redis Sentinels that name the current master; passwords, if any, are
+read from their ``password_file`` like every other secret.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from promgate.addresses import split_address
 from promgate.config.fields import Reader
 from promgate.config.files import secret_file
-from promgate.config.model import ON_LIMITS_UNAVAILABLE, RedisLimits, SharedLimits
+from promgate.config.model import ON_LIMITS_UNAVAILABLE, RedisLimits, RedisSentinel, SharedLimits
 from promgate.config.sections import Sections
 from promgate.config.units import parse_duration
 from promgate.config.yaml_source import Item
@@ -22,12 +24,14 @@ __all__ = ["check_shared_limits", "client_endpoint_problem"]
 _KEYS = ("redis",)
 _REDIS_KEYS = (
     "endpoint",
+    "sentinel",
     "password_file",
     "key_prefix",
     "timeout",
     "on_unavailable",
     "lease_ttl",
 )
+_SENTINEL_KEYS = ("endpoints", "master", "password_file")
 #: The shortest lease: renewed every third of it, a shorter one would be renewed in a
 #: tight loop and lost to one slow reply.
 MIN_LEASE_TTL = 1.0
@@ -61,17 +65,27 @@ def check_shared_limits(r: Reader, sections: Sections) -> SharedLimits | None:
 
 
 def _redis(r: Reader, item: Item) -> RedisLimits | None:
-    f = r.fields(item, _REDIS_KEYS, ("endpoint",))
-    if f is None or "endpoint" not in f:
+    f = r.fields(item, _REDIS_KEYS)
+    if f is None:
         return None
-    endpoint = r.string(f["endpoint"])
-    if endpoint is not None:
-        problem = client_endpoint_problem(endpoint)
-        if problem is not None:
-            r.error(f["endpoint"].src, f["endpoint"].key, problem)
-            endpoint = None
-    kw: dict[str, Any] = {}
     ok = True
+    endpoint = None
+    sentinel = None
+    if ("endpoint" in f) == ("sentinel" in f):
+        r.error(item.src, item.key, "give either 'endpoint' or 'sentinel' (one of them)")
+        ok = False
+    elif "endpoint" in f:
+        endpoint = r.string(f["endpoint"])
+        if endpoint is not None:
+            problem = client_endpoint_problem(endpoint)
+            if problem is not None:
+                r.error(f["endpoint"].src, f["endpoint"].key, problem)
+                endpoint = None
+        ok = endpoint is not None
+    else:
+        sentinel = _sentinel(r, f["sentinel"])
+        ok = sentinel is not None
+    kw: dict[str, Any] = {}
     if "password_file" in f:
         secret = secret_file(r, f["password_file"])
         if secret is None:
@@ -103,6 +117,39 @@ def _redis(r: Reader, item: Item) -> RedisLimits | None:
         where = f.get("timeout") or f.get("lease_ttl") or item
         r.error(where.src, where.key, "timeout must be at most a third of lease_ttl")
         ok = False
-    if endpoint is None or not ok:
+    if not ok:
         return None
-    return RedisLimits(endpoint=endpoint, **kw)
+    return RedisLimits(endpoint=endpoint, sentinel=sentinel, **kw)
+
+
+def _sentinel(r: Reader, item: Item) -> RedisSentinel | None:
+    """``sentinel``: the sentinels (``HOST:PORT`` each) and the name of the master."""
+    f = r.fields(item, _SENTINEL_KEYS, ("endpoints", "master"))
+    if f is None:
+        return None
+    ok = "endpoints" in f
+    endpoints: list[tuple[str, int]] = []
+    for entry in r.one_or_many(f["endpoints"]) if "endpoints" in f else []:
+        text = r.string(entry)
+        split = split_address(text) if text is not None else None
+        if split is None:
+            if text is not None:
+                r.error(entry.src, entry.key, f"{text!r}: give HOST:PORT ([v6]:port for IPv6)")
+            ok = False
+        elif split in endpoints:
+            r.error(entry.src, entry.key, f"{text!r}: given twice")
+            ok = False
+        else:
+            endpoints.append(split)
+    ok = ok and bool(endpoints)
+    master = r.string(f["master"]) if "master" in f else None
+    kw: dict[str, Any] = {}
+    if "password_file" in f:
+        secret = secret_file(r, f["password_file"])
+        if secret is None:
+            ok = False
+        else:
+            kw["password_file"], kw["password"] = secret
+    if master is None or not ok:
+        return None
+    return RedisSentinel(endpoints=tuple(endpoints), master=master, **kw)

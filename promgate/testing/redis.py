@@ -2,8 +2,10 @@
 
 ``RedisServer`` is a real ``redis-server`` on a free port of 127.0.0.1, in a directory of
 its own, persisting nothing; it can be stopped and started again on the same port, and
-paused (SIGSTOP) to play a Redis that stops answering. ``ScriptedRedis`` stands in for the
-connection in memory: the test answers each call when it likes (or never).
+paused (SIGSTOP) to play a Redis that stops answering; it can be a replica of another,
+or a Redis Sentinel watching one. ``ScriptedRedis`` stands in for the connection in
+memory: the test answers each call when it likes (or never). ``until`` waits, on the
+reactor, for something to become true.
 """
 
 from __future__ import annotations
@@ -20,8 +22,22 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
 
-__all__ = ["RedisServer", "ScriptedRedis", "redis_server_path"]
+__all__ = ["RedisServer", "ScriptedRedis", "redis_server_path", "until"]
+
+
+async def until(probe: Any, what: str, limit: int = 300, every: float = 0.05) -> Any:
+    """Ask ``probe`` (a coroutine function) every ``every`` seconds, at most ``limit``
+    times, until it answers something true; that answer."""
+    from twisted.internet import reactor
+
+    for _ in range(limit):
+        answer = await probe()
+        if answer:
+            return answer
+        await deferLater(reactor, every, lambda: None)
+    raise AssertionError(f"gave up waiting for {what}")
 
 
 def redis_server_path() -> str | None:
@@ -40,7 +56,9 @@ class RedisServer:
     """One ``redis-server`` subprocess on 127.0.0.1. ``start`` waits until it answers
     ``PING``; ``stop`` ends it; ``start`` again uses the same port. With ``tls`` (its
     certificate, key and the CA that signed it), it speaks TLS only, and ``endpoint`` is a
-    ``tls:`` endpoint trusting that CA."""
+    ``tls:`` endpoint trusting that CA. With ``replica_of``, it replicates that server;
+    with ``sentinel`` (a name and a master), it is a Redis Sentinel watching the master
+    under that name, with a quorum of one, taking a master for down after 1s."""
 
     def __init__(
         self,
@@ -48,11 +66,15 @@ class RedisServer:
         *,
         password: str | None = None,
         tls: tuple[Path, Path, Path] | None = None,
+        replica_of: RedisServer | None = None,
+        sentinel: tuple[str, RedisServer] | None = None,
     ) -> None:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="redis-"))
         self.directory.mkdir(parents=True, exist_ok=True)
         self.password = password
         self.tls = tls
+        self.replica_of = replica_of
+        self.sentinel = sentinel
         self.trust = self.directory / "trust"
         if tls is not None:
             self.trust.mkdir(exist_ok=True)
@@ -89,6 +111,18 @@ class RedisServer:
         ]
         if self.password is not None:
             args += ["--requirepass", self.password]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
+        if self.sentinel is not None:
+            name, master = self.sentinel
+            conf = self.directory / "sentinel.conf"
+            conf.write_text(
+                f"sentinel monitor {name} 127.0.0.1 {master.port} 1\n"
+                f"sentinel down-after-milliseconds {name} 1000\n"
+                f"sentinel failover-timeout {name} 5000\n"
+            )
+            args = [server, str(conf), "--sentinel", "--port", str(self.port), "--bind"]
+            args += ["127.0.0.1", "--dir", str(self.directory), "--logfile", str(self.log_path)]
         if self.tls is not None:
             cert, key, ca = self.tls
             args[2] = "0"  # no plain port
@@ -209,7 +243,7 @@ def _read_line(s: socket.socket) -> bytes:
 
 
 class ScriptedRedis:
-    """A connection to Redis (``promgate.shared_limits.RedisLink`` and its commands) whose
+    """A connection to Redis (``promgate.redis_link.RedisLink`` and its commands) whose
     script calls wait for the test to answer them (``calls``); other commands (``ZREM``,
     ``PING``) are noted in ``commands`` and answered at once (or, sent with ``forget``,
     not at all). Put it in place of a
