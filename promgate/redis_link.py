@@ -14,21 +14,15 @@ from typing import Any, Protocol
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import (
-    IProtocol,
-    IProtocolFactory,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from promgate.config.model import RedisLimits
+from promgate.redis_sentinel import SentinelMaster, Sentinels
 
-__all__ = ["MASTER_CHECK_INTERVAL", "RedisCommands", "RedisLink", "SentinelMaster", "TxRedisLink"]
+__all__ = ["MASTER_CHECK_INTERVAL", "RedisCommands", "RedisLink", "TxRedisLink"]
 
 #: How often, in seconds, the sentinels are asked whether the master is still the one
 #: connected to.
@@ -198,7 +192,7 @@ class TxRedisLink:
         self._settings = settings
         self._reactor = reactor
         self._factory: Any = None
-        self._sentinels: Any = None
+        self._sentinels: Sentinels | None = None
         self._master: SentinelMaster | None = None
         self._watch: LoopingCall | None = None
         self._wire: _Wire | None = None
@@ -217,8 +211,8 @@ class TxRedisLink:
             endpoint = clientFromString(self._reactor, settings.endpoint)
         else:
             sentinel = settings.sentinel
-            self._sentinels = txredisapi.Sentinel(
-                list(sentinel.endpoints), password=sentinel.password, connectTimeout=2
+            self._sentinels = Sentinels.connect(
+                sentinel.endpoints, sentinel.password, self._reactor
             )
             # Its connections check that the server is a master (ROLE), and drop it if not.
             factory = txredisapi.SentinelConnectionFactory(
@@ -296,42 +290,3 @@ class TxRedisLink:
         transport = getattr(getattr(wire, "proto", None), "transport", None)
         if transport is not None:
             transport.abortConnection()
-
-
-@implementer(IStreamClientEndpoint)
-class SentinelMaster:
-    """Connects to the current master of ``name``: before every connection, the
-    sentinels are asked which server that is (the first that names one in a good state,
-    neither subjectively nor objectively down, is believed; none within
-    ``DISCOVERY_TIMEOUT`` fails the attempt, and the link tries again with backoff)."""
-
-    #: How long the sentinels have to name the master, in seconds.
-    DISCOVERY_TIMEOUT = 2.0
-
-    def __init__(self, reactor: Any, sentinels: Any, name: str) -> None:
-        self._reactor = reactor
-        self._sentinels = sentinels
-        self.name = name
-        #: The master last connected to.
-        self.address: tuple[str, int] | None = None
-        sentinels.discovery_timeout = self.DISCOVERY_TIMEOUT
-
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:  # noqa: N803
-        def to(address: tuple[str, int]) -> Deferred[IProtocol]:
-            self.address = address
-            host, port = address
-            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=2)
-            return endpoint.connect(protocolFactory)
-
-        d: Deferred[tuple[str, int]] = self._sentinels.discover_master(self.name)
-        return d.addCallback(to)
-
-    def moved(self) -> Deferred[tuple[str, int] | None]:
-        """The master the sentinels name now, if it is not the one last connected to;
-        None if it is, or if none is named in time."""
-
-        def compare(address: tuple[str, int]) -> tuple[str, int] | None:
-            return None if tuple(address) == self.address else address
-
-        d: Deferred[Any] = self._sentinels.discover_master(self.name)
-        return d.addCallbacks(compare, lambda _: None)
