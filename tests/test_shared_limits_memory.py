@@ -17,7 +17,6 @@ from promgate.listeners.tcp import TCPDownstream
 from promgate.shared_limits import SharedLimiter
 from promgate.testing import Bearer, MemoryGateway, TestPKI
 from promgate.testing.hello import python_client_hello
-from promgate.testing.redis import ScriptedRedis
 
 TOKEN = "agent-token-5f1c"
 SCRAPE = "/scrape?route=node&target=10.0.0.5%3A9100"
@@ -83,8 +82,7 @@ class SharedLimitsInMemory(SynchronousTestCase):
         limiter = self.gw.service.shared_limiter
         assert isinstance(limiter, SharedLimiter)
         self.limiter = limiter
-        self.redis = ScriptedRedis()
-        limiter.link = self.redis
+        self.redis = self.gw.redis
         self.agent = Bearer(TOKEN)
 
     def requests(self) -> list[tuple[str, str | None, str | None]]:

@@ -48,6 +48,7 @@ from promgate.reactors import IGatewayReactor
 from promgate.reload import ReloadResult
 from promgate.service import GatewayService
 from promgate.testing.clients import Response
+from promgate.testing.redis import ScriptedRedis
 from promgate.testing.upstreams import FakeUpstream, Handler, UpstreamNetwork
 from promgate.testing.wire import Collector, address, read_response
 
@@ -264,7 +265,9 @@ class MemoryGateway:
 
     ``trust_root`` is the CA the test client checks the gateway's certificate against
     (default: the listener's client CA, as with :class:`~promgate.testing.TestPKI`),
-    and ``server_name`` the name it checks it for.
+    and ``server_name`` the name it checks it for. With ``shared_limits``, the
+    connection to Redis is ``redis``, a :class:`~promgate.testing.redis.ScriptedRedis`
+    whose calls the test answers: nothing is connected.
     """
 
     def __init__(
@@ -295,6 +298,9 @@ class MemoryGateway:
         )
         self._pumps: list[iosim.IOPump] = []
         self._peers = itertools.count(40000)
+        self.redis = ScriptedRedis()
+        if self.service.shared_limiter is not None:
+            self.service.shared_limiter.link = self.redis
         self.service.privilegedStartService()
         self.service.startService()
         #: The listeners as bound on the memory reactor, by name (``admin`` included).

@@ -246,8 +246,7 @@ class ScriptedRedis:
     """A connection to Redis (``promgate.redis_link.RedisLink`` and its commands) whose
     script calls wait for the test to answer them (``calls``); other commands (``ZREM``,
     ``PING``) are noted in ``commands`` and answered at once (or, sent with ``forget``,
-    not at all). Put it in place of a
-    gateway's own with ``MemoryGateway.service.shared_limiter.link = ScriptedRedis()``."""
+    not at all). A ``MemoryGateway`` with ``shared_limits`` has one, as ``redis``."""
 
     def __init__(self) -> None:
         #: Script calls not answered yet: (keys, args, the Deferred to fire).
