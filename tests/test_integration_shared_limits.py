@@ -12,11 +12,11 @@ import signal
 import socket
 from pathlib import Path
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from promgate.testing import FakeExporter, GatewayProcess, TestPKI, https_get
 from promgate.testing.integration import eventually, metric_samples, q, scrape_path, workdir
-from promgate.testing.redis import RedisServer, redis_server_path
+from promgate.testing.redis import RedisServer, require_redis_server
 
 
 def config(pki: TestPKI, audit_log: Path, upstream: str, redis: str, timeout: str) -> str:
@@ -41,10 +41,7 @@ shared_limits:
 
 class TwoGatewaysTests(SynchronousTestCase):
     def setUp(self) -> None:
-        if redis_server_path() is None:
-            if os.environ.get("CI"):
-                self.fail("redis-server is not installed; CI installs it")
-            raise SkipTest("redis-server is not installed")
+        require_redis_server()
         directory = workdir("shared-limits")
         self.redis = RedisServer(directory / "redis").start()
         self.addCleanup(self.redis.stop)
@@ -126,10 +123,7 @@ class WorkersOneBudgetTests(SynchronousTestCase):
     gateway's, not each worker's."""
 
     def test_one_budget_for_the_workers(self) -> None:
-        if redis_server_path() is None:
-            if os.environ.get("CI"):
-                self.fail("redis-server is not installed; CI installs it")
-            raise SkipTest("redis-server is not installed")
+        require_redis_server()
         directory = workdir("shared-limits-workers")
         redis = RedisServer(directory / "redis").start()
         self.addCleanup(redis.stop)
@@ -172,10 +166,7 @@ class SentinelGatewayTests(SynchronousTestCase):
     def test_master_named_by_sentinel(self) -> None:
         """A gateway configured with a sentinel, not an endpoint: it keeps the route's
         budget at the master the sentinel names."""
-        if redis_server_path() is None:
-            if os.environ.get("CI"):
-                self.fail("redis-server is not installed; CI installs it")
-            raise SkipTest("redis-server is not installed")
+        require_redis_server()
         directory = workdir("shared-limits-sentinel")
         master = RedisServer(directory / "master").start()
         self.addCleanup(master.stop)

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from promgate.config.model import Limits, RedisLimits
 from promgate.core.reasons import Reason
@@ -20,7 +20,7 @@ from promgate.redis_link import TxRedisLink
 from promgate.redis_scripts import bucket_key, encode, lease_key
 from promgate.shared_limits import SharedLimiter
 from promgate.testing.integration import cleanups, closed_port, workdir
-from promgate.testing.redis import RedisServer, redis_server_path, until
+from promgate.testing.redis import RedisServer, require_redis_server, until
 
 _server: RedisServer | None = None
 
@@ -28,10 +28,7 @@ _server: RedisServer | None = None
 def server() -> RedisServer:
     """One redis-server for the module's tests (each uses its own key prefix)."""
     global _server
-    if redis_server_path() is None:
-        if os.environ.get("CI"):
-            raise AssertionError("redis-server is not installed; CI installs it")
-        raise SkipTest("redis-server is not installed")
+    require_redis_server()
     if _server is None or _server.process is None:
         _server = RedisServer(workdir("redis")).start()
         cleanups.append(_server.stop)  # at exit: trial has no module-level fixtures
@@ -346,8 +343,7 @@ class ConnectionTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        if redis_server_path() is None:
-            raise SkipTest("redis-server is not installed")
+        require_redis_server()
 
     def shared(self, redis: RedisServer, **settings: Any) -> tuple[SharedLimiter, Metrics]:
         config = RedisLimits(endpoint=redis.endpoint, **settings)
@@ -423,8 +419,7 @@ class RedisFailureTests(TestCase):
     timeout = 90
 
     def setUp(self) -> None:
-        if redis_server_path() is None:
-            raise SkipTest("redis-server is not installed")
+        require_redis_server()
         self.redis = RedisServer(workdir("redis-failure")).start()
         self.addCleanup(self.redis.stop)
 

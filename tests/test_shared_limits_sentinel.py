@@ -11,7 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from promgate.config.model import Limits, RedisLimits, RedisSentinel
 from promgate.core.reasons import Reason
@@ -21,7 +21,7 @@ from promgate.redis_link import TxRedisLink
 from promgate.redis_scripts import bucket_key
 from promgate.shared_limits import SharedLimiter
 from promgate.testing.integration import workdir
-from promgate.testing.redis import RedisServer, redis_server_path, until
+from promgate.testing.redis import RedisServer, require_redis_server, until
 
 #: The name the sentinel watches the master under.
 NAME = "promgate"
@@ -31,10 +31,7 @@ class SentinelTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        if redis_server_path() is None:
-            if os.environ.get("CI"):
-                self.fail("redis-server is not installed; CI installs it")
-            raise SkipTest("redis-server is not installed")
+        require_redis_server()
         directory = workdir("redis-sentinel")
         self.master = self.started(RedisServer(directory / "master"))
         self.replica = self.started(RedisServer(directory / "replica", replica_of=self.master))

@@ -86,12 +86,7 @@ def _redis(r: Reader, item: Item) -> RedisLimits | None:
         sentinel = _sentinel(r, f["sentinel"])
         ok = sentinel is not None
     kw: dict[str, Any] = {}
-    if "password_file" in f:
-        secret = secret_file(r, f["password_file"])
-        if secret is None:
-            ok = False
-        else:
-            kw["password_file"], kw["password"] = secret
+    ok = _password(r, f, kw) and ok
     if "key_prefix" in f:
         prefix = r.string(f["key_prefix"])
         if prefix is not None and not prefix.isprintable():
@@ -144,12 +139,19 @@ def _sentinel(r: Reader, item: Item) -> RedisSentinel | None:
     ok = ok and bool(endpoints)
     master = r.string(f["master"]) if "master" in f else None
     kw: dict[str, Any] = {}
-    if "password_file" in f:
-        secret = secret_file(r, f["password_file"])
-        if secret is None:
-            ok = False
-        else:
-            kw["password_file"], kw["password"] = secret
+    ok = _password(r, f, kw) and ok
     if master is None or not ok:
         return None
     return RedisSentinel(endpoints=tuple(endpoints), master=master, **kw)
+
+
+def _password(r: Reader, f: dict[str, Item], kw: dict[str, Any]) -> bool:
+    """``password_file``, if given, read into ``kw`` (``password_file``, ``password``);
+    False if it is given and unusable (reported)."""
+    if "password_file" not in f:
+        return True
+    secret = secret_file(r, f["password_file"])
+    if secret is None:
+        return False
+    kw["password_file"], kw["password"] = secret
+    return True

@@ -11,6 +11,7 @@ reactor, for something to become true.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -23,8 +24,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest
 
-__all__ = ["RedisServer", "ScriptedRedis", "redis_server_path", "until"]
+__all__ = ["RedisServer", "ScriptedRedis", "redis_server_path", "require_redis_server", "until"]
 
 
 async def until(probe: Any, what: str, limit: int = 300, every: float = 0.05) -> Any:
@@ -43,6 +45,16 @@ async def until(probe: Any, what: str, limit: int = 300, every: float = 0.05) ->
 def redis_server_path() -> str | None:
     """Where ``redis-server`` is, if installed."""
     return shutil.which("redis-server")
+
+
+def require_redis_server() -> None:
+    """Skip the test calling it if ``redis-server`` is not installed; under CI (which
+    installs it), fail it instead."""
+    if redis_server_path() is not None:
+        return
+    if os.environ.get("CI"):
+        raise AssertionError("redis-server is not installed; CI installs it")
+    raise SkipTest("redis-server is not installed")
 
 
 def _free_port() -> int:
