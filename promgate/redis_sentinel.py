@@ -58,7 +58,11 @@ class _Sentinel:
         if self.asking:
             return
         self.asking = True
-        d: Deferred[Any] = self.connection.execute_command("SENTINEL", "MASTER", name)
+        try:
+            d: Deferred[Any] = self.connection.execute_command("SENTINEL", "MASTER", name)
+        except Exception:  # a connection given up on says so at once
+            self._answered(None)
+            return
         d.addCallbacks(master_address, lambda _: None).addCallback(self._answered)
 
     def _answered(self, address: Address | None) -> None:
@@ -78,6 +82,8 @@ class Sentinels:
         self._clock = clock
         self.timeout = timeout
         self._sentinels = [_Sentinel(c) for c in connections]
+        #: The questions not answered yet, cancelled on disconnect.
+        self._open: set[Deferred[Address]] = set()
 
     @classmethod
     def connect(
@@ -97,11 +103,11 @@ class Sentinels:
     def master(self, name: str) -> Deferred[Address]:
         """The master of ``name`` by the first sentinel to name one in a good state;
         fails with MasterNotNamedError if none does within the timeout."""
-        result: Deferred[Address] = Deferred()
         asked = list(self._sentinels)
         answers = 0
 
         def settle() -> None:
+            self._open.discard(result)
             if timer.active():
                 timer.cancel()
             for sentinel in asked:
@@ -120,9 +126,16 @@ class Sentinels:
                 result.errback(MasterNotNamedError(f"no sentinel names a master of {name!r}"))
 
         def too_late() -> None:
-            settle()
-            result.errback(MasterNotNamedError(f"no sentinel named a master of {name!r} in time"))
+            if not result.called:
+                settle()
+                result.errback(
+                    MasterNotNamedError(f"no sentinel named a master of {name!r} in time")
+                )
 
+        # Cancelled (a connection attempt given up, the link stopped): nothing is left
+        # waiting on the clock or on a sentinel.
+        result: Deferred[Address] = Deferred(lambda _: settle())
+        self._open.add(result)
         timer = self._clock.callLater(self.timeout, too_late)
         for sentinel in asked:
             if not result.called:
@@ -130,6 +143,9 @@ class Sentinels:
         return result
 
     def disconnect(self) -> Deferred[None]:
+        """Every question still open is cancelled, and every connection closed."""
+        for question in list(self._open):
+            question.cancel()
         d = gatherResults([s.connection.disconnect() for s in self._sentinels], consumeErrors=True)
         return d.addCallback(lambda _: None)
 

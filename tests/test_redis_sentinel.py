@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -16,6 +16,16 @@ from promgate.redis_sentinel import MasterNotNamedError, Sentinels, master_addre
 def reply(flags: str, ip: str = "10.0.0.1", port: Any = 6379) -> list[Any]:
     """A ``SENTINEL MASTER`` reply as txredisapi gives it (numbers converted)."""
     return ["name", "promgate", "ip", ip, "port", port, "flags", flags, "num-slaves", 1]
+
+
+class Refusing:
+    """A connection that txredisapi has given up on: it raises at once."""
+
+    def execute_command(self, *args: Any) -> Deferred[Any]:
+        raise ConnectionError("Not connected")
+
+    def disconnect(self) -> Deferred[None]:
+        return succeed(None)
 
 
 class Answering:
@@ -93,3 +103,29 @@ class SentinelsTests(SynchronousTestCase):
         # Asked again now that it has answered.
         self.sentinels.master("promgate")
         self.assertEqual(len(self.b.asked), 2)
+
+    def test_cancelled(self) -> None:
+        """A question cancelled (a connection attempt given up) leaves nothing on the
+        clock, and the answer that comes after serves no one."""
+        d = self.sentinels.master("promgate")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.a.asked[0].callback(reply("master"))
+
+    def test_disconnect_cancels_open_questions(self) -> None:
+        d = self.sentinels.master("promgate")
+        self.successResultOf(self.sentinels.disconnect())
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_connection_given_up(self) -> None:
+        """A sentinel whose connection raises counts as one that names no master; it is
+        asked again next time."""
+        sentinels = Sentinels([Refusing(), self.a], self.clock)
+        d = sentinels.master("promgate")
+        self.a.asked[0].callback(reply("slave"))
+        self.failureResultOf(d, MasterNotNamedError)
+        d = sentinels.master("promgate")
+        self.a.asked[1].callback(reply("master"))
+        self.assertEqual(self.successResultOf(d), ("10.0.0.1", 6379))

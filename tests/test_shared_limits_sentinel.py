@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -20,7 +21,7 @@ from promgate.ratelimit import Admission, RateLimiter
 from promgate.redis_link import TxRedisLink
 from promgate.redis_scripts import bucket_key
 from promgate.shared_limits import SharedLimiter
-from promgate.testing.integration import workdir
+from promgate.testing.integration import closed_port, workdir
 from promgate.testing.redis import RedisServer, require_redis_server, until
 
 #: The name the sentinel watches the master under.
@@ -82,6 +83,21 @@ class SentinelTests(TestCase):
             self.assertEqual(refused.reason, Reason.RATE_LIMITED)
             key = bucket_key(self.prefix, "node", limits, "x", "t:1")
             self.assertEqual(self.master.command("EXISTS", key), b":1")
+
+        return Deferred.fromCoroutine(run())
+
+    def test_stopped_while_asking(self) -> Deferred[None]:
+        """Stopped while no sentinel answers (the only one is not listening): the
+        question in flight is given up, and nothing is left on the reactor."""
+
+        async def run() -> None:
+            sentinel = RedisSentinel(endpoints=(("127.0.0.1", closed_port()),), master=NAME)
+            redis = RedisLimits(endpoint=None, sentinel=sentinel)
+            link = TxRedisLink(redis, reactor)
+            link.start()
+            await deferLater(reactor, 0.3, lambda: None)  # type: ignore[arg-type]
+            self.assertIsNone(link.connection())
+            await link.stop()
 
         return Deferred.fromCoroutine(run())
 
