@@ -86,6 +86,43 @@ class SentinelTests(TestCase):
 
         return Deferred.fromCoroutine(run())
 
+    def test_master_with_a_password(self) -> Deferred[None]:
+        """``password_file`` beside ``sentinel`` is the master's: the connection the
+        sentinel leads to is authenticated with it."""
+
+        async def run() -> None:
+            master = self.started(RedisServer(workdir("redis-sentinel-auth"), password="pw"))
+            sentinel = self.started(
+                RedisServer(workdir("redis-sentinel-auth-s"), sentinel=("locked", master))
+            )
+            redis = RedisLimits(
+                endpoint=None,
+                sentinel=RedisSentinel(endpoints=(("127.0.0.1", sentinel.port),), master="locked"),
+                password="pw",
+                key_prefix=self.prefix,
+                on_unavailable="deny",
+            )
+            shared = SharedLimiter(
+                redis,
+                reactor,  # type: ignore[arg-type]
+                RateLimiter(reactor),  # type: ignore[arg-type]
+                SharedLimitsMetrics(Metrics().registry),
+                TxRedisLink(redis, reactor),
+            )
+            shared.startService()
+            self.addCleanup(shared.stopService)
+            limits = Limits(rate=0.001, burst=1, per="identity")
+
+            async def admitted() -> bool:
+                answer = await shared.admit("node", limits, "x", "t:1")
+                return not isinstance(answer, Admission)
+
+            await until(admitted, "an admission at the master")
+            key = bucket_key(self.prefix, "node", limits, "x", "t:1")
+            self.assertEqual(master.command("EXISTS", key), b":1")
+
+        return Deferred.fromCoroutine(run())
+
     def test_stopped_while_asking(self) -> Deferred[None]:
         """Stopped while no sentinel answers (the only one is not listening): the
         question in flight is given up, and nothing is left on the reactor."""

@@ -70,7 +70,8 @@ class RedisServer:
     certificate, key and the CA that signed it), it speaks TLS only, and ``endpoint`` is a
     ``tls:`` endpoint trusting that CA. With ``replica_of``, it replicates that server;
     with ``sentinel`` (a name and a master), it is a Redis Sentinel watching the master
-    under that name, with a quorum of one, taking a master for down after 1s."""
+    under that name (with its password, if it has one), with a quorum of one, taking a
+    master for down after 1s."""
 
     def __init__(
         self,
@@ -132,6 +133,7 @@ class RedisServer:
                 f"sentinel monitor {name} 127.0.0.1 {master.port} 1\n"
                 f"sentinel down-after-milliseconds {name} 1000\n"
                 f"sentinel failover-timeout {name} 5000\n"
+                + (f"sentinel auth-pass {name} {master.password}\n" if master.password else "")
             )
             args = [server, str(conf), "--sentinel", "--port", str(self.port), "--bind"]
             args += ["127.0.0.1", "--dir", str(self.directory), "--logfile", str(self.log_path)]
