@@ -63,7 +63,8 @@ class _Sentinel:
         except Exception:  # a connection given up on says so at once
             self._answered(None)
             return
-        d.addCallbacks(master_address, lambda _: None).addCallback(self._answered)
+        # An error, or a reply of a shape not understood, is no answer.
+        d.addCallback(master_address).addErrback(lambda _: None).addCallback(self._answered)
 
     def _answered(self, address: Address | None) -> None:
         self.asking = False

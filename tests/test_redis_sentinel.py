@@ -129,3 +129,14 @@ class SentinelsTests(SynchronousTestCase):
         d = sentinels.master("promgate")
         self.a.asked[1].callback(reply("master"))
         self.assertEqual(self.successResultOf(d), ("10.0.0.1", 6379))
+
+    def test_reply_not_understood(self) -> None:
+        """A reply of another shape counts as no answer, and the sentinel is asked
+        again next time."""
+        d = self.sentinels.master("promgate")
+        self.a.asked[0].callback(None)
+        self.b.asked[0].callback(reply("slave"))
+        self.failureResultOf(d, MasterNotNamedError)
+        d = self.sentinels.master("promgate")
+        self.a.asked[1].callback(reply("master"))
+        self.assertEqual(self.successResultOf(d), ("10.0.0.1", 6379))
